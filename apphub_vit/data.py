@@ -1,0 +1,178 @@
+"""Where the apps' images come from: FastEstimator's ciFAIR loaders, a local folder, or the synthetic source.
+
+* ``dataset="cifair100"`` / ``"cifair10"``: FastEstimator's `fastestimator.dataset.data.cifair100` / `cifair10`
+  loaders (ciFAIR: CIFAR with the test-set near-duplicates of the training set replaced; Barz & Denzler 2020). They
+  download into ``~/fastestimator_data`` on first use, or read a copy already under ``data_dir`` (their ``root_dir``).
+* ``data_dir``: a local folder holding ciFAIR (FastEstimator's layout ``ciFAIR100/ciFAIR-100``, or ``ciFAIR-100``), or
+  the standard ``cifar-100-python`` / ``cifar-10-batches-py`` folders as the CIFAR site and torchvision distribute them
+  (the folder itself or its parent).
+* ``dataset="synthetic"``: `apphub_vit.synthetic`, learnable CIFAR-shaped images that need no download.
+
+Offline with no local copy, loading fails within seconds with a `DataNotFoundError` saying what to put where, instead
+of FastEstimator's retry loop and download traceback.
+"""
+import os
+import pickle
+import socket
+from functools import lru_cache
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+from fastestimator.dataset.numpy_dataset import NumpyDataset
+
+from apphub_vit.synthetic import SYNTHETIC_10_CLASSES, SYNTHETIC_100_CLASSES, make_synthetic
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+# The 100 CIFAR-100 fine labels in label order (as in the dataset's `meta` file).
+CIFAR100_CLASSES = (
+    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle", "bowl", "boy",
+    "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle", "chair", "chimpanzee", "clock",
+    "cloud", "cockroach", "couch", "crab", "crocodile", "cup", "dinosaur", "dolphin", "elephant", "flatfish", "forest",
+    "fox", "girl", "hamster", "house", "kangaroo", "keyboard", "lamp", "lawn_mower", "leopard", "lion", "lizard",
+    "lobster", "man", "maple_tree", "motorcycle", "mountain", "mouse", "mushroom", "oak_tree", "orange", "orchid",
+    "otter", "palm_tree", "pear", "pickup_truck", "pine_tree", "plain", "plate", "poppy", "porcupine", "possum",
+    "rabbit", "raccoon", "ray", "road", "rocket", "rose", "sea", "seal", "shark", "shrew", "skunk", "skyscraper",
+    "snail", "snake", "spider", "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank", "telephone",
+    "television", "tiger", "tractor", "train", "trout", "tulip", "turtle", "wardrobe", "whale", "willow_tree", "wolf",
+    "woman", "worm")
+
+# Synthetic sizes match CIFAR: 50,000 train and 10,000 eval images.
+SYNTHETIC_TRAIN, SYNTHETIC_EVAL = 50000, 10000
+
+
+class DataNotFoundError(FileNotFoundError):
+    """The requested data is neither on disk nor downloadable; the message says what to put where."""
+
+
+def _cifar_files(num_classes: int) -> Dict[str, Tuple[str, ...]]:
+    """Folder names that may hold the data, and the pickle files each must contain."""
+    if num_classes == 100:
+        return {name: ("train", "test") for name in ("ciFAIR100/ciFAIR-100", "ciFAIR-100", "cifar-100-python")}
+    batches = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", )
+    return {name: batches for name in ("ciFAIR10/ciFAIR-10", "ciFAIR-10", "cifar-10-batches-py")}
+
+
+def find_cifar_folder(data_dir: str, num_classes: int) -> Path:
+    """The folder under (or at) `data_dir` that holds CIFAR-`num_classes` pickles, else a clear error."""
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise DataNotFoundError(f"data_dir '{data_dir}' does not exist or is not a folder. Point data_dir at the folder "
+                                f"holding {_layout_hint(num_classes)}.")
+    layouts = _cifar_files(num_classes)
+    candidates = [root] + [root / name for name in layouts]
+    needed = next(iter(layouts.values()))
+    for folder in candidates:
+        if all((folder / f).is_file() for f in needed):
+            return folder
+    other = 10 if num_classes == 100 else 100
+    wrong = [str(f) for f in [root] + [root / n for n in _cifar_files(other)]
+             if f.is_dir() and all((f / name).is_file() for name in next(iter(_cifar_files(other).values())))]
+    found = sorted(p.name for p in root.iterdir())[:10]
+    hint = f" It holds CIFAR-{other} ({wrong[0]}), but this app needs CIFAR-{num_classes}." if wrong else ""
+    raise DataNotFoundError(f"No CIFAR-{num_classes} data in data_dir '{data_dir}'.{hint} Looked for the files "
+                            f"{', '.join(needed)} in the folder itself and in "
+                            f"{', '.join(layouts)}; the folder holds: {found or 'nothing'}. "
+                            f"Expected {_layout_hint(num_classes)}.")
+
+
+def _layout_hint(num_classes: int) -> str:
+    if num_classes == 100:
+        return ("CIFAR-100 as 'cifar-100-python/' (the python version from the CIFAR site, files train, test, meta) or "
+                "ciFAIR-100 as FastEstimator keeps it ('ciFAIR100/ciFAIR-100/')")
+    return ("CIFAR-10 as 'cifar-10-batches-py/' (the python version from the CIFAR site, files data_batch_1..5, "
+            "test_batch) or ciFAIR-10 as FastEstimator keeps it ('ciFAIR10/ciFAIR-10/')")
+
+
+def _read_pickle(path: Path, label_key: str) -> Tuple[np.ndarray, np.ndarray]:
+    """One CIFAR python pickle -> ([N, 32, 32, 3] uint8, [N] uint8)."""
+    try:
+        with open(path, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+        batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+        data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)  # rows of R, G, B planes
+        labels = np.asarray(batch[label_key], dtype=np.uint8)
+    except (OSError, EOFError, pickle.UnpicklingError, KeyError, ValueError, AttributeError, TypeError) as err:
+        raise DataNotFoundError(f"Cannot read CIFAR file '{path}' ({type(err).__name__}: {err}). It should be a "
+                                f"python pickle from the CIFAR site's python version; re-extract it.") from err
+    if len(labels) != len(data):
+        raise DataNotFoundError(f"CIFAR file '{path}' has {len(data)} images but {len(labels)} labels; re-extract it.")
+    return data.transpose(0, 2, 3, 1), labels  # NCHW -> NHWC, as FastEstimator's loaders return
+
+
+def read_cifar_folder(folder: Path, num_classes: int) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
+    """Read the train and test splits of a CIFAR python folder (CIFAR or ciFAIR, same format)."""
+    if num_classes == 100:
+        train, test = [_read_pickle(folder / name, "fine_labels") for name in ("train", "test")]
+    else:
+        parts = [_read_pickle(folder / f"data_batch_{i}", "labels") for i in range(1, 6)]
+        train = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+        test = _read_pickle(folder / "test_batch", "labels")
+    return {"x": train[0], "y": train[1]}, {"x": test[0], "y": test[1]}
+
+
+def _online(host: str = "drive.google.com", port: int = 443, timeout: float = 3.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _load_cifair(num_classes: int) -> Tuple[NumpyDataset, NumpyDataset]:
+    """FastEstimator's own ciFAIR loader (downloading to ~/fastestimator_data), guarded against being offline."""
+    from fastestimator.dataset.data import cifair10, cifair100
+    name = f"ciFAIR{num_classes}"
+    cached = Path.home() / "fastestimator_data" / name / f"ciFAIR-{num_classes}"
+    if not cached.is_dir() and not _online():
+        raise DataNotFoundError(
+            f"{name} is not in {cached} and cannot be downloaded (no connection to Google Drive, where FastEstimator "
+            f"keeps it). Either put a copy there, or pass data_dir=<folder> holding {_layout_hint(num_classes)}, or "
+            f"use dataset='synthetic' to run on generated data.")
+    loader = cifair100 if num_classes == 100 else cifair10
+    try:
+        return loader.load_data()
+    except Exception as err:  # gdown / zip errors: say what failed, keep the cause chained
+        raise DataNotFoundError(f"Downloading {name} with FastEstimator failed ({type(err).__name__}: {err}). Put a "
+                                f"copy in {cached} or pass data_dir=<folder>.") from err
+
+
+@lru_cache(maxsize=4)
+def _synthetic(num_classes: int, num_train: int, num_eval: int, seed: int):
+    # Train and eval are drawn from the same distribution with different seeds, so eval images are unseen.
+    return make_synthetic(num_classes, num_train, seed=seed), make_synthetic(num_classes, num_eval, seed=seed + 1)
+
+
+def load_cifar(num_classes: int, dataset: str, data_dir: Optional[str] = None, num_train: int = SYNTHETIC_TRAIN,
+               num_eval: int = SYNTHETIC_EVAL, seed: int = 0) -> Tuple[NumpyDataset, NumpyDataset]:
+    """Train and eval `NumpyDataset`s of {"x": [32, 32, 3] uint8, "y": uint8 label} for a CIFAR-shaped task.
+
+    Args:
+        num_classes: 100 (pretraining) or 10 (finetuning).
+        dataset: "cifair100" / "cifair10" (real, matching num_classes) or "synthetic".
+        data_dir: A local folder with the real data (see the module docstring); only with a real dataset.
+        num_train: Synthetic training images.
+        num_eval: Synthetic eval images.
+        seed: Synthetic seed.
+    """
+    real = f"cifair{num_classes}"
+    if dataset not in (real, "synthetic"):
+        raise ValueError(f"dataset={dataset!r} is not available for this {num_classes}-class app: use '{real}' (real "
+                         f"images, FastEstimator's loader or data_dir) or 'synthetic' (generated, no download).")
+    if dataset == "synthetic":
+        if data_dir is not None:
+            raise ValueError(f"data_dir={data_dir!r} was given with dataset='synthetic', which generates its images: "
+                             f"drop data_dir, or use dataset='{real}' to read the real data in it.")
+        train, test = _synthetic(num_classes, num_train, num_eval, seed)
+        return NumpyDataset(dict(train)), NumpyDataset(dict(test))
+    if data_dir is None:
+        return _load_cifair(num_classes)
+    train, test = read_cifar_folder(find_cifar_folder(data_dir, num_classes), num_classes)
+    return NumpyDataset(train), NumpyDataset(test)
+
+
+def class_names(num_classes: int, dataset: str) -> List[str]:
+    """Human-readable class names of a CIFAR-shaped task, for prediction grids and reports."""
+    if dataset == "synthetic":
+        return list(SYNTHETIC_100_CLASSES if num_classes == 100 else SYNTHETIC_10_CLASSES)
+    return list(CIFAR100_CLASSES if num_classes == 100 else CIFAR10_CLASSES)

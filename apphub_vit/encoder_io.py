@@ -1,0 +1,132 @@
+"""Saving a ViT encoder after pretraining, and loading it into a finetuning model, with clear errors.
+
+The file (``vit_encoder.pt`` in the pretraining run's save_dir) is a `torch.save`d dict:
+``{"format": "apphub_vit.vit_encoder/1", "config": <ViTConfig fields>, "state_dict": <vit_encoder.state_dict()>}``.
+`load_encoder_state` also takes what other tools write: a full `ViTModel` checkpoint (FastEstimator's BestModelSaver
+`.pt`, keys `vit_encoder.*`, from this project or the FastEstimator apphub) or a bare encoder `state_dict`.
+"""
+import os
+from dataclasses import asdict
+from typing import Any, Dict, Mapping, Optional, Union
+
+import torch
+from fastestimator.trace import Trace
+from fastestimator.util.data import Data
+
+from networks.vit import ViTConfig, ViTEncoder, ViTModel
+
+ENCODER_FORMAT = "apphub_vit.vit_encoder/1"
+ENCODER_FILE = "vit_encoder.pt"
+
+
+class EncoderMismatchError(ValueError):
+    """Encoder weights that do not fit the model they are loaded into; the message names the mismatch."""
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under DataParallel / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def save_encoder(model: torch.nn.Module, path: str, overwrite: bool = False) -> str:
+    """Write the encoder of a `ViTModel` (or a `ViTEncoder`) to `path`. Refuses to replace a file unless told."""
+    module = unwrap(model)
+    encoder = module.vit_encoder if isinstance(module, ViTModel) else module
+    if not isinstance(encoder, ViTEncoder):
+        raise TypeError(f"save_encoder needs a ViTModel or ViTEncoder, got {type(module).__name__}")
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"'{path}' already exists; not overwriting saved weights. Choose another save_dir, or "
+                              f"pass overwrite=True to replace it.")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
+    tmp = f"{path}.partial"
+    torch.save({"format": ENCODER_FORMAT, "config": asdict(encoder.config), "state_dict": state}, tmp)
+    os.replace(tmp, path)  # a crash mid-write never leaves a truncated file under the real name
+    return path
+
+
+def _read(path: str) -> Mapping[str, Any]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Encoder weights '{path}' do not exist. Pass the '{ENCODER_FILE}' written by "
+                                f"pretraining (in its save_dir), or a ViTModel checkpoint.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated file, not a torch file, pickled objects we refuse to execute
+        raise EncoderMismatchError(f"Cannot read encoder weights '{path}': {type(err).__name__}: {err}") from err
+
+
+def _loaded(state_dict: Mapping[str, Any], config: Optional[Dict[str, Any]], source: str) -> Dict[str, Any]:
+    return {"format": ENCODER_FORMAT, "state_dict": state_dict, "config": config, "source": source}
+
+
+def load_encoder_state(source: Union[str, torch.nn.Module, Mapping[str, Any]]) -> Dict[str, Any]:
+    """A `ViTEncoder` state_dict (and the config it was saved with, if known) from a path, model or dict.
+
+    Returns a dict in the file's own format, {"format", "state_dict", "config" (None if unknown), "source"}, which
+    this function and `load_encoder` also accept back.
+    """
+    name = source if isinstance(source, str) else type(source).__name__
+    if isinstance(source, torch.nn.Module):
+        module = unwrap(source)
+        encoder = module.vit_encoder if isinstance(module, ViTModel) else module
+        if not isinstance(encoder, ViTEncoder):
+            raise TypeError(f"pretrained must be a ViTModel, a ViTEncoder or a path, got {type(module).__name__}")
+        return _loaded(encoder.state_dict(), asdict(encoder.config), name)
+    data = _read(source) if isinstance(source, str) else source
+    if not isinstance(data, Mapping):
+        raise EncoderMismatchError(f"'{name}' holds a {type(data).__name__}, not ViT encoder weights.")
+    if data.get("format") == ENCODER_FORMAT:
+        return _loaded(data["state_dict"], data.get("config"), data.get("source", name))
+    if any(k.startswith("vit_encoder.") for k in data):  # a whole ViTModel checkpoint: keep the encoder part
+        data = {k[len("vit_encoder."):]: v for k, v in data.items() if k.startswith("vit_encoder.")}
+    if not any(k.startswith("embedding.") for k in data):
+        raise EncoderMismatchError(f"'{name}' is not a ViT encoder: none of its keys ({list(data)[:4]}...) belong to "
+                                   f"a ViTEncoder (expected 'embedding.*', 'encoder.layers.*', 'layernorm.*').")
+    return _loaded(dict(data), None, name)
+
+
+def load_encoder(model: torch.nn.Module, source: Union[str, torch.nn.Module, Mapping[str, Any]]) -> None:
+    """Copy pretrained encoder weights into `model.vit_encoder`; an architecture mismatch raises a named error."""
+    target = unwrap(model)
+    target = target.vit_encoder if isinstance(target, ViTModel) else target
+    loaded = load_encoder_state(source)
+    if loaded["config"] is not None:
+        want = target.config.encoder_signature()
+        got = ViTConfig(**loaded["config"]).encoder_signature()
+        diff = [f"{k}: pretrained {got[k]} vs model {want[k]}" for k in want if got.get(k) != want[k]]
+        if diff:
+            raise EncoderMismatchError(f"Encoder weights from '{loaded['source']}' were trained with a different "
+                                       f"architecture ({'; '.join(diff)}). Build the finetuning model with the "
+                                       f"pretraining configuration.")
+    own = target.state_dict()
+    missing = sorted(set(own) - set(loaded["state_dict"]))
+    unexpected = sorted(set(loaded["state_dict"]) - set(own))
+    shapes = [f"{k}: pretrained {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+              for k, v in loaded["state_dict"].items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = ([f"missing {missing[:5]}"] if missing else []) + ([f"unexpected {unexpected[:5]}"] if unexpected else
+                                                                   []) + shapes[:5]
+        raise EncoderMismatchError(f"Encoder weights from '{loaded['source']}' do not fit this model (other em_dim, "
+                                   f"depth or patch size?): {'; '.join(parts)}")
+    target.load_state_dict(loaded["state_dict"])
+
+
+class EncoderSaver(Trace):
+    """Writes the model's encoder to `save_dir/vit_encoder.pt` at the end of training, for finetuning elsewhere."""
+    def __init__(self, model: torch.nn.Module, save_dir: str, overwrite: bool = False) -> None:
+        super().__init__(mode="train")
+        self.model = model
+        self.path = os.path.join(save_dir, ENCODER_FILE)
+        self.overwrite = overwrite
+        self.saved: Optional[str] = None
+
+    def on_end(self, data: Data) -> None:
+        # A second fit() of the same estimator replaces what its own first fit() wrote.
+        self.saved = save_encoder(self.model, self.path, overwrite=self.overwrite or self.saved is not None)
+        print(f"FastEstimator-EncoderSaver: Saved encoder to {self.saved}")

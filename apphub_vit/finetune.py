@@ -1,0 +1,103 @@
+"""Finetune a pretrained ViT encoder on CIFAR-10 (FastEstimator apphub `image_classification/vit/vit_torch.py`).
+
+    fastestimator train apphub_vit/finetune.py --encoder_weights runs/pretrain-.../vit_encoder.pt --epochs 1
+    fastestimator train apphub_vit/finetune.py --from_scratch True                 # the same ViT, no pretraining
+    fastestimator train apphub_vit/finetune.py --encoder_weights ... --data_dir ~/data   # cifar-10-batches-py here
+
+Unlike the apphub, the head has 10 classes. The architecture is read from the encoder file (or model) unless given;
+a given architecture that differs from the pretrained one is an error naming the difference.
+"""
+from dataclasses import asdict
+from typing import List, Optional, Union
+
+import fastestimator as fe
+import torch
+
+from apphub_vit.common import resolve_save_dir
+from apphub_vit.encoder_io import load_encoder, load_encoder_state
+from apphub_vit.vit_app import build_vit_estimator
+from networks.vit import ViTConfig, ViTModel
+
+_ARCH = ("num_layers", "em_dim", "num_heads", "ff_dim", "patch_size", "norm_first")
+
+
+def get_estimator(epochs: int = 1,
+                  batch_size: int = 128,
+                  train_steps_per_epoch: Optional[int] = None,
+                  eval_steps_per_epoch: Optional[int] = None,
+                  save_dir: Optional[str] = None,
+                  data_dir: Optional[str] = None,
+                  dataset: str = "cifair10",
+                  encoder_weights: Union[None, str, torch.nn.Module] = None,
+                  from_scratch: bool = False,
+                  lr: float = 0.01,
+                  num_layers: Optional[int] = None,
+                  em_dim: Optional[int] = None,
+                  num_heads: Optional[int] = None,
+                  ff_dim: Optional[int] = None,
+                  patch_size: Optional[int] = None,
+                  drop: float = 0.1,
+                  norm_first: Optional[bool] = None,
+                  overwrite: bool = False,
+                  num_process: Optional[int] = None,
+                  log_steps: int = 100,
+                  synthetic_size: Optional[List[int]] = None) -> fe.Estimator:
+    """The finetuning Estimator: a 10-class ViT whose encoder starts from `encoder_weights`.
+
+    Args:
+        epochs: Training epochs (the apphub finetunes for 1).
+        batch_size: Images per step.
+        train_steps_per_epoch: Cap on steps per epoch (None: the whole training set).
+        eval_steps_per_epoch: Cap on eval steps (None: the whole eval set).
+        save_dir: Output folder (None: a new `runs/finetune-<time>`).
+        data_dir: A local folder with CIFAR-10 / ciFAIR-10, e.g. `cifar-10-batches-py` (see `apphub_vit.data`).
+        dataset: "cifair10" (real) or "synthetic" (generated, no download).
+        encoder_weights: `vit_encoder.pt` from pretraining, a ViTModel checkpoint, or a model in memory.
+        from_scratch: Train without pretrained weights (for comparison); excludes encoder_weights.
+        lr: SGD learning rate.
+        num_layers, em_dim, num_heads, ff_dim, patch_size, norm_first: The ViT; None takes the pretrained one's
+            (or the apphub's when from scratch).
+        drop: Dropout rate while finetuning.
+        overwrite: Replace weights an earlier run left in save_dir (otherwise the run refuses to start).
+        num_process: Pipeline worker processes (None: FastEstimator's default, one per CPU).
+        log_steps: Log the training loss every this many steps.
+        synthetic_size: [train, eval] image counts for dataset="synthetic" (default 50,000 / 10,000).
+    """
+    if from_scratch and encoder_weights is not None:
+        raise ValueError("Both from_scratch=True and encoder_weights were given: pick one (finetune the pretrained "
+                         "encoder, or train the same ViT from scratch for comparison).")
+    if not from_scratch and encoder_weights is None:
+        raise ValueError("finetune needs pretrained encoder weights: pass encoder_weights=<save_dir of pretraining>/"
+                         "vit_encoder.pt (--encoder_weights PATH), or from_scratch=True (--from_scratch True) to train "
+                         "without them.")
+    given = {k: v for k, v in dict(num_layers=num_layers, em_dim=em_dim, num_heads=num_heads, ff_dim=ff_dim,
+                                   patch_size=patch_size, norm_first=norm_first).items() if v is not None}
+    arch = {k: v for k, v in asdict(ViTConfig()).items() if k in _ARCH}  # the apphub's
+    if encoder_weights is not None:
+        pretrained = load_encoder_state(encoder_weights)  # reads the file once, fails fast on a bad path
+        if pretrained["config"] is not None:
+            arch.update({k: v for k, v in pretrained["config"].items() if k in _ARCH})
+        encoder_weights = pretrained  # a dict in load_encoder's own format
+    arch.update(given)
+    cfg = ViTConfig(image_size=32, num_channels=3, drop=drop, **arch)
+    init = None
+    if encoder_weights is not None:
+        load_encoder(ViTModel.from_config(10, cfg), encoder_weights)  # a mismatch fails here, before data loads
+        init = lambda model: load_encoder(model, encoder_weights)  # noqa: E731
+    return build_vit_estimator(model_name="vit_finetune", num_classes=10, dataset=dataset, data_dir=data_dir,
+                               epochs=epochs, batch_size=batch_size, train_steps_per_epoch=train_steps_per_epoch,
+                               eval_steps_per_epoch=eval_steps_per_epoch, save_dir=resolve_save_dir(save_dir, "finetune"),
+                               cfg=cfg, lr=lr, overwrite=overwrite, init_model=init, num_process=num_process,
+                               log_steps=log_steps, synthetic_size=synthetic_size)
+
+
+def finetune(pretrained: Union[None, str, torch.nn.Module], **kwargs) -> torch.nn.Module:
+    """Finetune from `pretrained` (a model from `pretrain()`, or a weights path; None with from_scratch=True) and
+    return the trained 10-class `ViTModel`. Other arguments as `get_estimator`."""
+    estimator = get_estimator(encoder_weights=pretrained, **kwargs)
+    estimator.fit(warmup=False)
+    return estimator.model
+
+
+if __name__ == "__main__":
+    finetune(None, from_scratch=True)

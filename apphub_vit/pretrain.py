@@ -1,0 +1,73 @@
+"""Pretrain a Vision Transformer on CIFAR-100 (FastEstimator apphub `image_classification/vit/vit_torch.py`).
+
+    fastestimator train apphub_vit/pretrain.py --epochs 100                       # ciFAIR-100, downloads once
+    fastestimator train apphub_vit/pretrain.py --data_dir ~/data                  # a local cifar-100-python folder
+    fastestimator train apphub_vit/pretrain.py --dataset synthetic --epochs 2     # generated data, no download
+
+The run writes `<save_dir>/vit_encoder.pt` (the encoder at the end of training, for `finetune.py`) and the best model
+by eval accuracy (`vit_pretrain_best_accuracy.pt`, FastEstimator's BestModelSaver).
+"""
+from typing import List, Optional
+
+import fastestimator as fe
+import torch
+
+from apphub_vit.common import resolve_save_dir
+from apphub_vit.vit_app import build_vit_estimator
+from networks.vit import ViTConfig
+
+
+def get_estimator(epochs: int = 100,
+                  batch_size: int = 128,
+                  train_steps_per_epoch: Optional[int] = None,
+                  eval_steps_per_epoch: Optional[int] = None,
+                  save_dir: Optional[str] = None,
+                  data_dir: Optional[str] = None,
+                  dataset: str = "cifair100",
+                  lr: float = 0.01,
+                  num_layers: int = 6,
+                  em_dim: int = 256,
+                  num_heads: int = 8,
+                  ff_dim: int = 512,
+                  patch_size: int = 4,
+                  drop: float = 0.1,
+                  norm_first: bool = False,
+                  overwrite: bool = False,
+                  num_process: Optional[int] = None,
+                  log_steps: int = 100,
+                  synthetic_size: Optional[List[int]] = None) -> fe.Estimator:
+    """The pretraining Estimator: a 100-class ViT, saving its encoder at the end.
+
+    Args:
+        epochs: Training epochs.
+        batch_size: Images per step.
+        train_steps_per_epoch: Cap on steps per epoch (None: the whole training set).
+        eval_steps_per_epoch: Cap on eval steps (None: the whole eval set).
+        save_dir: Output folder (None: a new `runs/pretrain-<time>`).
+        data_dir: A local folder with CIFAR-100 / ciFAIR-100 (see `apphub_vit.data`).
+        dataset: "cifair100" (real) or "synthetic" (generated, no download).
+        lr: SGD learning rate.
+        num_layers, em_dim, num_heads, ff_dim, patch_size, drop, norm_first: The ViT (defaults: the apphub's, 3.2M).
+        overwrite: Replace weights an earlier run left in save_dir (otherwise the run refuses to start).
+        num_process: Pipeline worker processes (None: FastEstimator's default, one per CPU).
+        log_steps: Log the training loss every this many steps.
+        synthetic_size: [train, eval] image counts for dataset="synthetic" (default 50,000 / 10,000).
+    """
+    cfg = ViTConfig(num_layers=num_layers, image_size=32, patch_size=patch_size, num_channels=3, em_dim=em_dim,
+                    num_heads=num_heads, ff_dim=ff_dim, drop=drop, norm_first=norm_first)
+    return build_vit_estimator(model_name="vit_pretrain", num_classes=100, dataset=dataset, data_dir=data_dir,
+                               epochs=epochs, batch_size=batch_size, train_steps_per_epoch=train_steps_per_epoch,
+                               eval_steps_per_epoch=eval_steps_per_epoch, save_dir=resolve_save_dir(save_dir, "pretrain"),
+                               cfg=cfg, lr=lr, overwrite=overwrite, save_encoder=True, num_process=num_process,
+                               log_steps=log_steps, synthetic_size=synthetic_size)
+
+
+def pretrain(**kwargs) -> torch.nn.Module:
+    """Run pretraining (arguments as `get_estimator`) and return the trained 100-class `ViTModel`."""
+    estimator = get_estimator(**kwargs)
+    estimator.fit(warmup=False)
+    return estimator.model
+
+
+if __name__ == "__main__":
+    pretrain()

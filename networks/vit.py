@@ -1,0 +1,188 @@
+"""Vision Transformer with a Conv2d patch embedding.
+
+Follows Dosovitskiy et al., "An Image is Worth 16x16 Words" (ICLR 2021), in the shape of FastEstimator's apphub
+`image_classification/vit/vit_torch.py`: the parameter names (and so `state_dict` keys) are the apphub's, so a
+checkpoint trained with that app loads into this model. Differences from the apphub, all optional or invisible to
+checkpoints:
+
+* batch-first attention throughout (the apphub transposes to sequence-first and back);
+* `norm_first=True` gives the pre-norm block of the paper and timm (the apphub, and our default, is post-norm);
+* `drop_path` adds stochastic depth (Huang et al. 2016) for longer training recipes;
+* invalid configurations raise `ValueError` instead of an `assert`.
+
+Layout (timm `vision_transformer.py`): `ViTEmbeddings` -> `ViTEncoder.forward` (CLS embedding) -> `linear_classifier`.
+"""
+from dataclasses import asdict, dataclass
+from typing import Any, Dict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """Architecture hyperparameters. The defaults are the apphub's CIFAR model (6 layers, dim 256, patch 4, 3.2M)."""
+    num_layers: int = 6
+    image_size: int = 32
+    patch_size: int = 4
+    num_channels: int = 3
+    em_dim: int = 256
+    num_heads: int = 8
+    ff_dim: int = 512
+    drop: float = 0.1
+    norm_first: bool = False
+    drop_path: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "image_size", "patch_size", "num_channels", "em_dim", "num_heads", "ff_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ViT {name} must be a positive integer, got {value!r}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"ViT image_size={self.image_size} is not divisible by patch_size={self.patch_size}: "
+                             f"choose a patch size that divides the image size (e.g. 4 for 32x32 images)")
+        if self.em_dim % self.num_heads:
+            raise ValueError(f"ViT em_dim={self.em_dim} is not divisible by num_heads={self.num_heads}: "
+                             f"each attention head gets em_dim / num_heads channels")
+        for name in ("drop", "drop_path"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"ViT {name} must be in [0, 1), got {getattr(self, name)!r}")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size)**2
+
+    def encoder_signature(self) -> Dict[str, Any]:
+        """The fields that define the encoder's function (what must match to transfer an encoder): everything but the
+        regularisation rates. `norm_first` changes no weight shape but changes what the weights compute."""
+        return {k: v for k, v in asdict(self).items() if k not in ("drop", "drop_path")}
+
+
+class ViTEmbeddings(nn.Module):
+    """Patch embedding (Conv2d with kernel = stride = patch), a learnable CLS token and position embedding."""
+    def __init__(self, image_size: int = 224, patch_size: int = 16, num_channels: int = 3, em_dim: int = 768,
+                 drop: float = 0.1) -> None:
+        super().__init__()
+        self.patch_embedding = nn.Conv2d(num_channels, em_dim, kernel_size=patch_size, stride=patch_size, bias=False)
+        self.position_embedding = nn.Parameter(torch.zeros(1, (image_size // patch_size)**2 + 1, em_dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, em_dim))
+        self.dropout = nn.Dropout(drop)
+        # The apphub leaves both at zero; a small random start breaks the symmetry between positions from step one.
+        nn.init.trunc_normal_(self.position_embedding, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embedding(x).flatten(2).transpose(1, 2)  # NCHW -> NLC: [B, num_patches, em_dim]
+        x = torch.cat([self.cls_token.expand(x.size(0), -1, -1), x], dim=1)  # [B, num_patches + 1, em_dim]
+        return self.dropout(x + self.position_embedding)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a whole residual branch per sample (Huang et al. 2016), as timm's `DropPath`."""
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = torch.empty(x.shape[0], 1, 1, device=x.device, dtype=x.dtype).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class EncoderBlock(nn.Module):
+    """One transformer encoder layer, batch-first.
+
+    The sub-module names are those of `torch.nn.TransformerEncoderLayer` (self_attn, linear1, linear2, norm1, norm2),
+    which the apphub model uses, so checkpoints keep their keys. Written out (instead of using that class) so the block
+    can carry stochastic depth and stays one readable, compile-friendly function.
+    """
+    def __init__(self, em_dim: int, num_heads: int, ff_dim: int, drop: float, norm_first: bool,
+                 drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(em_dim, num_heads, dropout=drop, batch_first=True)
+        self.linear1 = nn.Linear(em_dim, ff_dim)
+        self.linear2 = nn.Linear(ff_dim, em_dim)
+        self.norm1 = nn.LayerNorm(em_dim, eps=1e-5)  # torch's TransformerEncoderLayer default eps
+        self.norm2 = nn.LayerNorm(em_dim, eps=1e-5)
+        self.dropout = nn.Dropout(drop)  # inside the MLP, after the activation
+        self.dropout1 = nn.Dropout(drop)  # on the attention branch
+        self.dropout2 = nn.Dropout(drop)  # on the MLP branch
+        self.drop_path = DropPath(drop_path)
+        self.norm_first = norm_first
+
+    def _attention(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout1(self.self_attn(x, x, x, need_weights=False)[0])
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout2(self.linear2(self.dropout(F.gelu(self.linear1(x)))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, em_dim] -> [B, L, em_dim]
+        if self.norm_first:
+            x = x + self.drop_path(self._attention(self.norm1(x)))
+            return x + self.drop_path(self._mlp(self.norm2(x)))
+        x = self.norm1(x + self.drop_path(self._attention(x)))
+        return self.norm2(x + self.drop_path(self._mlp(x)))
+
+
+class TransformerStack(nn.Module):
+    """A stack of `EncoderBlock`s under the attribute `layers`, as `torch.nn.TransformerEncoder` names it."""
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        # Stochastic depth grows linearly with depth, as in timm and DeiT.
+        rates = [cfg.drop_path * i / max(cfg.num_layers - 1, 1) for i in range(cfg.num_layers)]
+        self.layers = nn.ModuleList([
+            EncoderBlock(cfg.em_dim, cfg.num_heads, cfg.ff_dim, cfg.drop, cfg.norm_first, rate) for rate in rates
+        ])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class ViTEncoder(nn.Module):
+    """Embeddings, transformer layers and a final LayerNorm; the output is the CLS token's embedding [B, em_dim]."""
+    def __init__(self, num_layers: int = 12, image_size: int = 224, patch_size: int = 16, num_channels: int = 3,
+                 em_dim: int = 768, drop: float = 0.1, num_heads: int = 12, ff_dim: int = 3072,
+                 norm_first: bool = False, drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.config = ViTConfig(num_layers=num_layers, image_size=image_size, patch_size=patch_size,
+                                num_channels=num_channels, em_dim=em_dim, num_heads=num_heads, ff_dim=ff_dim, drop=drop,
+                                norm_first=norm_first, drop_path=drop_path)
+        self.embedding = ViTEmbeddings(image_size, patch_size, num_channels, em_dim, drop)
+        self.encoder = TransformerStack(self.config)
+        self.layernorm = nn.LayerNorm(em_dim, eps=1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> [B, em_dim]
+        x = self.encoder(self.embedding(x))  # [B, num_patches + 1, em_dim]
+        return self.layernorm(x[:, 0])  # the CLS token
+
+
+class ViTModel(nn.Module):
+    """`ViTEncoder` followed by a linear head. Arguments and defaults as the apphub's `ViTModel` (ViT-B/16 sizes)."""
+    def __init__(self, num_classes: int, num_layers: int = 12, image_size: int = 224, patch_size: int = 16,
+                 num_channels: int = 3, em_dim: int = 768, drop: float = 0.1, num_heads: int = 12, ff_dim: int = 3072,
+                 norm_first: bool = False, drop_path: float = 0.0) -> None:
+        super().__init__()
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+            raise ValueError(f"ViTModel num_classes must be a positive integer, got {num_classes!r}")
+        self.vit_encoder = ViTEncoder(num_layers=num_layers, image_size=image_size, patch_size=patch_size,
+                                      num_channels=num_channels, em_dim=em_dim, drop=drop, num_heads=num_heads,
+                                      ff_dim=ff_dim, norm_first=norm_first, drop_path=drop_path)
+        self.linear_classifier = nn.Linear(em_dim, num_classes)
+
+    @classmethod
+    def from_config(cls, num_classes: int, cfg: ViTConfig) -> "ViTModel":
+        return cls(num_classes, **asdict(cfg))
+
+    @property
+    def config(self) -> ViTConfig:
+        return self.vit_encoder.config
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vit_encoder(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> [B, num_classes] logits
+        return self.linear_classifier(self.forward_features(x))

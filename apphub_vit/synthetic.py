@@ -78,11 +78,13 @@ def _render(shapes: np.ndarray, textures: np.ndarray, rng: np.random.Generator, 
     angle = rng.uniform(0, 2 * np.pi, (n, 1, 1)).astype(np.float32)
     dx, dy = (_XX[None] - cx) / radius, (_YY[None] - cy) / radius
     u, v = dx * np.cos(angle) + dy * np.sin(angle), -dx * np.sin(angle) + dy * np.cos(angle)
-    # Two background colours and a foreground colour far enough from both to stay visible.
-    bg_a, bg_b = rng.uniform(0, 255, (2, n, 1, 1, 3)).astype(np.float32)
+    # A background of two nearby colours (the texture is visible but subtle) and a foreground colour that stands out
+    # from it, so the shape is always there to see whatever the colours drawn.
+    bg_a = rng.uniform(0, 255, (n, 1, 1, 3)).astype(np.float32)
+    bg_b = np.clip(bg_a + rng.uniform(-90, 90, (n, 1, 1, 3)).astype(np.float32), 0, 255)
     fg = rng.uniform(0, 255, (n, 1, 1, 3)).astype(np.float32)
-    too_close = np.abs(fg - (bg_a + bg_b) / 2).mean(axis=-1, keepdims=True) < 60
-    fg = np.where(too_close, 255 - fg, fg)
+    too_close = np.abs(fg - (bg_a + bg_b) / 2).mean(axis=-1, keepdims=True) < 70
+    fg = np.where(too_close, np.where((bg_a + bg_b) / 2 > 127, fg * 0.3, 255 - (255 - fg) * 0.3), fg)
     for kind in range(len(TEXTURES)):
         idx = np.flatnonzero(textures == kind)
         if idx.size:
@@ -93,7 +95,7 @@ def _render(shapes: np.ndarray, textures: np.ndarray, rng: np.random.Generator, 
         if idx.size:
             mask = fn(u[idx], v[idx])[..., None]  # [k, 32, 32, 1]
             images[idx] = np.where(mask, fg[idx], images[idx])
-    images += 10 * rng.standard_normal(images.shape, dtype=np.float32)  # sensor-like pixel noise
+    images += 8 * rng.standard_normal(images.shape, dtype=np.float32)  # sensor-like pixel noise
     return np.clip(images, 0, 255).round().astype(np.uint8)
 
 
@@ -119,8 +121,8 @@ def make_synthetic(num_classes: int, num_samples: int, seed: int = 0,
     for start in range(0, num_samples, chunk):
         y = labels[start:start + chunk]
         if num_classes == 100:
-            shapes, textures, sizes = y // 10, y % 10, (6.0, 10.0)
+            shapes, textures, sizes = y // 10, y % 10, (7.0, 11.0)
         else:
-            shapes, textures, sizes = y, rng.integers(0, len(TEXTURES), y.shape), (5.0, 11.0)
+            shapes, textures, sizes = y, rng.integers(0, len(TEXTURES), y.shape), (6.0, 12.0)
         x[start:start + chunk] = _render(shapes, textures, rng, sizes)
     return {"x": x, "y": labels.astype(np.uint8)}

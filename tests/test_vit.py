@@ -1,0 +1,99 @@
+"""networks/vit.py: shapes, gradients, configuration errors, and checkpoint compatibility with FastEstimator's apphub."""
+import pytest
+import torch
+import torch.nn as nn
+
+from networks.vit import ViTConfig, ViTModel
+
+TINY = dict(num_layers=2, image_size=32, patch_size=8, num_channels=3, em_dim=32, num_heads=4, ff_dim=64)
+
+
+class ApphubViT(nn.Module):
+    """FastEstimator apphub `vit_torch.py`'s model, rebuilt here from torch's own layers (sequence-first, post-norm),
+    as the reference our parameter names and outputs must match."""
+    def __init__(self, num_classes, num_layers, image_size, patch_size, num_channels, em_dim, num_heads, ff_dim):
+        super().__init__()
+        self.vit_encoder = nn.Module()
+        emb = nn.Module()
+        emb.patch_embedding = nn.Conv2d(num_channels, em_dim, kernel_size=patch_size, stride=patch_size, bias=False)
+        emb.position_embedding = nn.Parameter(torch.randn(1, (image_size // patch_size)**2 + 1, em_dim))
+        emb.cls_token = nn.Parameter(torch.randn(1, 1, em_dim))
+        emb.dropout = nn.Dropout(0.1)
+        self.vit_encoder.embedding = emb
+        layer = nn.TransformerEncoderLayer(em_dim, nhead=num_heads, dim_feedforward=ff_dim, activation="gelu")
+        self.vit_encoder.encoder = nn.TransformerEncoder(layer, num_layers=num_layers, enable_nested_tensor=False)
+        self.vit_encoder.layernorm = nn.LayerNorm(em_dim, eps=1e-6)
+        self.linear_classifier = nn.Linear(em_dim, num_classes)
+
+    def forward(self, x):
+        emb = self.vit_encoder.embedding
+        x = emb.patch_embedding(x).flatten(2).transpose(1, 2)
+        x = torch.cat([emb.cls_token.expand(x.size(0), -1, -1), x], dim=1) + emb.position_embedding
+        x = self.vit_encoder.encoder(x.transpose(0, 1))  # sequence-first, as the apphub
+        return self.linear_classifier(self.vit_encoder.layernorm(x[0]))
+
+
+@pytest.mark.parametrize("norm_first,drop_path", [(False, 0.0), (True, 0.0), (True, 0.2)])
+def test_shapes_finite_and_every_parameter_gets_a_gradient(norm_first, drop_path):
+    torch.manual_seed(0)
+    model = ViTModel(num_classes=10, norm_first=norm_first, drop_path=drop_path, **TINY)
+    x = torch.randn(3, 3, 32, 32)
+    assert model.forward_features(x).shape == (3, 32)
+    logits = model(x)
+    assert logits.shape == (3, 10)
+    assert torch.isfinite(logits).all()
+    logits.logsumexp(-1).sum().backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert no_grad == []
+
+
+def test_state_dict_keys_are_the_apphub_models():
+    ours = ViTModel(num_classes=100, **TINY).state_dict()
+    ref = ApphubViT(100, 2, 32, 8, 3, 32, 4, 64).state_dict()
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in ref.items()}
+    # Pinned names for this small config, so a rename is caught even if the reference were changed with it.
+    layer0 = [k for k in ours if k.startswith("vit_encoder.encoder.layers.0.")]
+    assert sorted(layer0) == sorted(f"vit_encoder.encoder.layers.0.{n}" for n in (
+        "self_attn.in_proj_weight", "self_attn.in_proj_bias", "self_attn.out_proj.weight", "self_attn.out_proj.bias",
+        "linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias", "norm1.weight", "norm1.bias",
+        "norm2.weight", "norm2.bias"))
+    assert [k for k in ours if "layers" not in k] == [
+        "vit_encoder.embedding.position_embedding", "vit_encoder.embedding.cls_token",
+        "vit_encoder.embedding.patch_embedding.weight", "vit_encoder.layernorm.weight", "vit_encoder.layernorm.bias",
+        "linear_classifier.weight", "linear_classifier.bias"
+    ]
+
+
+def test_apphub_checkpoint_loads_and_computes_the_same_function():
+    torch.manual_seed(0)
+    ref = ApphubViT(10, 2, 32, 8, 3, 32, 4, 64).eval()
+    ours = ViTModel(num_classes=10, **TINY).eval()
+    ours.load_state_dict(ref.state_dict())  # strict: every key present, no extra
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(image_size=30, patch_size=4), "not divisible by patch_size"),
+    (dict(em_dim=30, num_heads=4), "not divisible by num_heads"),
+    (dict(num_layers=0), "num_layers must be a positive integer"),
+    (dict(drop=1.5), "drop must be in"),
+])
+def test_invalid_configurations_raise_clear_value_errors(bad, message):
+    with pytest.raises(ValueError, match=message):
+        ViTModel(num_classes=10, **{**TINY, **bad})
+
+
+def test_num_classes_must_be_positive():
+    with pytest.raises(ValueError, match="num_classes"):
+        ViTModel(num_classes=0, **TINY)
+
+
+def test_default_config_is_the_apphub_size():
+    model = ViTModel.from_config(100, ViTConfig())
+    d, ff, layers = 256, 512, 6
+    per_layer = (3 * d * d + 3 * d) + (d * d + d) + (d * ff + ff) + (ff * d + d) + 4 * d  # attention, MLP, 2 norms
+    embedding = 3 * d * 4 * 4 + (64 + 1) * d + d  # patch conv (no bias), position, CLS
+    expected = embedding + layers * per_layer + 2 * d + (d * 100 + 100)  # + final norm + head
+    assert sum(p.numel() for p in model.parameters()) == expected == 3_218_020  # the apphub's "3.2M"

@@ -1,0 +1,132 @@
+"""apphub_vit/pretrain.py and finetune.py: the command line, the Python API, weight transfer and every bad input."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from apphub_vit import finetune as finetune_app
+from apphub_vit import pretrain as pretrain_app
+from apphub_vit.encoder_io import ENCODER_FILE, EncoderMismatchError, load_encoder_state
+from networks.vit import ViTModel
+from tests.conftest import REPO, TINY_RUN, TINY_VIT, cli_env, fastestimator_cmd, shared_path
+
+CLI_TINY = ["--epochs", "1", "--batch_size", "16", "--train_steps_per_epoch", "3", "--eval_steps_per_epoch", "2",
+            "--num_process", "0", "--synthetic_size", "[256,64]", "--num_layers", "2", "--em_dim", "32", "--num_heads",
+            "2", "--ff_dim", "64", "--patch_size", "8"]
+
+
+def _run_cli(args, cwd):
+    out = subprocess.run(fastestimator_cmd() + ["train"] + args, capture_output=True, text=True, env=cli_env(),
+                         cwd=cwd, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """One tiny pretraining run shared by the tests below: (returned model, save_dir)."""
+    save_dir = tmp_path_factory.mktemp("pretrain")
+    model = pretrain_app.pretrain(dataset="synthetic", save_dir=str(save_dir), **TINY_RUN, **TINY_VIT)
+    return model, save_dir
+
+
+def test_command_line_pretrain_then_finetune(tmp_path):
+    out = _run_cli([str(REPO / "apphub_vit" / "pretrain.py"), "--dataset", "synthetic", "--save_dir",
+                    str(tmp_path / "pre")] + CLI_TINY, cwd=tmp_path)
+    assert "FastEstimator-Finish" in out
+    encoder = tmp_path / "pre" / ENCODER_FILE
+    assert encoder.is_file() and (tmp_path / "pre" / "vit_pretrain_best_accuracy.pt").is_file()
+    out = _run_cli([str(REPO / "apphub_vit" / "finetune.py"), "--dataset", "synthetic", "--save_dir",
+                    str(tmp_path / "fine"), "--encoder_weights", str(encoder)] + CLI_TINY[:12], cwd=tmp_path)
+    assert "FastEstimator-Finish" in out and (tmp_path / "fine" / "vit_finetune_best_accuracy.pt").is_file()
+
+
+def test_pretrain_returns_the_trained_100_class_model_and_saves_its_encoder(pretrained):
+    model, save_dir = pretrained
+    assert isinstance(model, ViTModel) and model.linear_classifier.out_features == 100
+    saved = load_encoder_state(str(save_dir / ENCODER_FILE))
+    assert saved["config"]["em_dim"] == 32
+    for key, value in model.vit_encoder.state_dict().items():
+        assert torch.equal(saved["state_dict"][key], value.cpu()), key
+
+
+@pytest.mark.parametrize("source", ["model", "file"])
+def test_finetune_starts_from_identical_encoder_weights_with_a_10_class_head(pretrained, tmp_path, source):
+    model, save_dir = pretrained
+    weights = model if source == "model" else str(save_dir / ENCODER_FILE)
+    estimator = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path), encoder_weights=weights,
+                                           **TINY_RUN)
+    fresh = estimator.model
+    assert fresh.linear_classifier.out_features == 10
+    assert fresh.config.em_dim == 32 and fresh.config.num_layers == 2  # read from the pretrained encoder
+    theirs = model.vit_encoder.state_dict()
+    for key, value in fresh.vit_encoder.state_dict().items():
+        assert torch.equal(value.cpu(), theirs[key].cpu()), key
+
+
+def test_finetune_from_model_trains_and_returns_it(pretrained, tmp_path):
+    model, _ = pretrained
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tuned = finetune_app.finetune(model, dataset="synthetic", save_dir=str(tmp_path), **TINY_RUN)
+    assert tuned is not model and tuned.linear_classifier.out_features == 10
+    assert any(not torch.equal(v, tuned.vit_encoder.state_dict()[k[len("vit_encoder."):]])
+               for k, v in before.items() if k.startswith("vit_encoder."))  # finetuning moved the encoder
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the pretrained model untouched
+
+
+def test_finetune_from_scratch_is_explicit(tmp_path):
+    with pytest.raises(ValueError, match="needs pretrained encoder weights.*from_scratch"):
+        finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path), **TINY_RUN)
+    with pytest.raises(ValueError, match="pick one"):
+        finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path), from_scratch=True,
+                                   encoder_weights="x.pt", **TINY_RUN)
+    model = finetune_app.finetune(None, from_scratch=True, dataset="synthetic", save_dir=str(tmp_path), **TINY_RUN,
+                                  **TINY_VIT)
+    assert model.linear_classifier.out_features == 10
+
+
+@pytest.mark.parametrize("change,named", [({"em_dim": 64}, "em_dim: pretrained 32 vs model 64"),
+                                          ({"num_layers": 3}, "num_layers: pretrained 2 vs model 3"),
+                                          ({"patch_size": 4}, "patch_size: pretrained 8 vs model 4")])
+def test_other_architecture_is_an_error_naming_the_mismatch(pretrained, tmp_path, change, named):
+    _, save_dir = pretrained
+    with pytest.raises(EncoderMismatchError, match=named):
+        finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path),
+                                   encoder_weights=str(save_dir / ENCODER_FILE), **TINY_RUN, **change)
+
+
+def test_bare_state_dict_of_other_shape_names_the_tensors(pretrained, tmp_path):
+    model, _ = pretrained
+    other = ViTModel(10, num_layers=2, em_dim=48, num_heads=2, ff_dim=64, patch_size=8, image_size=32)
+    path = tmp_path / "other.pt"
+    torch.save(other.state_dict(), path)  # a whole-model checkpoint without our config: shapes are checked
+    with pytest.raises(EncoderMismatchError, match="position_embedding: pretrained .*48.* vs model .*32"):
+        finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "run"), encoder_weights=str(path),
+                                   **TINY_RUN, **TINY_VIT)
+
+
+def test_missing_and_garbage_weight_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="do not exist"):
+        finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path), encoder_weights=str(tmp_path / "x.pt"))
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a torch file")
+    with pytest.raises(EncoderMismatchError, match="Cannot read encoder weights"):
+        finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path), encoder_weights=str(junk))
+
+
+def test_existing_weights_are_never_overwritten_without_asking(pretrained):
+    _, save_dir = pretrained
+    encoder = save_dir / ENCODER_FILE
+    before = encoder.read_bytes()
+    with pytest.raises(FileExistsError, match="not overwriting"):
+        pretrain_app.get_estimator(dataset="synthetic", save_dir=str(save_dir), **TINY_RUN, **TINY_VIT)
+    assert encoder.read_bytes() == before
+
+
+def test_real_cifar10_from_data_dir_on_the_command_line(tmp_path):
+    converter = shared_path("data", "cifar10", "to_batches.py")
+    subprocess.run([sys.executable, str(converter), str(tmp_path)], check=True, capture_output=True, timeout=300)
+    out = _run_cli([str(REPO / "apphub_vit" / "finetune.py"), "--data_dir", str(tmp_path), "--from_scratch", "True",
+                    "--save_dir", str(tmp_path / "run")] + CLI_TINY, cwd=tmp_path)
+    assert "FastEstimator-Eval" in out and "accuracy" in out

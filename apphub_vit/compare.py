@@ -236,9 +236,10 @@ def check_outputs(out_dir: str, force: bool) -> List[str]:
     return paths
 
 
-def compare(run_dirs: Sequence[str], out_dir: str, skip_bad: bool = False, force: bool = False,
-            warn=print) -> Tuple[str, List[Run]]:
-    """Read the runs, write OUT/comparison.md and OUT/comparison.png; returns (the Markdown table, the runs)."""
+def compare(run_dirs: Sequence[str], out_dir: str, skip_bad: bool = False, force: bool = False, warn=print,
+            footer: str = "") -> Tuple[str, List[Run]]:
+    """Read the runs, write OUT/comparison.md (ending with `footer`, e.g. how the runs were made) and
+    OUT/comparison.png; returns (the Markdown table, the runs)."""
     md_path, png_path = check_outputs(out_dir, force)
     runs = load_runs(run_dirs, skip_bad=skip_bad, warn=warn)
     if not runs:
@@ -246,7 +247,8 @@ def compare(run_dirs: Sequence[str], out_dir: str, skip_bad: bool = False, force
     os.makedirs(out_dir, exist_ok=True)
     plot_curves(runs, png_path)
     with open(md_path, "w", encoding="utf-8") as f:
-        f.write(markdown_report(runs) + f"\n![eval curves]({os.path.basename(png_path)})\n")
+        f.write(markdown_report(runs) + f"\n![eval curves]({os.path.basename(png_path)})\n"
+                + (f"\n{footer}\n" if footer else ""))
     return markdown_table(runs), runs
 
 

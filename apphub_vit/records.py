@@ -304,7 +304,8 @@ def find_recorder(estimator: fe.Estimator) -> Optional[RunRecorder]:
 
 def attach_recorder(estimator: fe.Estimator, app: str, save_dir: str, dataset: str,
                     hparams: Optional[Dict[str, Any]] = None, **kwargs: Any) -> RunRecorder:
-    """Give an estimator built without a RunRecorder one (returns the one it already has, adding `kwargs["notes"]`).
+    """Give an estimator built without a RunRecorder one; for one that has its own, add to it `kwargs["notes"]` and
+    the `hparams` keys it lacks (the app's own values win), and return it.
 
     For apps that do not wire the recorder in themselves: the Estimator's trace list is read when `fit()` starts, so a
     trace appended before then takes part.
@@ -313,6 +314,7 @@ def attach_recorder(estimator: fe.Estimator, app: str, save_dir: str, dataset: s
     if recorder is not None:
         for note in kwargs.get("notes", ()):
             recorder.add_note(note)
+        recorder.hparams = {**(hparams or {}), **recorder.hparams}
         return recorder
     recorder = RunRecorder(app=app, save_dir=save_dir, dataset=dataset, hparams=hparams, **kwargs)
     estimator.traces.append(recorder)

@@ -173,3 +173,27 @@ def test_module_command_line(runs_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "| ae | tiny_autoencoder | random |" in result.stdout
     assert (tmp_path / "comparison.md").is_file() and (tmp_path / "comparison.png").is_file()
+
+
+def test_run_all_tiny_budget_end_to_end(tmp_path, capsys):
+    """The one command, at the seconds-long `tiny` budget: runs into OUT/<run>, then the comparison of all of them."""
+    from apphub_vit.run_all import main as run_all_main
+    runs = "vit_pretrain,vit_finetune,vit_scratch,mnist_autoencoder"
+    assert run_all_main(["--out", str(tmp_path), "--budget", "tiny", "--only", runs]) == 0
+    rows = rows_by_run(tmp_path)
+    assert list(rows) == runs.split(",")
+    assert rows["mnist_autoencoder"]["best acc"] == "" and "(mse)" in rows["mnist_autoencoder"]["final loss"]
+    scratch = json.loads((tmp_path / "vit_scratch" / RECORD_FILE).read_text())
+    finetune = json.loads((tmp_path / "vit_finetune" / RECORD_FILE).read_text())
+    # The transfer question is fair: same budget and architecture, only the start differs.
+    same = ("epochs", "batch_size", "train_steps_per_epoch", "num_layers", "em_dim", "patch_size")
+    assert all(scratch["hparams"].get(k) == finetune["hparams"].get(k) for k in same), (scratch["hparams"],
+                                                                                      finetune["hparams"])
+    assert scratch["parameters"] == finetune["parameters"]
+    assert finetune["hparams"]["encoder_weights"].endswith("vit_pretrain/vit_encoder.pt")
+    assert (tmp_path / "comparison.png").is_file() and "Produced by" in (tmp_path / "comparison.md").read_text()
+    capsys.readouterr()
+    # Again into the same OUT: refused before any training, naming what is in the way.
+    assert run_all_main(["--out", str(tmp_path), "--budget", "tiny", "--only", "mnist_autoencoder"]) == 1
+    err = capsys.readouterr().err
+    assert "mnist_autoencoder" in err and "--force" in err

@@ -152,5 +152,7 @@ def test_second_fit_of_the_same_estimator_replaces_its_own_record(tmp_path):
 def test_attach_recorder_adds_once_and_keeps_notes(tmp_path):
     estimator = tiny_mse_estimator(tmp_path)
     own = find_recorder(estimator)
-    assert attach_recorder(estimator, "other", str(tmp_path / "x"), "d", notes=["no ImageNet weights"]) is own
+    assert attach_recorder(estimator, "other", str(tmp_path / "x"), "d", hparams={"lr": 5, "seed": 0},
+                           notes=["no ImageNet weights"]) is own
     assert own.notes == ["no ImageNet weights"] and sum(isinstance(t, RunRecorder) for t in estimator.traces) == 1
+    assert own.hparams == {"lr": 1e-3, "seed": 0}  # the app's own values win; missing ones are added

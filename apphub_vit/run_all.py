@@ -190,7 +190,7 @@ def run_all(out: str, budget: str = "cpu", mnist_dir: Optional[str] = None, forc
             only: Optional[Sequence[str]] = None, num_process: Optional[int] = None, seed: int = 0) -> int:
     """Run the comparison (see the module doc); returns the exit status: 0, or 1 if a run failed."""
     start = time.perf_counter()
-    out = os.path.abspath(os.path.expanduser(out))
+    out_arg, out = out, os.path.abspath(os.path.expanduser(out))
     if num_process is None and budget != "gpu":
         num_process = 0  # on a 2-core CPU, pipeline worker processes compete with training for the same cores
     if mnist_dir is not None and not os.path.isdir(mnist_dir):
@@ -223,10 +223,10 @@ def run_all(out: str, budget: str = "cpu", mnist_dir: Optional[str] = None, forc
         print("run_all: no run finished; nothing to compare.", file=sys.stderr)
         return 1
     wall = time.perf_counter() - start
-    command = " ".join(["python -m apphub_vit.run_all", "--out", out, "--budget", budget]
+    command = " ".join(["python -m apphub_vit.run_all", "--out", out_arg, "--budget", budget]
                        + (["--mnist_dir", mnist_dir] if mnist_dir else []))
-    footer = (f"Produced by `{command}` in {wall / 60:.1f} min wall time (all runs, data generation and evaluation "
-              f"included; per run: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + ")."
+    footer = (f"Produced by `{command}` in {wall / 60:.1f} min wall time (all runs with their data generation and "
+              f"evaluation; Python's start and imports, about 15 s on 2 cores, not included; per run: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + ")."
               + (f" Failed: {', '.join(failed)}." if failed else ""))
     table, _ = compare(done, out, force=force, footer=footer, warn=lambda msg: print(msg, file=sys.stderr))
     print("\n" + table)

@@ -197,3 +197,19 @@ def test_run_all_tiny_budget_end_to_end(tmp_path, capsys):
     assert run_all_main(["--out", str(tmp_path), "--budget", "tiny", "--only", "mnist_autoencoder"]) == 1
     err = capsys.readouterr().err
     assert "mnist_autoencoder" in err and "--force" in err
+
+
+@pytest.mark.parametrize("budget", ["cpu", "gpu"])
+def test_run_all_budgets_fit_the_apps_signatures(budget, tmp_path):
+    """Every run of the cpu and gpu budgets passes only arguments its app's get_estimator takes (no training here)."""
+    import importlib
+    import inspect
+
+    from apphub_vit.run_all import RUNS, make_plans
+    plans = make_plans(budget, str(tmp_path), mnist_dir=str(tmp_path), force=False, num_process=0)
+    assert [p.name for p in plans] == list(RUNS)
+    for plan in plans:
+        inspect.signature(importlib.import_module(plan.module).get_estimator).bind(**plan.kwargs)
+    by_name = {p.name: p.kwargs for p in plans}
+    budget_keys = ("epochs", "batch_size", "train_steps_per_epoch", "synthetic_size", "num_layers", "em_dim")
+    assert all(by_name["vit_finetune"].get(k) == by_name["vit_scratch"].get(k) for k in budget_keys)

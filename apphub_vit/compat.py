@@ -38,3 +38,40 @@ def patch_infinite_sampler() -> bool:
 
 
 patch_infinite_sampler()
+
+
+def restore_numpy_aliases() -> None:
+    """FastEstimator 1.7.0 (made for NumPy 1.26) uses `np.Inf` (BestModelSaver, EarlyStopping), which NumPy 2.0
+    removed. Our install pins NumPy 1.26 through FastEstimator; hosts with NumPy 2 (the GPU image) need the alias."""
+    import numpy as np
+    for name, value in (("Inf", np.inf), ("NaN", np.nan), ("NINF", -np.inf), ("PINF", np.inf)):
+        try:
+            getattr(np, name)
+        except AttributeError:
+            setattr(np, name, value)
+
+
+restore_numpy_aliases()
+
+
+def _to_number(data):
+    """`fastestimator.util.util.to_number`, also for tensors on a GPU (and bf16 ones, which numpy lacks)."""
+    if tf.is_tensor(data):
+        data = data.numpy()
+    elif isinstance(data, torch.Tensor):
+        data = data.detach()
+        data = (data.float() if data.dtype == torch.bfloat16 else data).cpu().numpy()
+    return np.array(data)
+
+
+def patch_to_number() -> None:
+    """FastEstimator's `to_number` calls `.numpy()` on torch tensors, which fails for CUDA tensors. Its own network
+    copies every output to the CPU each step to avoid that, costing a device sync per step; our `DeviceNetwork` keeps
+    training outputs on the GPU and converts them only when a trace logs them, so `to_number` must accept them. The
+    function is imported by name all over FastEstimator, so its code object is replaced in place (same globals)."""
+    from fastestimator.util import util
+    if util.to_number.__code__ is not _to_number.__code__:
+        util.to_number.__code__ = _to_number.__code__
+
+
+patch_to_number()

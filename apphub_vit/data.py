@@ -171,6 +171,14 @@ def load_cifar(num_classes: int, dataset: str, data_dir: Optional[str] = None, n
     return NumpyDataset(train), NumpyDataset(test)
 
 
+def dataset_arrays(dataset: NumpyDataset) -> Dict[str, np.ndarray]:
+    """The arrays behind a `NumpyDataset` (which keeps one dict per sample), stacked back: {"x": [N, ...], ...}."""
+    if len(dataset) == 0:
+        raise ValueError("the dataset is empty")
+    samples = [dataset[i] for i in range(len(dataset))]
+    return {key: np.stack([np.asarray(sample[key]) for sample in samples]) for key in samples[0]}
+
+
 def class_names(num_classes: int, dataset: str) -> List[str]:
     """Human-readable class names of a CIFAR-shaped task, for prediction grids and reports."""
     if dataset == "synthetic":

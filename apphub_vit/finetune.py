@@ -15,14 +15,14 @@ import torch
 
 from apphub_vit.common import resolve_save_dir
 from apphub_vit.encoder_io import load_encoder, load_encoder_state
-from apphub_vit.vit_app import build_vit_estimator
+from apphub_vit.vit_app import build_vit_estimator, model_config
 from networks.vit import ViTConfig, ViTModel
 
 _ARCH = ("num_layers", "em_dim", "num_heads", "ff_dim", "patch_size", "norm_first")
 
 
 def get_estimator(epochs: int = 1,
-                  batch_size: int = 128,
+                  batch_size: Optional[int] = None,
                   train_steps_per_epoch: Optional[int] = None,
                   eval_steps_per_epoch: Optional[int] = None,
                   save_dir: Optional[str] = None,
@@ -30,14 +30,20 @@ def get_estimator(epochs: int = 1,
                   dataset: str = "cifair10",
                   encoder_weights: Union[None, str, torch.nn.Module] = None,
                   from_scratch: bool = False,
-                  lr: float = 0.01,
+                  recipe: str = "vit",
+                  lr: Optional[float] = None,
                   num_layers: Optional[int] = None,
                   em_dim: Optional[int] = None,
                   num_heads: Optional[int] = None,
                   ff_dim: Optional[int] = None,
                   patch_size: Optional[int] = None,
-                  drop: float = 0.1,
                   norm_first: Optional[bool] = None,
+                  drop: Optional[float] = None,
+                  drop_path: Optional[float] = None,
+                  strong_augment: Optional[bool] = None,
+                  device_augment: Optional[bool] = None,
+                  precision: Optional[str] = None,
+                  compile: Optional[bool] = None,
                   overwrite: bool = False,
                   num_process: Optional[int] = None,
                   log_steps: int = 100,
@@ -46,7 +52,7 @@ def get_estimator(epochs: int = 1,
 
     Args:
         epochs: Training epochs (the apphub finetunes for 1).
-        batch_size: Images per step.
+        batch_size: Images per step (None: 512 on a GPU, 128 on a CPU).
         train_steps_per_epoch: Cap on steps per epoch (None: the whole training set).
         eval_steps_per_epoch: Cap on eval steps (None: the whole eval set).
         save_dir: Output folder (None: a new `runs/finetune-<time>`).
@@ -54,12 +60,14 @@ def get_estimator(epochs: int = 1,
         dataset: "cifair10" (real) or "synthetic" (generated, no download).
         encoder_weights: `vit_encoder.pt` from pretraining, a ViTModel checkpoint, or a model in memory.
         from_scratch: Train without pretrained weights (for comparison); excludes encoder_weights.
-        lr: SGD learning rate.
+        recipe: "vit" or "apphub", as in pretraining (see `apphub_vit.vit_app`).
+        lr: Peak learning rate (None: the recipe's, scaled linearly with batch_size).
         num_layers, em_dim, num_heads, ff_dim, patch_size, norm_first: The ViT; None takes the pretrained one's
-            (or the apphub's when from scratch).
-        drop: Dropout rate while finetuning.
+            (or the apphub's size and the recipe's norm placement when from scratch).
+        drop, drop_path: Dropout and stochastic depth while finetuning (None: the recipe's).
+        strong_augment, device_augment, precision, compile: As in `apphub_vit.pretrain.get_estimator`.
         overwrite: Replace weights an earlier run left in save_dir (otherwise the run refuses to start).
-        num_process: Pipeline worker processes (None: FastEstimator's default, one per CPU).
+        num_process: Pipeline worker processes (None: 8 on a GPU host, else FastEstimator's default).
         log_steps: Log the training loss every this many steps.
         synthetic_size: [train, eval] image counts for dataset="synthetic" (default 50,000 / 10,000).
     """
@@ -72,14 +80,14 @@ def get_estimator(epochs: int = 1,
                          "without them.")
     given = {k: v for k, v in dict(num_layers=num_layers, em_dim=em_dim, num_heads=num_heads, ff_dim=ff_dim,
                                    patch_size=patch_size, norm_first=norm_first).items() if v is not None}
-    arch = {k: v for k, v in asdict(ViTConfig()).items() if k in _ARCH}  # the apphub's
+    arch = {k: v for k, v in asdict(ViTConfig()).items() if k in _ARCH and k != "norm_first"}  # the apphub's size
     if encoder_weights is not None:
         pretrained = load_encoder_state(encoder_weights)  # reads the file once, fails fast on a bad path
         if pretrained["config"] is not None:
             arch.update({k: v for k, v in pretrained["config"].items() if k in _ARCH})
         encoder_weights = pretrained  # a dict in load_encoder's own format
     arch.update(given)
-    cfg = ViTConfig(image_size=32, num_channels=3, drop=drop, **arch)
+    cfg = model_config(recipe, arch.pop("norm_first", None), drop, drop_path, **arch)
     init = None
     if encoder_weights is not None:
         load_encoder(ViTModel.from_config(10, cfg), encoder_weights)  # a mismatch fails here, before data loads
@@ -87,8 +95,10 @@ def get_estimator(epochs: int = 1,
     return build_vit_estimator(model_name="vit_finetune", num_classes=10, dataset=dataset, data_dir=data_dir,
                                epochs=epochs, batch_size=batch_size, train_steps_per_epoch=train_steps_per_epoch,
                                eval_steps_per_epoch=eval_steps_per_epoch, save_dir=resolve_save_dir(save_dir, "finetune"),
-                               cfg=cfg, lr=lr, overwrite=overwrite, init_model=init, num_process=num_process,
-                               log_steps=log_steps, synthetic_size=synthetic_size)
+                               cfg=cfg, recipe=recipe, lr=lr, strong_augment=strong_augment,
+                               device_augment=device_augment, precision=precision, compile=compile,
+                               overwrite=overwrite, init_model=init, num_process=num_process, log_steps=log_steps,
+                               synthetic_size=synthetic_size)
 
 
 def finetune(pretrained: Union[None, str, torch.nn.Module], **kwargs) -> torch.nn.Module:

@@ -13,25 +13,30 @@ import fastestimator as fe
 import torch
 
 from apphub_vit.common import resolve_save_dir
-from apphub_vit.vit_app import build_vit_estimator
-from networks.vit import ViTConfig
+from apphub_vit.vit_app import build_vit_estimator, model_config
 
 
 def get_estimator(epochs: int = 100,
-                  batch_size: int = 128,
+                  batch_size: Optional[int] = None,
                   train_steps_per_epoch: Optional[int] = None,
                   eval_steps_per_epoch: Optional[int] = None,
                   save_dir: Optional[str] = None,
                   data_dir: Optional[str] = None,
                   dataset: str = "cifair100",
-                  lr: float = 0.01,
+                  recipe: str = "vit",
+                  lr: Optional[float] = None,
                   num_layers: int = 6,
                   em_dim: int = 256,
                   num_heads: int = 8,
                   ff_dim: int = 512,
                   patch_size: int = 4,
-                  drop: float = 0.1,
-                  norm_first: bool = False,
+                  norm_first: Optional[bool] = None,
+                  drop: Optional[float] = None,
+                  drop_path: Optional[float] = None,
+                  strong_augment: Optional[bool] = None,
+                  device_augment: Optional[bool] = None,
+                  precision: Optional[str] = None,
+                  compile: Optional[bool] = None,
                   overwrite: bool = False,
                   num_process: Optional[int] = None,
                   log_steps: int = 100,
@@ -40,26 +45,34 @@ def get_estimator(epochs: int = 100,
 
     Args:
         epochs: Training epochs.
-        batch_size: Images per step.
+        batch_size: Images per step (None: 512 on a GPU, 128 on a CPU).
         train_steps_per_epoch: Cap on steps per epoch (None: the whole training set).
         eval_steps_per_epoch: Cap on eval steps (None: the whole eval set).
         save_dir: Output folder (None: a new `runs/pretrain-<time>`).
         data_dir: A local folder with CIFAR-100 / ciFAIR-100 (see `apphub_vit.data`).
         dataset: "cifair100" (real) or "synthetic" (generated, no download).
-        lr: SGD learning rate.
-        num_layers, em_dim, num_heads, ff_dim, patch_size, drop, norm_first: The ViT (defaults: the apphub's, 3.2M).
+        recipe: "vit" (AdamW, warmup + cosine, pre-norm, strong augmentation) or "apphub" (the seed: SGD, post-norm).
+        lr: Peak learning rate (None: the recipe's, scaled linearly with batch_size).
+        num_layers, em_dim, num_heads, ff_dim, patch_size: The ViT (defaults: the apphub's, 3.2M parameters).
+        norm_first, drop, drop_path: Pre-norm, dropout, stochastic depth (None: the recipe's).
+        strong_augment: Affine + colour jitter + MixUp/CutMix after the six ops (None: the recipe's).
+        device_augment: Run the six ops batched where the model runs (default) instead of per sample in the pipeline.
+        precision: "fp32", "bf16" or "fp16" (None: bf16 on a GPU, fp32 on a CPU).
+        compile: torch.compile the model (None: on a GPU only).
         overwrite: Replace weights an earlier run left in save_dir (otherwise the run refuses to start).
-        num_process: Pipeline worker processes (None: FastEstimator's default, one per CPU).
+        num_process: Pipeline worker processes (None: 8 on a GPU host, else FastEstimator's default).
         log_steps: Log the training loss every this many steps.
         synthetic_size: [train, eval] image counts for dataset="synthetic" (default 50,000 / 10,000).
     """
-    cfg = ViTConfig(num_layers=num_layers, image_size=32, patch_size=patch_size, num_channels=3, em_dim=em_dim,
-                    num_heads=num_heads, ff_dim=ff_dim, drop=drop, norm_first=norm_first)
+    cfg = model_config(recipe, norm_first, drop, drop_path, num_layers=num_layers, patch_size=patch_size,
+                       em_dim=em_dim, num_heads=num_heads, ff_dim=ff_dim)
     return build_vit_estimator(model_name="vit_pretrain", num_classes=100, dataset=dataset, data_dir=data_dir,
                                epochs=epochs, batch_size=batch_size, train_steps_per_epoch=train_steps_per_epoch,
                                eval_steps_per_epoch=eval_steps_per_epoch, save_dir=resolve_save_dir(save_dir, "pretrain"),
-                               cfg=cfg, lr=lr, overwrite=overwrite, save_encoder=True, num_process=num_process,
-                               log_steps=log_steps, synthetic_size=synthetic_size)
+                               cfg=cfg, recipe=recipe, lr=lr, strong_augment=strong_augment,
+                               device_augment=device_augment, precision=precision, compile=compile,
+                               overwrite=overwrite, save_encoder=True, num_process=num_process, log_steps=log_steps,
+                               synthetic_size=synthetic_size)
 
 
 def pretrain(**kwargs) -> torch.nn.Module:

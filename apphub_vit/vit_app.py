@@ -1,73 +1,215 @@
 """The estimator both ViT apps build: pipeline, network, estimator, in FastEstimator's apphub order.
 
 `pretrain.py` (CIFAR-100, 100 classes, saves the encoder) and `finetune.py` (CIFAR-10, 10 classes, loads an encoder)
-differ only in the arguments they pass here.
+differ only in the arguments they pass here. Two training recipes:
+
+* ``recipe="apphub"``: the seed, FastEstimator apphub `vit_torch.py`: post-norm, dropout 0.1, SGD lr 0.01 momentum 0.9
+  weight decay 1e-4, batch 128, the six per-sample pipeline ops.
+* ``recipe="vit"`` (default): the small-data ViT recipe of DeiT (Touvron et al. 2021) and "Vision Transformer for
+  Small-Size Datasets" (Lee et al. 2021): pre-norm, no dropout, stochastic depth 0.1, AdamW weight decay 0.05, linear
+  warmup then cosine decay per step, label smoothing 0.1, and on top of the six ops per-sample affine and colour
+  jitter plus MixUp / CutMix.
+
+And the GPU path (each a flag, all on by default when a GPU is present): the six ops run batched on the GPU
+(`pipelines/batched.py`), bf16 autocast, `torch.compile`, batch 512 with the learning rate scaled to it, fewer pipeline
+workers, and `DeviceNetwork`, which removes FastEstimator's per-step device syncs (see `apphub_vit/device_network.py`).
 """
-from dataclasses import asdict
-from typing import Any, Callable, List, Optional
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Dict, List, Optional
 
 import fastestimator as fe
 import torch
 from fastestimator.op.tensorop.loss import CrossEntropy
 from fastestimator.op.tensorop.model import ModelOp, UpdateOp
+from fastestimator.schedule import cosine_decay
 from fastestimator.trace import Trace
+from fastestimator.trace.adapt import LRScheduler
 from fastestimator.trace.io import BestModelSaver
 from fastestimator.trace.metric import Accuracy
 
 from apphub_vit.common import ensure_outputs_free
-from apphub_vit.data import load_cifar
+from apphub_vit.data import dataset_arrays, load_cifar
+from apphub_vit.device_network import DeviceNetwork
 from apphub_vit.encoder_io import ENCODER_FILE, EncoderSaver
 from networks.vit import ViTConfig, ViTModel
-from pipelines.cifar import cifar_pipeline
+from pipelines.batched import BatchLoader, batched_cifar_ops
+from pipelines.cifar import CIFAR_MEAN, CIFAR_STD, cifar_pipeline
 
 
-def apphub_optimizer(lr: float = 0.01) -> Callable[[Any], torch.optim.Optimizer]:
-    """The apphub's optimizer: SGD with momentum 0.9 and weight decay 1e-4."""
-    return lambda params: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
+@dataclass(frozen=True)
+class Recipe:
+    """How to train: optimiser, schedule, regularisation and augmentation. `lr` is for a batch of `base_batch`."""
+    name: str
+    norm_first: bool
+    drop: float
+    drop_path: float
+    optimizer: str  # "sgd" or "adamw"
+    lr: float
+    base_batch: int
+    weight_decay: float
+    warmup_epochs: float  # 0: constant learning rate (the apphub's)
+    label_smoothing: float
+    strong_augment: bool
+
+
+RECIPES = {
+    "apphub": Recipe("apphub", norm_first=False, drop=0.1, drop_path=0.0, optimizer="sgd", lr=0.01, base_batch=128,
+                     weight_decay=1e-4, warmup_epochs=0, label_smoothing=0.0, strong_augment=False),
+    "vit": Recipe("vit", norm_first=True, drop=0.0, drop_path=0.1, optimizer="adamw", lr=2e-3, base_batch=512,
+                  weight_decay=0.05, warmup_epochs=10, label_smoothing=0.1, strong_augment=True),
+}
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """Where and how fast to run. None in the app arguments means: the best choice for the device found."""
+    gpu: bool
+    batch_size: int
+    device_augment: bool
+    precision: str  # "fp32", "bf16" (autocast, no loss scaling) or "fp16" (FastEstimator's mixed_precision)
+    compile: bool
+    num_process: Optional[int]
+
+
+def resolve_hardware(batch_size: Optional[int] = None, device_augment: Optional[bool] = None,
+                     precision: Optional[str] = None, compile: Optional[bool] = None,
+                     num_process: Optional[int] = None) -> Hardware:
+    gpu = torch.cuda.is_available()
+    if precision not in (None, "fp32", "bf16", "fp16"):
+        raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16', got {precision!r}")
+    if precision in ("bf16", "fp16") and not gpu:
+        raise ValueError(f"precision={precision!r} needs a CUDA GPU; none is visible. Use precision='fp32' on a CPU.")
+    if compile and not gpu:
+        print("vit_app: torch.compile is on without a GPU: the first steps will be slow while it compiles")
+    return Hardware(gpu=gpu, batch_size=batch_size or (512 if gpu else 128),
+                    device_augment=True if device_augment is None else bool(device_augment),
+                    precision=precision or ("bf16" if gpu else "fp32"), compile=gpu if compile is None else compile,
+                    num_process=num_process)  # per-sample pipeline only; None: FastEstimator's default
+
+
+def make_optimizer(recipe: Recipe, lr: float) -> Callable[[Any], torch.optim.Optimizer]:
+    if recipe.optimizer == "sgd":
+        return lambda params: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=recipe.weight_decay)
+    # fused AdamW: one kernel for all parameters on a GPU instead of a loop of small ones
+    return lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=recipe.weight_decay,
+                                            fused=torch.cuda.is_available())
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> float:
+    """Linear warmup from 0 to `peak_lr` over `warmup_steps`, then cosine decay to 0 at `total_steps`."""
+    if step <= warmup_steps:
+        return peak_lr * step / max(warmup_steps, 1)
+    return float(cosine_decay(step - warmup_steps, cycle_length=max(total_steps - warmup_steps, 1), init_lr=peak_lr,
+                              min_lr=0.0))
 
 
 def build_vit_estimator(*, model_name: str, num_classes: int, dataset: str, data_dir: Optional[str], epochs: int,
-                        batch_size: int, train_steps_per_epoch: Optional[int], eval_steps_per_epoch: Optional[int],
-                        save_dir: str, cfg: ViTConfig, lr: float, overwrite: bool,
+                        batch_size: Optional[int], train_steps_per_epoch: Optional[int],
+                        eval_steps_per_epoch: Optional[int], save_dir: str, cfg: ViTConfig, recipe: str = "vit",
+                        lr: Optional[float] = None, strong_augment: Optional[bool] = None,
+                        device_augment: Optional[bool] = None, precision: Optional[str] = None,
+                        compile: Optional[bool] = None, overwrite: bool = False,
                         init_model: Optional[Callable[[torch.nn.Module], None]] = None, save_encoder: bool = False,
                         num_process: Optional[int] = None, log_steps: int = 100,
-                        synthetic_size: Optional[List[int]] = None) -> fe.Estimator:
-    """A FastEstimator Estimator training a `ViTModel` on a CIFAR-shaped task with the apphub recipe."""
-    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if not isinstance(value, int) or value < 1:
+                        synthetic_size: Optional[List[int]] = None,
+                        extra_traces: Optional[List[Trace]] = None) -> fe.Estimator:
+    """A FastEstimator Estimator training a `ViTModel` on a CIFAR-shaped task. `cfg` should already carry the
+    recipe's norm_first / drop / drop_path (see `model_config`)."""
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {recipe!r}")
+    rec = RECIPES[recipe]
+    for name, value in (("epochs", epochs), ("batch_size", batch_size or 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    hw = resolve_hardware(batch_size, device_augment, precision, compile, num_process)
     outputs = [f"{model_name}_best_accuracy.pt"] + ([ENCODER_FILE] if save_encoder else [])
     ensure_outputs_free(save_dir, outputs, overwrite)
+    strong = rec.strong_augment if strong_augment is None else bool(strong_augment)
+    peak_lr = lr if lr is not None else rec.lr * hw.batch_size / rec.base_batch  # linear scaling rule
     sizes = {} if synthetic_size is None else {"num_train": synthetic_size[0], "num_eval": synthetic_size[1]}
 
-    # 1. pipeline
+    # 1. pipeline: per-sample NumpyOps in the workers, or (device_augment) plain uint8 batches for the batched ops
     train_data, eval_data = load_cifar(num_classes, dataset, data_dir, **sizes)
-    pipeline = cifar_pipeline(train_data, eval_data, batch_size=batch_size, num_process=num_process)
+    if hw.device_augment:
+        pipeline = fe.Pipeline(train_data=BatchLoader(dataset_arrays(train_data), hw.batch_size, shuffle=True),
+                               eval_data=BatchLoader(dataset_arrays(eval_data), hw.batch_size, shuffle=False))
+        augment_ops = batched_cifar_ops(CIFAR_MEAN, CIFAR_STD, strong=strong, num_classes=num_classes,
+                                        label_smoothing=rec.label_smoothing)
+    else:
+        if strong:
+            raise ValueError("strong_augment runs as batched ops: use device_augment=True with it, or "
+                             "strong_augment=False for the per-sample pipeline")
+        pipeline = cifar_pipeline(train_data, eval_data, batch_size=hw.batch_size, num_process=hw.num_process)
+        augment_ops = []
 
     # 2. network
     def model_fn() -> ViTModel:
         model = ViTModel.from_config(num_classes, cfg)
         if init_model is not None:
             init_model(model)
+        if hw.compile:
+            model.compile()  # in place: state_dict keys stay those of the plain model
         return model
 
-    model = fe.build(model_fn=model_fn, optimizer_fn=apphub_optimizer(lr), model_name=model_name)
-    network = fe.Network(ops=[
+    if hw.gpu:
+        torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 leftovers (optimizer, norms) on tensor cores
+    model = fe.build(model_fn=model_fn, optimizer_fn=make_optimizer(rec, peak_lr), model_name=model_name,
+                     mixed_precision=hw.precision == "fp16")
+    train_label = "y"
+    if strong:
+        train_label = "y_soft"  # written by MixUpCutMix, label smoothing included
+    elif rec.label_smoothing:
+        augment_ops.append(_LabelSmoothing(num_classes, rec.label_smoothing))
+        train_label = "y_soft"
+    network = DeviceNetwork(ops=augment_ops + [
         ModelOp(model=model, inputs="x", outputs="y_pred"),
-        CrossEntropy(inputs=("y_pred", "y"), outputs="ce", from_logits=True),
+        CrossEntropy(inputs=("y_pred", train_label), outputs="ce", from_logits=True, mode="train"),
+        CrossEntropy(inputs=("y_pred", "y"), outputs="ce", from_logits=True, mode="!train"),
         UpdateOp(model=model, loss_name="ce")
-    ])
+    ], autocast_dtype=torch.bfloat16 if hw.precision == "bf16" else None)
 
     # 3. estimator
     traces: List[Trace] = [
         Accuracy(true_key="y", pred_key="y_pred"),
         BestModelSaver(model=model, save_dir=save_dir, metric="accuracy", save_best_mode="max")
     ]
+    if rec.warmup_epochs:
+        steps_per_epoch = train_steps_per_epoch or math.ceil(len(train_data) / hw.batch_size)
+        total = steps_per_epoch * epochs
+        warmup = min(int(rec.warmup_epochs * steps_per_epoch), total // 5)  # at most a fifth of a short run
+        traces.append(LRScheduler(model=model, lr_fn=lambda step: warmup_cosine(step, total, warmup, peak_lr)))
     if save_encoder:
         traces.append(EncoderSaver(model, save_dir, overwrite=overwrite))
+    traces += extra_traces or []
     estimator = fe.Estimator(pipeline=pipeline, network=network, epochs=epochs, traces=traces,
                              train_steps_per_epoch=train_steps_per_epoch, eval_steps_per_epoch=eval_steps_per_epoch,
                              log_steps=log_steps)
     estimator.model = model  # handy for pretrain() / finetune(), which return it
-    estimator.config = {"model": asdict(cfg), "num_classes": num_classes, "dataset": dataset, "data_dir": data_dir}
+    estimator.config = {"model": asdict(cfg), "num_classes": num_classes, "dataset": dataset, "data_dir": data_dir,
+                        "recipe": asdict(rec), "hardware": asdict(hw), "lr": peak_lr, "strong_augment": strong,
+                        "epochs": epochs}
     return estimator
+
+
+def model_config(recipe: str, norm_first: Optional[bool], drop: Optional[float], drop_path: Optional[float],
+                 **arch: Any) -> ViTConfig:
+    """A `ViTConfig` whose regularisation and norm placement default to the recipe's."""
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {recipe!r}")
+    rec = RECIPES[recipe]
+    return ViTConfig(image_size=32, num_channels=3, norm_first=rec.norm_first if norm_first is None else norm_first,
+                     drop=rec.drop if drop is None else drop,
+                     drop_path=rec.drop_path if drop_path is None else drop_path, **arch)
+
+
+class _LabelSmoothing(fe.op.tensorop.TensorOp):
+    """Integer labels -> smoothed one-hot `y_soft` (used when label smoothing is on without MixUp / CutMix)."""
+    def __init__(self, num_classes: int, smoothing: float) -> None:
+        super().__init__(inputs="y", outputs="y_soft", mode="train")
+        self.num_classes, self.smoothing = num_classes, smoothing
+
+    def forward(self, data: torch.Tensor, state: Dict[str, Any]) -> torch.Tensor:
+        one_hot = torch.nn.functional.one_hot(data.long().view(-1), self.num_classes).float()
+        return one_hot * (1 - self.smoothing) + self.smoothing / self.num_classes
+

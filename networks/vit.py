@@ -113,7 +113,15 @@ class EncoderBlock(nn.Module):
         self.norm_first = norm_first
 
     def _attention(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout1(self.self_attn(x, x, x, need_weights=False)[0])
+        # The weights live in `self_attn` (an nn.MultiheadAttention, for the checkpoint keys); the computation calls
+        # scaled_dot_product_attention directly, which picks the flash / memory-efficient kernels and compiles cleanly.
+        b, n, d = x.shape
+        heads = self.self_attn.num_heads
+        qkv = F.linear(x, self.self_attn.in_proj_weight, self.self_attn.in_proj_bias)  # [B, L, 3 * D]
+        q, k, v = qkv.view(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)  # 3 x [B, heads, L, D / heads]
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.self_attn.dropout if self.training else 0.0)
+        out = out.transpose(1, 2).reshape(b, n, d)  # [B, heads, L, D / heads] -> [B, L, D]
+        return self.dropout1(self.self_attn.out_proj(out))
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout2(self.linear2(self.dropout(F.gelu(self.linear1(x)))))

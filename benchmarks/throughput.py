@@ -1,0 +1,139 @@
+"""Training throughput of the pretraining app, in one process on one machine, as a table with ratios.
+
+    python benchmarks/throughput.py                    # full-size ViT (6 layers, dim 256, patch 4), this machine
+    python benchmarks/throughput.py --size tiny        # a 2-layer dim-32 ViT: a smoke test for CI-sized machines
+
+Rows (images per second; end-to-end rows are `Estimator.fit` on CIFAR-shaped synthetic data, training steps only:
+eval is excluded and so are the first `--skip` steps of the timed epoch, where compilation and worker start-up land):
+
+1. the apphub recipe end to end: post-norm ViT, SGD, fp32, batch 128, the six per-sample pipeline ops;
+2. our path end to end: the app's defaults for this machine (on a GPU: recipe "vit" with strong augmentation,
+   batched device-side ops, bf16, torch.compile, batch 512; on a CPU: the same at batch 128 in fp32, no compile);
+3. the apphub pipeline alone (six per-sample ops, its batch), and ours (uint8 batching only, its batch);
+4. the model's training step alone (forward, backward, optimizer step) at our path's settings, with our batched
+   augmentation ops included, data already on the device.
+"""
+import argparse
+import os
+import sys
+import tempfile
+import time
+from typing import Dict, List
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import apphub_vit  # noqa: E402,F401  (FastEstimator compatibility fix)
+from fastestimator.trace import Trace  # noqa: E402
+
+from apphub_vit import pretrain  # noqa: E402
+
+SIZES = {"full": dict(num_layers=6, em_dim=256, num_heads=8, ff_dim=512, patch_size=4),
+         "tiny": dict(num_layers=2, em_dim=32, num_heads=2, ff_dim=64, patch_size=8)}
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class TrainTimer(Trace):
+    """Images/s over the training steps of the last epoch, from step `skip` on (eval excluded)."""
+    def __init__(self, batch_size: int, skip: int) -> None:
+        super().__init__(mode="train")
+        self.batch_size, self.skip = batch_size, skip
+        self.start, self.steps, self.rate = None, 0, float("nan")
+
+    def on_epoch_begin(self, data) -> None:
+        self.start, self.steps = None, 0
+
+    def on_batch_end(self, data) -> None:
+        self.steps += 1
+        if self.steps == self.skip:
+            _sync()
+            self.start = time.perf_counter()
+
+    def on_epoch_end(self, data) -> None:
+        _sync()
+        if self.start is not None:
+            self.rate = (self.steps - self.skip) * self.batch_size / (time.perf_counter() - self.start)
+
+
+def end_to_end(kwargs: Dict, batch_size: int, steps: int, skip: int, epochs: int) -> float:
+    with tempfile.TemporaryDirectory() as save_dir:
+        est = pretrain.get_estimator(dataset="synthetic", save_dir=save_dir, batch_size=batch_size, epochs=epochs,
+                                     train_steps_per_epoch=steps, eval_steps_per_epoch=1, log_steps=0,
+                                     synthetic_size=[max(steps * batch_size, 10000), 1000], **kwargs)
+        timer = TrainTimer(batch_size, skip)
+        est.system.traces.append(timer)
+        est.fit(warmup=False)
+        return timer.rate
+
+
+def pipeline_alone(kwargs: Dict, batch_size: int, steps: int) -> float:
+    with tempfile.TemporaryDirectory() as save_dir:
+        est = pretrain.get_estimator(dataset="synthetic", save_dir=save_dir, batch_size=batch_size, epochs=1,
+                                     synthetic_size=[max(steps * batch_size, 10000), 1000], **kwargs)
+        with est.pipeline(mode="train", epoch=1, steps_per_epoch=steps + 5) as loader:
+            it = iter(loader)
+            for _ in range(5):  # worker start-up
+                next(it)
+            start = time.perf_counter()
+            for _ in range(steps):
+                next(it)
+            return steps * batch_size / (time.perf_counter() - start)
+
+
+def model_step_alone(kwargs: Dict, batch_size: int, steps: int, skip: int) -> float:
+    """Our network's ops (batched augmentation, model, loss, update) on a batch already on the device."""
+    with tempfile.TemporaryDirectory() as save_dir:
+        est = pretrain.get_estimator(dataset="synthetic", save_dir=save_dir, batch_size=batch_size, epochs=1,
+                                     synthetic_size=[10000, 1000], **kwargs)
+    network = est.network
+    device = network.device
+    batch = {"x": torch.randint(0, 256, (batch_size, 32, 32, 3), dtype=torch.uint8, device=device),
+             "y": torch.randint(0, 100, (batch_size, ), dtype=torch.uint8, device=device)}
+    with network(mode="train", epoch=1, ds_id=""):
+        for i in range(skip + steps):
+            if i == skip:
+                _sync()
+                start = time.perf_counter()
+            network.run_step(dict(batch))
+        _sync()
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+def main(argv: List[str] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SIZES), default="full")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement")
+    parser.add_argument("--skip", type=int, default=None, help="untimed steps before timing (compile, start-up)")
+    args = parser.parse_args(argv)
+    gpu = torch.cuda.is_available()
+    steps = args.steps or (300 if gpu else 10)
+    skip = args.skip if args.skip is not None else (30 if gpu else 3)
+    arch = SIZES[args.size]
+    apphub = dict(recipe="apphub", device_augment=False, precision="fp32", compile=False, **arch)
+    ours = dict(**arch)  # the app's defaults for this machine
+    ours_batch = 512 if gpu else 128
+    device = torch.cuda.get_device_name() if gpu else f"CPU ({os.cpu_count()} cores)"
+    print(f"device: {device}; model: {args.size} {arch}; torch {torch.__version__}")
+
+    rows = [("apphub recipe, end to end (batch 128, fp32, per-sample ops)",
+             end_to_end(apphub, 128, steps, skip, epochs=1)),
+            (f"our path, end to end (batch {ours_batch}, app defaults for this device)",
+             end_to_end(ours, ours_batch, steps, skip, epochs=2 if gpu else 1)),
+            ("apphub pipeline alone (six per-sample ops, batch 128)", pipeline_alone(apphub, 128, steps)),
+            (f"our pipeline alone (uint8 batches, batch {ours_batch})", pipeline_alone(ours, ours_batch, steps)),
+            (f"our model step alone (augment + fwd + bwd + update, batch {ours_batch})",
+             model_step_alone(ours, ours_batch, steps, skip))]
+    base = rows[0][1]
+    width = max(len(name) for name, _ in rows)
+    print(f"\n| {'what'.ljust(width)} | images/s | vs apphub end to end |")
+    print(f"| {'-' * width} | -------: | -------------------: |")
+    for name, rate in rows:
+        print(f"| {name.ljust(width)} | {rate:8,.0f} | {rate / base:19.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

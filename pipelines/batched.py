@@ -1,0 +1,260 @@
+"""The apphub CIFAR ops as batched FastEstimator TensorOps, run where the model runs (the GPU when there is one).
+
+Per-sample NumpyOps in pipeline workers cap the apphub recipe at the CPU's speed (about 7,000 images/s at batch 128 on
+16 cores, see ../shared/gpu/README.md). These ops do the same transformations on a whole uint8 batch in a few GPU
+kernels, with per-sample randomness identical in distribution to the albumentations versions FastEstimator wraps:
+
+| per-sample op (pipelines/cifar.py)         | here                                  | randomness per image                  |
+| ------------------------------------------ | ------------------------------------- | ------------------------------------- |
+| Normalize(mean, std)                       | Normalize                             | none                                  |
+| PadIfNeeded(40, 40) (cv2 BORDER_REFLECT_101) | PadIfNeeded (torch "reflect" = the same) | none                               |
+| RandomCrop(32, 32)                         | RandomCrop                            | offsets uniform in 0..8 (inclusive)   |
+| Sometimes(HorizontalFlip)                  | HorizontalFlip(prob=0.5)              | flip with probability 0.5             |
+| CoarseDropout(max_holes=1) (8x8, fill 0)   | CoarseDropout                         | top-left uniform in 0..24 (inclusive) |
+| ChannelTranspose (HWC -> CHW)              | ChannelTranspose (NHWC -> NCHW)       | none                                  |
+
+ChannelTranspose runs first here (the ops commute with it) so the rest work on NCHW, torch's layout.
+`RandomAffine`, `ColorJitter` and `MixUpCutMix` are the stronger augmentation of the "vit" recipe (RandAugment-like
+geometry and colour, Zhang et al. 2018 mixup, Yun et al. 2019 CutMix), also batched and per-sample.
+"""
+import math
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from fastestimator.op.tensorop import TensorOp
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+
+Mode = Union[None, str, Iterable[str]]
+
+
+class ChannelTranspose(TensorOp):
+    """[B, H, W, C] -> [B, C, H, W] (a view; no copy)."""
+    def __init__(self, inputs: str, outputs: str, mode: Mode = None) -> None:
+        super().__init__(inputs=inputs, outputs=outputs, mode=mode)
+
+    def forward(self, data: torch.Tensor, state: Dict[str, Any]) -> torch.Tensor:
+        return data.permute(0, 3, 1, 2)  # NHWC -> NCHW
+
+
+class Normalize(TensorOp):
+    """uint8 (or float in 0..255) -> float32 `(x / 255 - mean) / std`, per channel, on [B, C, H, W]."""
+    def __init__(self, inputs: str, outputs: str, mean: Sequence[float], std: Sequence[float],
+                 mode: Mode = None) -> None:
+        super().__init__(inputs=inputs, outputs=outputs, mode=mode)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self._cache: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def forward(self, data: torch.Tensor, state: Dict[str, Any]) -> torch.Tensor:
+        if data.device not in self._cache:  # made once per device, not every step
+            mean = torch.tensor(self.mean, device=data.device).view(1, -1, 1, 1) * 255
+            std = torch.tensor(self.std, device=data.device).view(1, -1, 1, 1) * 255
+            self._cache[data.device] = (mean, 1 / std)
+        mean, inv_std = self._cache[data.device]
+        return (data.float() - mean) * inv_std
+
+
+class PadIfNeeded(TensorOp):
+    """Pad [B, C, H, W] to at least min_height x min_width, centred, mirroring without the edge (cv2 REFLECT_101)."""
+    def __init__(self, inputs: str, outputs: str, min_height: int, min_width: int, mode: Mode = None) -> None:
+        super().__init__(inputs=inputs, outputs=outputs, mode=mode)
+        self.min_height, self.min_width = min_height, min_width
+
+    def forward(self, data: torch.Tensor, state: Dict[str, Any]) -> torch.Tensor:
+        pad_h, pad_w = max(self.min_height - data.shape[-2], 0), max(self.min_width - data.shape[-1], 0)
+        if not pad_h and not pad_w:
+            return data
+        # albumentations puts the odd pixel at the bottom / right.
+        return F.pad(data, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), mode="reflect")
+
+
+def _window(offsets: torch.Tensor, size: int) -> torch.Tensor:
+    """[B] start offsets -> [B, size] indices."""
+    return offsets[:, None] + torch.arange(size, device=offsets.device)
+
+
+class RandomCrop(TensorOp):
+    """A height x width crop of [B, C, H, W] at an independent uniform position per image."""
+    def __init__(self, inputs: str, outputs: str, height: int, width: int, mode: Mode = None) -> None:
+        super().__init__(inputs=inputs, outputs=outputs, mode=mode)
+        self.height, self.width = height, width
+
+    def forward(self, data: torch.Tensor, state: Dict[str, Any]) -> torch.Tensor:
+        b, c, h, w = data.shape
+        rows = _window(torch.randint(0, h - self.height + 1, (b, ), device=data.device), self.height)  # [B, h]
+        cols = _window(torch.randint(0, w - self.width + 1, (b, ), device=data.device), self.width)  # [B, w]
+        batch = torch.arange(b, device=data.device)[:, None, None, None]
+        channel = torch.arange(c, device=data.device)[None, :, None, None]
+        return data[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]  # [B, C, h, w]
+
+
+class HorizontalFlip(TensorOp):
+    """Mirror each image left-right with probability `prob` (the apphub's Sometimes(HorizontalFlip) at 0.5)."""
+    def __init__(self, inputs: str, outputs: str, prob: float = 0.5, mode: Mode = None) -> None:
+        super().__init__(inputs=inputs, outputs=outputs, mode=mode)
+        self.prob = prob
+
+    def forward(self, data: torch.Tensor, state: Dict[str, Any]) -> torch.Tensor:
+        flip = torch.rand(data.shape[0], 1, 1, 1, device=data.device) < self.prob
+        return torch.where(flip, data.flip(-1), data)
+
+
+class CoarseDropout(TensorOp):
+    """Fill `max_holes` max_height x max_width rectangles per image with `fill_value` (albumentations' CoarseDropout
+    with its defaults min = max: exactly that many holes of exactly that size, fully inside the image)."""
+    def __init__(self, inputs: str, outputs: str, max_holes: int = 8, max_height: int = 8, max_width: int = 8,
+                 fill_value: float = 0.0, mode: Mode = None) -> None:
+        super().__init__(inputs=inputs, outputs=outputs, mode=mode)
+        self.max_holes, self.max_height, self.max_width, self.fill_value = max_holes, max_height, max_width, fill_value
+
+    def forward(self, data: torch.Tensor, state: Dict[str, Any]) -> torch.Tensor:
+        b, _, h, w = data.shape
+        ys = torch.arange(h, device=data.device).view(1, h, 1)
+        xs = torch.arange(w, device=data.device).view(1, 1, w)
+        hole = torch.zeros(b, h, w, dtype=torch.bool, device=data.device)
+        for _ in range(self.max_holes):
+            y1 = torch.randint(0, h - self.max_height + 1, (b, 1, 1), device=data.device)
+            x1 = torch.randint(0, w - self.max_width + 1, (b, 1, 1), device=data.device)
+            hole |= (ys >= y1) & (ys < y1 + self.max_height) & (xs >= x1) & (xs < x1 + self.max_width)
+        return data.masked_fill(hole[:, None], self.fill_value)
+
+
+class RandomAffine(TensorOp):
+    """Per-image random rotation, shear, scale and translation in one `grid_sample` (reflection padding)."""
+    def __init__(self, inputs: str, outputs: str, degrees: float = 15.0, shear: float = 10.0,
+                 scale: Tuple[float, float] = (0.9, 1.1), translate: float = 0.1, prob: float = 0.8,
+                 mode: Mode = None) -> None:
+        super().__init__(inputs=inputs, outputs=outputs, mode=mode)
+        self.degrees, self.shear, self.scale, self.translate, self.prob = degrees, shear, scale, translate, prob
+
+    def forward(self, data: torch.Tensor, state: Dict[str, Any]) -> torch.Tensor:
+        b, dev = data.shape[0], data.device
+
+        def uniform(low: float, high: float) -> torch.Tensor:
+            return torch.empty(b, device=dev).uniform_(low, high)
+
+        on = (torch.rand(b, device=dev) < self.prob).float()  # the rest keep the identity transform
+        angle = uniform(-self.degrees, self.degrees) * (math.pi / 180) * on
+        shear = uniform(-self.shear, self.shear) * (math.pi / 180) * on
+        scale = 1 + (uniform(*self.scale) - 1) * on
+        tx, ty = uniform(-self.translate, self.translate) * 2 * on, uniform(-self.translate, self.translate) * 2 * on
+        cos, sin, tan = torch.cos(angle), torch.sin(angle), torch.tan(shear)
+        theta = torch.stack([
+            torch.stack([cos / scale, (-sin + cos * tan) / scale, tx], -1),
+            torch.stack([sin / scale, (cos + sin * tan) / scale, ty], -1)
+        ], 1)  # [B, 2, 3]: output pixel -> input pixel, in [-1, 1] coordinates
+        grid = F.affine_grid(theta.to(data.dtype), list(data.shape), align_corners=False)
+        return F.grid_sample(data, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+class ColorJitter(TensorOp):
+    """Per-image random brightness, contrast and saturation on normalised [B, 3, H, W] images."""
+    def __init__(self, inputs: str, outputs: str, strength: float = 0.3, prob: float = 0.8,
+                 mode: Mode = None) -> None:
+        super().__init__(inputs=inputs, outputs=outputs, mode=mode)
+        self.strength, self.prob = strength, prob
+
+    def forward(self, data: torch.Tensor, state: Dict[str, Any]) -> torch.Tensor:
+        b, dev = data.shape[0], data.device
+        on = (torch.rand(b, 1, 1, 1, device=dev) < self.prob).to(data.dtype)
+
+        def factor() -> torch.Tensor:
+            return 1 + torch.empty(b, 1, 1, 1, device=dev).uniform_(-self.strength, self.strength) * on
+
+        grey = data.mean(1, keepdim=True)  # [B, 1, H, W]
+        data = grey + (data - grey) * factor()  # saturation
+        mean = data.mean((1, 2, 3), keepdim=True)
+        data = mean + (data - mean) * factor()  # contrast
+        return data + (factor() - 1)  # brightness (a shift, in normalised units)
+
+
+class MixUpCutMix(TensorOp):
+    """Mix each batch with its reversal, by MixUp (Zhang et al. 2018) or CutMix (Yun et al. 2019), half of the batches
+    each, and turn integer labels into the matching soft labels (with label smoothing). Inputs (x, y) -> (x, y_soft).
+    """
+    def __init__(self, inputs: Sequence[str], outputs: Sequence[str], num_classes: int, alpha: float = 1.0,
+                 label_smoothing: float = 0.1, prob: float = 0.8, mode: Mode = "train") -> None:
+        super().__init__(inputs=inputs, outputs=outputs, mode=mode)
+        self.num_classes, self.label_smoothing, self.prob = num_classes, label_smoothing, prob
+        self.beta = torch.distributions.Beta(alpha, alpha)
+        self.in_list, self.out_list = True, True
+
+    def forward(self, data: List[torch.Tensor], state: Dict[str, Any]) -> List[torch.Tensor]:
+        x, y = data
+        off = self.label_smoothing / self.num_classes
+        soft = F.one_hot(y.long().view(-1), self.num_classes).to(x.dtype) * (1 - self.label_smoothing) + off
+        # The choices below are host-side random numbers: no device sync, and one decision per batch as in timm.
+        draw = torch.rand(4).tolist()
+        if draw[0] >= self.prob:
+            return [x, soft]
+        lam = float(self.beta.sample())
+        if draw[1] < 0.5:  # MixUp
+            return [lam * x + (1 - lam) * x.flip(0), lam * soft + (1 - lam) * soft.flip(0)]
+        h, w = x.shape[-2:]  # CutMix: a box of area (1 - lam), clipped at the border
+        cut_h, cut_w = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
+        cy, cx = int(draw[2] * h), int(draw[3] * w)
+        y1, y2 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
+        x1, x2 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
+        x = x.clone()
+        x[..., y1:y2, x1:x2] = x.flip(0)[..., y1:y2, x1:x2]
+        lam = 1 - (y2 - y1) * (x2 - x1) / (h * w)  # the area actually kept
+        return [x, lam * soft + (1 - lam) * soft.flip(0)]
+
+
+class _ArrayBatches(Dataset):
+    """In-memory arrays indexed by a whole list of sample indices at once: one gather per batch."""
+    def __init__(self, arrays: Dict[str, np.ndarray]) -> None:
+        self.arrays = {key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in arrays.items()}
+        self.length = len(next(iter(self.arrays.values())))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, indices: List[int]) -> Dict[str, torch.Tensor]:
+        index = torch.as_tensor(indices)
+        return {key: value[index] for key, value in self.arrays.items()}
+
+
+class BatchLoader(DataLoader):
+    """A DataLoader of whole batches of raw arrays (uint8 images, labels), for `fe.Pipeline(train_data=...)`.
+
+    FastEstimator's own loader builds each batch from per-sample dicts in worker processes: about 10,000 images/s with
+    8 workers on the GPU host even with no ops, a third of what the GPU trains at. When the ops run batched on the
+    device there is nothing left to do per sample, so this loader gathers each batch with one indexing operation in
+    the main process (pinned, for asynchronous copies) and needs no workers at all.
+    """
+    def __init__(self, arrays: Dict[str, np.ndarray], batch_size: int, shuffle: bool, drop_last: bool = False) -> None:
+        dataset = _ArrayBatches(arrays)
+        order = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
+        super().__init__(dataset, sampler=BatchSampler(order, batch_size, drop_last), batch_size=None,
+                         pin_memory=torch.cuda.is_available())
+        self.images_per_batch = batch_size
+
+    def get_batch_size(self) -> int:
+        """FastEstimator's Estimator counts eval steps as len(loader) / get_batch_size(); len() here already counts
+        batches, so this answers 1 (use `images_per_batch` for the real size)."""
+        return 1
+
+
+def batched_cifar_ops(mean: Sequence[float], std: Sequence[float], image_key: str = "x", augment: bool = True,
+                      strong: bool = False, label_key: str = "y", num_classes: Optional[int] = None,
+                      label_smoothing: float = 0.0) -> List[TensorOp]:
+    """The six apphub ops as batched TensorOps (augmenting ops in train mode only), optionally followed by the strong
+    augmentation of the "vit" recipe, which writes soft labels to `<label_key>_soft` in train mode."""
+    k = image_key
+    ops: List[TensorOp] = [ChannelTranspose(k, k), Normalize(k, k, mean=mean, std=std)]
+    if augment:
+        ops += [
+            PadIfNeeded(k, k, min_height=40, min_width=40, mode="train"),
+            RandomCrop(k, k, height=32, width=32, mode="train"),
+            HorizontalFlip(k, k, prob=0.5, mode="train"),
+            CoarseDropout(k, k, max_holes=1, mode="train"),
+        ]
+    if strong:
+        if num_classes is None:
+            raise ValueError("strong augmentation mixes labels: pass num_classes")
+        ops[4:4] = [RandomAffine(k, k, mode="train"), ColorJitter(k, k, mode="train")]  # before flip and dropout
+        ops.append(MixUpCutMix((k, label_key), (k, f"{label_key}_soft"), num_classes=num_classes,
+                               label_smoothing=label_smoothing, mode="train"))
+    return ops

@@ -1,0 +1,135 @@
+"""pipelines/batched.py: the batched ops give the per-sample apphub ops' results, in distribution where random."""
+import numpy as np
+import pytest
+import torch
+from fastestimator.op.numpyop.multivariate import HorizontalFlip as NpFlip
+from fastestimator.op.numpyop.multivariate import PadIfNeeded as NpPad
+from fastestimator.op.numpyop.multivariate import RandomCrop as NpCrop
+from fastestimator.op.numpyop.univariate import CoarseDropout as NpDropout
+
+from pipelines.batched import (BatchLoader, CoarseDropout, HorizontalFlip, MixUpCutMix, PadIfNeeded, RandomAffine,
+                               RandomCrop, batched_cifar_ops)
+from pipelines.cifar import CIFAR_MEAN, CIFAR_STD, cifar_ops
+
+N = 2000  # samples per distribution check
+
+
+def _np(op, image):
+    """Run a per-sample FastEstimator NumpyOp on one HWC image."""
+    out = op.forward([image] if op.in_list else image, {})
+    return out[0] if op.out_list else out
+
+
+def _coded(n=1, h=32, w=32):
+    """Images whose pixel value encodes its position (row * 100 + col, same in every channel): [n, 3, h, w]."""
+    code = (np.arange(h)[:, None] * 100 + np.arange(w)[None, :]).astype(np.float32)
+    return torch.tensor(np.broadcast_to(code, (n, 3, h, w)).copy())
+
+
+def _offsets(crops):
+    """Top-left (row, col) in the 40x40 padded image of 32x32 crops of `_coded` images (padded with reflection)."""
+    return [(int(c[0, 0, 0]) // 100, int(c[0, 0, 0]) % 100) for c in crops]
+
+
+def test_eval_ops_match_the_per_sample_pipeline_exactly():
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    expected = image
+    for op in cifar_ops(augment=False):
+        expected = _np(op, expected)
+    x = torch.tensor(image[None])
+    for op in batched_cifar_ops(CIFAR_MEAN, CIFAR_STD, augment=False):
+        x = op.forward(x, {})
+    np.testing.assert_allclose(x[0].numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_padding_is_albumentations_reflect_101():
+    image = np.random.default_rng(1).normal(size=(32, 32, 3)).astype(np.float32)
+    expected = _np(NpPad(min_height=40, min_width=40, image_in="x", image_out="x"), image)
+    padded = PadIfNeeded("x", "x", min_height=40, min_width=40).forward(torch.tensor(image).permute(2, 0, 1)[None], {})
+    np.testing.assert_array_equal(padded[0].permute(1, 2, 0).numpy(), expected)
+
+
+def test_crop_offsets_have_the_per_sample_distribution():
+    padded = _coded(h=40, w=40)  # code the padded image directly, so every offset is readable
+    ours = _offsets(RandomCrop("x", "x", 32, 32).forward(padded.expand(N, -1, -1, -1).contiguous(), {}))
+    theirs = _offsets([torch.tensor(_np(NpCrop(32, 32, image_in="x", image_out="x"),
+                                        padded[0].permute(1, 2, 0).numpy())).permute(2, 0, 1) for _ in range(N)])
+    for offsets in (ours, theirs):
+        rows, cols = np.array(offsets).T
+        assert set(rows) == set(cols) == set(range(9))  # 0..8 inclusive
+        counts = np.bincount(rows * 9 + cols, minlength=81)
+        assert counts.min() > N / 81 * 0.3 and counts.max() < N / 81 * 2.0  # roughly uniform over the 81 offsets
+
+
+def test_flip_probability_is_one_half_like_sometimes_horizontal_flip():
+    x = _coded(N)
+    flipped = HorizontalFlip("x", "x").forward(x, {})
+    ours = (flipped[:, 0, 0, 0] != 0).float().mean().item()  # pixel (0, 0) holds 0 unless mirrored
+    assert torch.equal(flipped[flipped[:, 0, 0, 0] != 0], x[flipped[:, 0, 0, 0] != 0].flip(-1))
+    from fastestimator.op.numpyop.meta import Sometimes
+    op = Sometimes(NpFlip(image_in="x", image_out="x"))
+    image = x[0].permute(1, 2, 0).numpy()
+    theirs = np.mean([_np(op, image)[0, 0, 0] != 0 for _ in range(N)])
+    assert abs(ours - 0.5) < 0.05 and abs(theirs - 0.5) < 0.05
+
+
+def _holes(images):
+    """(top, left, height, width) of the zero region of each [C, H, W] image (codes are never 0 except (0, 0))."""
+    out = []
+    for img in images:
+        zero = (img[0] == 0)
+        zero[0, 0] = zero[0, 0] and bool(zero[0, 1] or zero[1, 0])  # pixel (0, 0) codes as 0 itself
+        rows, cols = np.nonzero(np.asarray(zero))
+        out.append((rows.min(), cols.min(), rows.max() - rows.min() + 1, cols.max() - cols.min() + 1, zero.sum()))
+    return out
+
+
+def test_coarse_dropout_has_the_per_sample_distribution():
+    x = _coded(N) + 1  # no zero pixels of their own
+    ours = _holes(CoarseDropout("x", "x", max_holes=1).forward(x, {}).numpy())
+    op = NpDropout(inputs="x", outputs="x", max_holes=1)
+    theirs = _holes([_np(op, x[0].permute(1, 2, 0).numpy()).transpose(2, 0, 1) for _ in range(N)])
+    for holes in (ours, theirs):
+        tops, lefts, heights, widths, areas = np.array(holes).T
+        assert set(heights) == set(widths) == {8} and set(areas) == {64}  # exactly one 8x8 hole
+        assert set(tops) == set(lefts) == set(range(25))  # anywhere fully inside: 0..24
+        assert abs(tops.mean() - 12) < 1 and abs(lefts.mean() - 12) < 1
+
+
+def test_strong_augmentation_keeps_shapes_and_soft_labels_sum_to_one():
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (64, 32, 32, 3), dtype=torch.uint8)
+    y = torch.randint(0, 10, (64, ), dtype=torch.uint8)
+    data = {"x": x, "y": y}
+    for _ in range(5):  # MixUp, CutMix and no mixing are chosen at random per batch
+        batch = dict(data)
+        for op in batched_cifar_ops(CIFAR_MEAN, CIFAR_STD, strong=True, num_classes=10, label_smoothing=0.1):
+            inputs = [batch[k] for k in op.inputs]
+            out = op.forward(inputs if op.in_list else inputs[0], {})
+            for k, v in zip(op.outputs, out if op.out_list else [out]):
+                batch[k] = v
+        assert batch["x"].shape == (64, 3, 32, 32) and torch.isfinite(batch["x"]).all()
+        assert batch["y_soft"].shape == (64, 10)
+        torch.testing.assert_close(batch["y_soft"].sum(1), torch.ones(64))
+        assert batch["y_soft"].min() >= 0.01 - 1e-6  # label smoothing: 0.1 / 10 everywhere at least
+
+
+def test_affine_with_probability_zero_is_the_identity():
+    x = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(RandomAffine("x", "x", prob=0.0).forward(x, {}), x, atol=1e-5, rtol=1e-5)
+
+
+def test_mixup_cutmix_needs_num_classes():
+    with pytest.raises(ValueError, match="num_classes"):
+        batched_cifar_ops(CIFAR_MEAN, CIFAR_STD, strong=True)
+    assert MixUpCutMix(("x", "y"), ("x", "y_soft"), num_classes=3).mode == {"train"}
+
+
+def test_batch_loader_yields_whole_shuffled_batches_of_every_sample():
+    arrays = {"x": np.arange(10)[:, None].repeat(3, 1).astype(np.uint8), "y": np.arange(10)}
+    loader = BatchLoader(arrays, batch_size=4, shuffle=True)
+    batches = list(loader)
+    assert [len(b["y"]) for b in batches] == [4, 4, 2] and len(loader) == 3
+    assert sorted(torch.cat([b["y"] for b in batches]).tolist()) == list(range(10))
+    assert all(torch.equal(b["x"][:, 0].long(), b["y"]) for b in batches)  # rows stay together
+    assert [b["y"].tolist() for b in BatchLoader(arrays, 4, shuffle=False)][0] == [0, 1, 2, 3]

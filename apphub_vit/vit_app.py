@@ -33,7 +33,7 @@ from apphub_vit.data import dataset_arrays, load_cifar
 from apphub_vit.device_network import DeviceNetwork
 from apphub_vit.encoder_io import ENCODER_FILE, EncoderSaver
 from networks.vit import ViTConfig, ViTModel
-from pipelines.batched import BatchLoader, batched_cifar_ops
+from pipelines.batched import BatchLoader, batched_cifar_ops, smooth_one_hot
 from pipelines.cifar import CIFAR_MEAN, CIFAR_STD, cifar_pipeline
 
 
@@ -129,10 +129,12 @@ def build_vit_estimator(*, model_name: str, num_classes: int, dataset: str, data
     peak_lr = lr if lr is not None else rec.lr * hw.batch_size / rec.base_batch  # linear scaling rule
     sizes = {} if synthetic_size is None else {"num_train": synthetic_size[0], "num_eval": synthetic_size[1]}
 
-    # 1. pipeline: per-sample NumpyOps in the workers, or (device_augment) plain uint8 batches for the batched ops
+    # 1. pipeline: per-sample NumpyOps in the workers, or (device_augment) uint8 batches gathered on the device for
+    #    the batched ops; full batches only in training (one compiled shape, every step the same size)
     train_data, eval_data = load_cifar(num_classes, dataset, data_dir, **sizes)
     if hw.device_augment:
-        pipeline = fe.Pipeline(train_data=BatchLoader(dataset_arrays(train_data), hw.batch_size, shuffle=True),
+        pipeline = fe.Pipeline(train_data=BatchLoader(dataset_arrays(train_data), hw.batch_size, shuffle=True,
+                                                      drop_last=True),
                                eval_data=BatchLoader(dataset_arrays(eval_data), hw.batch_size, shuffle=False))
         augment_ops = batched_cifar_ops(CIFAR_MEAN, CIFAR_STD, strong=strong, num_classes=num_classes,
                                         label_smoothing=rec.label_smoothing)
@@ -175,7 +177,7 @@ def build_vit_estimator(*, model_name: str, num_classes: int, dataset: str, data
         BestModelSaver(model=model, save_dir=save_dir, metric="accuracy", save_best_mode="max")
     ]
     if rec.warmup_epochs:
-        steps_per_epoch = train_steps_per_epoch or math.ceil(len(train_data) / hw.batch_size)
+        steps_per_epoch = train_steps_per_epoch or len(train_data) // hw.batch_size
         total = steps_per_epoch * epochs
         warmup = min(int(rec.warmup_epochs * steps_per_epoch), total // 5)  # at most a fifth of a short run
         traces.append(LRScheduler(model=model, lr_fn=lambda step: warmup_cosine(step, total, warmup, peak_lr)))
@@ -210,6 +212,5 @@ class _LabelSmoothing(fe.op.tensorop.TensorOp):
         self.num_classes, self.smoothing = num_classes, smoothing
 
     def forward(self, data: torch.Tensor, state: Dict[str, Any]) -> torch.Tensor:
-        one_hot = torch.nn.functional.one_hot(data.long().view(-1), self.num_classes).float()
-        return one_hot * (1 - self.smoothing) + self.smoothing / self.num_classes
+        return smooth_one_hot(data, self.num_classes, self.smoothing, torch.float32)
 

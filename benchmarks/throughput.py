@@ -39,9 +39,9 @@ def _sync() -> None:
 
 class TrainTimer(Trace):
     """Images/s over the training steps of the last epoch, from step `skip` on (eval excluded)."""
-    def __init__(self, batch_size: int, skip: int) -> None:
+    def __init__(self, batch_size: int, skip: int, sync_debug: bool = False) -> None:
         super().__init__(mode="train")
-        self.batch_size, self.skip = batch_size, skip
+        self.batch_size, self.skip, self.sync_debug = batch_size, skip, sync_debug and torch.cuda.is_available()
         self.start, self.steps, self.rate = None, 0, float("nan")
 
     def on_epoch_begin(self, data) -> None:
@@ -52,28 +52,40 @@ class TrainTimer(Trace):
         if self.steps == self.skip:
             _sync()
             self.start = time.perf_counter()
+            if self.sync_debug:  # warn (with the stack) at every op that waits for the GPU from here on
+                torch.cuda.set_sync_debug_mode("warn")
 
     def on_epoch_end(self, data) -> None:
+        if self.sync_debug:
+            torch.cuda.set_sync_debug_mode("default")
         _sync()
         if self.start is not None:
             self.rate = (self.steps - self.skip) * self.batch_size / (time.perf_counter() - self.start)
 
 
-def end_to_end(kwargs: Dict, batch_size: int, steps: int, skip: int, epochs: int) -> float:
+def end_to_end(kwargs: Dict, batch_size: int, steps: int, skip: int, epochs: int, profile: bool = False,
+               sync_debug: bool = False) -> float:
     with tempfile.TemporaryDirectory() as save_dir:
         est = pretrain.get_estimator(dataset="synthetic", save_dir=save_dir, batch_size=batch_size, epochs=epochs,
                                      train_steps_per_epoch=steps, eval_steps_per_epoch=1, log_steps=0,
-                                     synthetic_size=[max(steps * batch_size, 10000), 1000], **kwargs)
-        timer = TrainTimer(batch_size, skip)
+                                     synthetic_size=[(steps + 1) * batch_size, 1000], **kwargs)
+        timer = TrainTimer(batch_size, skip, sync_debug)
         est.system.traces.append(timer)
-        est.fit(warmup=False)
+        if not profile:
+            est.fit(warmup=False)
+            return timer.rate
+        import cProfile
+        import pstats
+        prof = cProfile.Profile()
+        prof.runcall(est.fit, warmup=False)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
         return timer.rate
 
 
 def pipeline_alone(kwargs: Dict, batch_size: int, steps: int) -> float:
     with tempfile.TemporaryDirectory() as save_dir:
         est = pretrain.get_estimator(dataset="synthetic", save_dir=save_dir, batch_size=batch_size, epochs=1,
-                                     synthetic_size=[max(steps * batch_size, 10000), 1000], **kwargs)
+                                     synthetic_size=[(steps + 6) * batch_size, 1000], **kwargs)
         with est.pipeline(mode="train", epoch=1, steps_per_epoch=steps + 5) as loader:
             it = iter(loader)
             for _ in range(5):  # worker start-up
@@ -108,6 +120,8 @@ def main(argv: List[str] = None) -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="full")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement")
     parser.add_argument("--skip", type=int, default=None, help="untimed steps before timing (compile, start-up)")
+    parser.add_argument("--profile", action="store_true", help="cProfile our end-to-end run (host time per function)")
+    parser.add_argument("--sync_debug", action="store_true", help="report every host-device sync in our timed steps")
     args = parser.parse_args(argv)
     gpu = torch.cuda.is_available()
     steps = args.steps or (300 if gpu else 10)
@@ -119,14 +133,24 @@ def main(argv: List[str] = None) -> None:
     device = torch.cuda.get_device_name() if gpu else f"CPU ({os.cpu_count()} cores)"
     print(f"device: {device}; model: {args.size} {arch}; torch {torch.__version__}")
 
-    rows = [("apphub recipe, end to end (batch 128, fp32, per-sample ops)",
-             end_to_end(apphub, 128, steps, skip, epochs=1)),
-            (f"our path, end to end (batch {ours_batch}, app defaults for this device)",
-             end_to_end(ours, ours_batch, steps, skip, epochs=2 if gpu else 1)),
-            ("apphub pipeline alone (six per-sample ops, batch 128)", pipeline_alone(apphub, 128, steps)),
-            (f"our pipeline alone (uint8 batches, batch {ours_batch})", pipeline_alone(ours, ours_batch, steps)),
-            (f"our model step alone (augment + fwd + bwd + update, batch {ours_batch})",
-             model_step_alone(ours, ours_batch, steps, skip))]
+    measurements = [
+        ("apphub recipe, end to end (batch 128, fp32, per-sample ops)",
+         lambda: end_to_end(apphub, 128, steps, skip, epochs=1)),
+        (f"our path, end to end (batch {ours_batch}, app defaults for this device)",
+         lambda: end_to_end(ours, ours_batch, steps, skip, epochs=2 if gpu else 1, profile=args.profile,
+                            sync_debug=args.sync_debug)),
+        (f"our path without strong augmentation, end to end (batch {ours_batch})",
+         lambda: end_to_end(dict(ours, strong_augment=False), ours_batch, steps, skip, epochs=2 if gpu else 1)),
+        ("apphub pipeline alone (six per-sample ops, batch 128)", lambda: pipeline_alone(apphub, 128, steps)),
+        (f"our pipeline alone (uint8 batches gathered on the device, batch {ours_batch})",
+         lambda: pipeline_alone(ours, ours_batch, steps)),
+        (f"our model step alone (augment + fwd + bwd + update, batch {ours_batch})",
+         lambda: model_step_alone(ours, ours_batch, steps, skip)),
+    ]
+    rows = []
+    for name, measure in measurements:
+        rows.append((name, measure()))
+        print(f"MEASURED {name}: {rows[-1][1]:,.0f} images/s", flush=True)  # as soon as known, in case a later row fails
     base = rows[0][1]
     width = max(len(name) for name, _ in rows)
     print(f"\n| {'what'.ljust(width)} | images/s | vs apphub end to end |")

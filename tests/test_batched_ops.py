@@ -127,9 +127,12 @@ def test_mixup_cutmix_needs_num_classes():
 
 def test_batch_loader_yields_whole_shuffled_batches_of_every_sample():
     arrays = {"x": np.arange(10)[:, None].repeat(3, 1).astype(np.uint8), "y": np.arange(10)}
-    loader = BatchLoader(arrays, batch_size=4, shuffle=True)
+    loader = BatchLoader(arrays, batch_size=4, shuffle=True, device=torch.device("cpu"))
     batches = list(loader)
     assert [len(b["y"]) for b in batches] == [4, 4, 2] and len(loader) == 3
     assert sorted(torch.cat([b["y"] for b in batches]).tolist()) == list(range(10))
     assert all(torch.equal(b["x"][:, 0].long(), b["y"]) for b in batches)  # rows stay together
     assert [b["y"].tolist() for b in BatchLoader(arrays, 4, shuffle=False)][0] == [0, 1, 2, 3]
+    assert [b["y"].tolist() for b in BatchLoader(arrays, 4, shuffle=False)] != [b["y"].tolist() for b in batches]
+    dropped = BatchLoader(arrays, batch_size=4, shuffle=True, drop_last=True)
+    assert len(dropped) == 2 and [len(b["y"]) for b in dropped] == [4, 4]

@@ -1,0 +1,133 @@
+"""An MNIST autoencoder with a 3-dimensional code, as FastEstimator ops.
+
+The classic fully connected autoencoder (Hinton & Salakhutdinov 2006, in the small form of the Keras and PyTorch
+autoencoder tutorials): 784 -> 128 -> 3 -> 128 -> 784 with ReLU hidden layers, trained to reconstruct its input with
+the mean squared error and Adam 1e-3. Encoder and decoder are separate models, each a ModelOp with its own UpdateOp on
+the same reconstruction loss, so the encoder can be saved and used alone: its 3-d code is an embedding of the digit
+that a user can plot (the run writes the eval set's codes and labels to `mnist_codes.npz`).
+
+    fastestimator train apphub_vit/autoencoder.py --data_dir ../shared/data/mnist
+    fastestimator train apphub_vit/autoencoder.py --dataset synthetic --epochs 2
+
+The eval log's `mse` is the reconstruction loss on unseen digits (pixels in [0, 1]).
+"""
+import os
+from typing import List, Optional
+
+import fastestimator as fe
+import numpy as np
+from fastestimator.op.tensorop.loss import MeanSquaredError
+from fastestimator.op.tensorop.model import ModelOp, UpdateOp
+from fastestimator.trace import Trace
+from fastestimator.trace.io import BestModelSaver
+from fastestimator.util.data import Data
+from fastestimator.util.util import to_number
+
+from apphub_vit.common import ensure_outputs_free, resolve_save_dir
+from apphub_vit.mnist_data import load_mnist
+from networks.baselines import MnistDecoder, MnistEncoder
+from pipelines.mnist import mnist_pipeline
+
+CODES_FILE = "mnist_codes.npz"
+
+
+class CodeRecorder(Trace):
+    """Keeps the eval set's codes and labels of the latest eval epoch and writes them to `save_dir/mnist_codes.npz`
+    at the end of the run ({"code": [N, 3], "y": [N]}), ready for a 3-d scatter plot."""
+    def __init__(self, code_key: str, label_key: str, save_dir: str) -> None:
+        super().__init__(inputs=[code_key, label_key], mode="eval")
+        self.path = os.path.join(save_dir, CODES_FILE)
+        self.codes: List[np.ndarray] = []
+        self.labels: List[np.ndarray] = []
+
+    def on_epoch_begin(self, data: Data) -> None:
+        self.codes, self.labels = [], []
+
+    def on_batch_end(self, data: Data) -> None:
+        self.codes.append(to_number(data[self.inputs[0]]))
+        self.labels.append(to_number(data[self.inputs[1]]))
+
+    def on_end(self, data: Data) -> None:
+        if self.codes:
+            np.savez(self.path, code=np.concatenate(self.codes), y=np.concatenate(self.labels))
+            print(f"FastEstimator-CodeRecorder: saved {sum(len(c) for c in self.codes)} codes to {self.path}")
+
+
+def get_estimator(epochs: int = 10,
+                  batch_size: int = 128,
+                  train_steps_per_epoch: Optional[int] = None,
+                  eval_steps_per_epoch: Optional[int] = None,
+                  save_dir: Optional[str] = None,
+                  data_dir: Optional[str] = None,
+                  dataset: str = "mnist",
+                  lr: float = 1e-3,
+                  code_dim: int = 3,
+                  hidden: int = 128,
+                  overwrite: bool = False,
+                  num_process: Optional[int] = None,
+                  log_steps: int = 100,
+                  synthetic_size: Optional[List[int]] = None) -> fe.Estimator:
+    """The MNIST autoencoder Estimator.
+
+    Args:
+        epochs: Training epochs.
+        batch_size: Images per step.
+        train_steps_per_epoch: Cap on steps per epoch (None: the whole training set).
+        eval_steps_per_epoch: Cap on eval steps (None: the whole eval set).
+        save_dir: Output folder (None: a new `runs/autoencoder-<time>`).
+        data_dir: A local folder with MNIST IDX files or mnist.npz (see `apphub_vit.mnist_data`).
+        dataset: "mnist" (real digits) or "synthetic" (rendered digits, no download).
+        lr: Adam learning rate (for both models).
+        code_dim: Size of the code (the embedding); 3 in the recipe.
+        hidden: Width of the hidden layers; 128 in the recipe.
+        overwrite: Replace outputs an earlier run left in save_dir (otherwise the run refuses to start).
+        num_process: Pipeline worker processes (None: FastEstimator's default, one per CPU; 0: in the main process).
+        log_steps: Log the training loss every this many steps.
+        synthetic_size: [train, eval] image counts for dataset="synthetic" (default 8,000 / 2,000).
+    """
+    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("code_dim", code_dim), ("hidden", hidden)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    save_dir = resolve_save_dir(save_dir, "autoencoder")
+    ensure_outputs_free(save_dir, ["mnist_encoder_best_mse.pt", "mnist_decoder_best_mse.pt", CODES_FILE], overwrite)
+    sizes = {} if synthetic_size is None else {"num_train": synthetic_size[0], "num_eval": synthetic_size[1]}
+
+    # 1. pipeline: x is [784] floats in [0, 1], both the input and the reconstruction target
+    train_data, eval_data = load_mnist(dataset, data_dir, **sizes)
+    pipeline = mnist_pipeline(train_data, eval_data, batch_size=batch_size, flat=True, num_process=num_process)
+
+    # 2. network
+    encoder = fe.build(model_fn=lambda: MnistEncoder(code_dim, hidden), optimizer_fn=lambda p: _adam(p, lr),
+                       model_name="mnist_encoder")
+    decoder = fe.build(model_fn=lambda: MnistDecoder(code_dim, hidden), optimizer_fn=lambda p: _adam(p, lr),
+                       model_name="mnist_decoder")
+    network = fe.Network(ops=[
+        ModelOp(model=encoder, inputs="x", outputs="code"),
+        ModelOp(model=decoder, inputs="code", outputs="x_hat"),
+        MeanSquaredError(inputs=("x_hat", "x"), outputs="mse"),
+        # Two optimizers on one loss: the same update as one Adam over both models, but each model is its own
+        # FastEstimator model (saved, loaded and reused separately).
+        UpdateOp(model=encoder, loss_name="mse"),
+        UpdateOp(model=decoder, loss_name="mse"),
+    ])
+
+    # 3. estimator
+    traces = [
+        BestModelSaver(model=encoder, save_dir=save_dir, metric="mse", save_best_mode="min"),
+        BestModelSaver(model=decoder, save_dir=save_dir, metric="mse", save_best_mode="min"),
+        CodeRecorder("code", "y", save_dir),
+    ]
+    estimator = fe.Estimator(pipeline=pipeline, network=network, epochs=epochs, traces=traces,
+                             train_steps_per_epoch=train_steps_per_epoch, eval_steps_per_epoch=eval_steps_per_epoch,
+                             log_steps=log_steps)
+    estimator.encoder, estimator.decoder = encoder, decoder
+    return estimator
+
+
+def _adam(params, lr: float):
+    import torch
+    return torch.optim.Adam(params, lr=lr)
+
+
+if __name__ == "__main__":
+    get_estimator().fit()

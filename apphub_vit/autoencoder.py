@@ -25,6 +25,7 @@ from fastestimator.util.util import to_number
 
 from apphub_vit.common import ensure_outputs_free, resolve_save_dir
 from apphub_vit.mnist_data import load_mnist
+from apphub_vit.records import RECORD_FILE, RunRecorder
 from networks.baselines import MnistDecoder, MnistEncoder
 from pipelines.mnist import mnist_pipeline
 
@@ -89,7 +90,8 @@ def get_estimator(epochs: int = 10,
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     save_dir = resolve_save_dir(save_dir, "autoencoder")
-    ensure_outputs_free(save_dir, ["mnist_encoder_best_mse.pt", "mnist_decoder_best_mse.pt", CODES_FILE], overwrite)
+    ensure_outputs_free(save_dir, ["mnist_encoder_best_mse.pt", "mnist_decoder_best_mse.pt", CODES_FILE, RECORD_FILE],
+                        overwrite)
     sizes = {} if synthetic_size is None else {"num_train": synthetic_size[0], "num_eval": synthetic_size[1]}
 
     # 1. pipeline: x is [784] floats in [0, 1], both the input and the reconstruction target
@@ -116,6 +118,10 @@ def get_estimator(epochs: int = 10,
         BestModelSaver(model=encoder, save_dir=save_dir, metric="mse", save_best_mode="min"),
         BestModelSaver(model=decoder, save_dir=save_dir, metric="mse", save_best_mode="min"),
         CodeRecorder("code", "y", save_dir),
+        RunRecorder("mnist_autoencoder", save_dir, "MNIST" if dataset == "mnist" else "synthetic digits",
+                    hparams=dict(data_dir=data_dir, epochs=epochs, batch_size=batch_size, lr=lr, code_dim=code_dim,
+                                 hidden=hidden, synthetic_size=synthetic_size),
+                    models=[encoder, decoder], overwrite=overwrite)
     ]
     estimator = fe.Estimator(pipeline=pipeline, network=network, epochs=epochs, traces=traces,
                              train_steps_per_epoch=train_steps_per_epoch, eval_steps_per_epoch=eval_steps_per_epoch,

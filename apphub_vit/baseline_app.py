@@ -14,6 +14,7 @@ from fastestimator.trace.metric import Accuracy
 from apphub_vit.common import ensure_outputs_free
 from apphub_vit.data import class_names, load_cifar
 from apphub_vit.prediction_grid import GRID_FILE, PredictionGrid
+from apphub_vit.records import RECORD_FILE, RunRecorder
 from networks.baselines import adam_on_trainable, count_parameters
 from pipelines.imagenet import IMAGENET_MEAN, IMAGENET_STD, imagenet_pipeline
 
@@ -28,7 +29,7 @@ def build_classifier_estimator(*, model_name: str, model_fn: Callable[[], torch.
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    ensure_outputs_free(save_dir, [f"{model_name}_best_accuracy.pt", GRID_FILE], overwrite)
+    ensure_outputs_free(save_dir, [f"{model_name}_best_accuracy.pt", GRID_FILE, RECORD_FILE], overwrite)
     sizes = {} if synthetic_size is None else {"num_train": synthetic_size[0], "num_eval": synthetic_size[1]}
     # Build the model before loading data: missing weights should fail in seconds, not after reading CIFAR.
     model = fe.build(model_fn=model_fn, optimizer_fn=adam_on_trainable(lr), model_name=model_name)
@@ -52,7 +53,11 @@ def build_classifier_estimator(*, model_name: str, model_fn: Callable[[], torch.
         Accuracy(true_key="y", pred_key="y_pred"),
         BestModelSaver(model=model, save_dir=save_dir, metric="accuracy", save_best_mode="max"),
         PredictionGrid("x", "y", "y_pred", class_names(num_classes, dataset), save_dir, n=grid_size,
-                       mean=IMAGENET_MEAN, std=IMAGENET_STD)
+                       mean=IMAGENET_MEAN, std=IMAGENET_STD),
+        RunRecorder(model_name, save_dir, f"synthetic CIFAR-{num_classes}" if dataset == "synthetic" else dataset,
+                    hparams=dict(num_classes=num_classes, data_dir=data_dir, epochs=epochs, batch_size=batch_size,
+                                 lr=lr, image_size=image_size, augment=augment, synthetic_size=synthetic_size),
+                    models=[model], overwrite=overwrite)
     ]
     estimator = fe.Estimator(pipeline=pipeline, network=network, epochs=epochs, traces=traces,
                              train_steps_per_epoch=train_steps_per_epoch, eval_steps_per_epoch=eval_steps_per_epoch,

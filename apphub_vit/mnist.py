@@ -25,6 +25,7 @@ from fastestimator.trace.metric import Accuracy
 from apphub_vit.common import ensure_outputs_free, resolve_save_dir
 from apphub_vit.mnist_data import MNIST_MEAN, MNIST_STD, load_mnist, mnist_class_names
 from apphub_vit.prediction_grid import GRID_FILE, PredictionGrid
+from apphub_vit.records import RECORD_FILE, RunRecorder
 from networks.vit import ViTConfig, ViTModel
 from pipelines.mnist import mnist_pipeline
 
@@ -76,7 +77,7 @@ def get_estimator(epochs: int = 15,
     cfg = ViTConfig(num_layers=num_layers, image_size=28, patch_size=patch_size, num_channels=1, em_dim=em_dim,
                     num_heads=num_heads, ff_dim=ff_dim, drop=drop)  # fails fast on e.g. a patch size not dividing 28
     save_dir = resolve_save_dir(save_dir, "mnist")
-    ensure_outputs_free(save_dir, [f"{MODEL_NAME}_best_accuracy.pt", GRID_FILE], overwrite)
+    ensure_outputs_free(save_dir, [f"{MODEL_NAME}_best_accuracy.pt", GRID_FILE, RECORD_FILE], overwrite)
     sizes = {} if synthetic_size is None else {"num_train": synthetic_size[0], "num_eval": synthetic_size[1]}
 
     # 1. pipeline
@@ -97,7 +98,11 @@ def get_estimator(epochs: int = 15,
     traces = [
         Accuracy(true_key="y", pred_key="y_pred"),
         BestModelSaver(model=model, save_dir=save_dir, metric="accuracy", save_best_mode="max"),
-        PredictionGrid("x", "y", "y_pred", mnist_class_names(), save_dir, n=grid_size, mean=MNIST_MEAN, std=MNIST_STD)
+        PredictionGrid("x", "y", "y_pred", mnist_class_names(), save_dir, n=grid_size, mean=MNIST_MEAN, std=MNIST_STD),
+        RunRecorder(MODEL_NAME, save_dir, "MNIST" if dataset == "mnist" else "synthetic digits",
+                    hparams=dict(model=cfg.__dict__.copy(), data_dir=data_dir, epochs=epochs, batch_size=batch_size,
+                                 lr=lr, weight_decay=weight_decay, synthetic_size=synthetic_size),
+                    models=[model], overwrite=overwrite)
     ]
     estimator = fe.Estimator(pipeline=pipeline, network=network, epochs=epochs, traces=traces,
                              train_steps_per_epoch=train_steps_per_epoch, eval_steps_per_epoch=eval_steps_per_epoch,

@@ -61,19 +61,19 @@ BUDGETS: Dict[str, Dict[str, Dict[str, Any]]] = {
                         patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, trainable_blocks=1,
                         synthetic_size=[32, 16]),
     },
-    "cpu": {
-        "vit": dict(num_layers=3, em_dim=96, num_heads=4, ff_dim=192, patch_size=4),
-        "vit_pretrain": dict(epochs=4, batch_size=64, train_steps_per_epoch=100, eval_steps_per_epoch=16,
+    "cpu": {  # about 10 minutes on an idle 2-core CPU (2.4 GHz EPYC); much longer when other jobs share the cores
+        "vit": dict(num_layers=2, em_dim=64, num_heads=4, ff_dim=128, patch_size=4),
+        "vit_pretrain": dict(epochs=12, batch_size=64, train_steps_per_epoch=300, eval_steps_per_epoch=16,
+                             synthetic_size=[19200, 1024]),
+        "vit_transfer": dict(epochs=6, batch_size=64, train_steps_per_epoch=100, eval_steps_per_epoch=16,
                              synthetic_size=[6400, 1024]),
-        "vit_transfer": dict(epochs=3, batch_size=64, train_steps_per_epoch=25, eval_steps_per_epoch=16,
-                             synthetic_size=[1600, 1024]),
-        "mnist_vit": dict(epochs=2, batch_size=128),  # the recipe's model; 8,000 train / 2,000 eval digits
-        "mnist_autoencoder": dict(epochs=5, batch_size=128),
-        "resnet18": dict(epochs=2, batch_size=32, train_steps_per_epoch=25, eval_steps_per_epoch=16, image_size=32,
-                         synthetic_size=[1600, 512]),
-        "vit_b16": dict(epochs=2, batch_size=64, train_steps_per_epoch=25, eval_steps_per_epoch=16, image_size=32,
+        "mnist_vit": dict(epochs=4, batch_size=128),  # the recipe's model; 8,000 train / 2,000 eval digits
+        "mnist_autoencoder": dict(epochs=10, batch_size=128),
+        "resnet18": dict(epochs=4, batch_size=32, train_steps_per_epoch=40, eval_steps_per_epoch=16, image_size=32,
+                         synthetic_size=[2560, 512]),
+        "vit_b16": dict(epochs=4, batch_size=64, train_steps_per_epoch=40, eval_steps_per_epoch=16, image_size=32,
                         patch_size=4, num_layers=6, num_heads=4, hidden_dim=96, mlp_dim=192, trainable_blocks=3,
-                        synthetic_size=[3200, 1024]),
+                        synthetic_size=[2560, 1024]),
     },
     "gpu": {
         "vit": dict(),  # the apps' defaults: the apphub's 6 layers, dim 256, patch 4 (3.2M parameters)

@@ -40,6 +40,41 @@ def patch_infinite_sampler() -> bool:
 patch_infinite_sampler()
 
 
+class _InfiniteIterator:
+    """One pass-through iterator over an InfiniteSampler. `iter()` of it is itself, as for any Python iterator."""
+    def __init__(self, sampler) -> None:
+        self.sampler = sampler
+
+    def __iter__(self) -> "_InfiniteIterator":
+        return self
+
+    def __next__(self):
+        return self.sampler.__next__()
+
+
+def patch_infinite_sampler_iter() -> bool:
+    """FastEstimator 1.7.0's InfiniteSampler is its own iterator, and its `__iter__` restarts it: index 0, a fresh
+    shuffle. Newer torch `BatchSampler` (seen with 2.11 and 2.14.1; 2.3.1 looped instead) builds each batch with
+    `itertools.islice(sampler_iter, batch_size)`, and islice calls `iter()` on what it is given, so every batch
+    restarted the sampler: without shuffling (evaluation) each batch was the first `batch_size` samples again, and
+    training batches were independent draws instead of epochs. `iter(sampler)` now does the restart once and returns
+    an iterator whose own `__iter__` does not. Returns True if a patch was applied."""
+    from fastestimator.dataset.dataloader import InfiniteSampler
+    if getattr(InfiniteSampler.__iter__, "_apphub_vit_patched", False):
+        return False
+    restart = InfiniteSampler.__iter__  # resets index and order, returns the sampler itself
+
+    def __iter__(self) -> _InfiniteIterator:
+        return _InfiniteIterator(restart(self))
+
+    __iter__._apphub_vit_patched = True
+    InfiniteSampler.__iter__ = __iter__
+    return True
+
+
+patch_infinite_sampler_iter()
+
+
 def restore_numpy_aliases() -> None:
     """FastEstimator 1.7.0 (made for NumPy 1.26) uses `np.Inf` (BestModelSaver, EarlyStopping), which NumPy 2.0
     removed. Our install pins NumPy 1.26 through FastEstimator; hosts with NumPy 2 (the GPU image) need the alias."""

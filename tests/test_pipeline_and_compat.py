@@ -59,3 +59,22 @@ def test_sampler_fix_makes_fit_possible_on_current_torch():
     import torch
     if tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 6):
         assert "UNPATCHED-FAILS" in out.stdout
+
+
+def test_batches_of_the_infinite_sampler_walk_through_the_data():
+    """FastEstimator's InfiniteSampler under torch's BatchSampler: consecutive batches continue where the last one
+    stopped (without the iteration fix every batch restarted at sample 0 when not shuffling)."""
+    from fastestimator.dataset.dataloader import InfiniteSampler
+    from torch.utils.data import BatchSampler
+    batches = iter(BatchSampler(InfiniteSampler(list(range(10)), shuffle=False), batch_size=4, drop_last=False))
+    assert [next(batches) for _ in range(3)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 1]]
+    shuffled = iter(BatchSampler(InfiniteSampler(list(range(12)), shuffle=True), batch_size=4, drop_last=False))
+    assert sorted(sum((next(shuffled) for _ in range(3)), [])) == list(range(12))  # an epoch: each sample once
+
+
+def test_eval_sees_every_sample_once_through_the_per_sample_pipeline():
+    train, test = load_cifar(10, "synthetic", num_train=32, num_eval=24)
+    pipeline = cifar_pipeline(train, test, batch_size=8, num_process=0)
+    with pipeline(mode="eval") as loader:
+        labels = [int(y) for batch in loader for y in batch["y"]]
+    assert labels == [int(test[i]["y"]) for i in range(24)]

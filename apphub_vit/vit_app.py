@@ -29,9 +29,11 @@ from fastestimator.trace.io import BestModelSaver
 from fastestimator.trace.metric import Accuracy
 
 from apphub_vit.common import ensure_outputs_free
-from apphub_vit.data import dataset_arrays, load_cifar
+from apphub_vit.data import class_names, dataset_arrays, load_cifar
 from apphub_vit.device_network import DeviceNetwork
 from apphub_vit.encoder_io import ENCODER_FILE, EncoderSaver
+from apphub_vit.prediction_grid import GRID_FILE, PredictionGrid
+from apphub_vit.records import RECORD_FILE, RunRecorder
 from networks.vit import ViTConfig, ViTModel
 from pipelines.batched import BatchLoader, batched_cifar_ops, smooth_one_hot
 from pipelines.cifar import CIFAR_MEAN, CIFAR_STD, cifar_pipeline
@@ -112,8 +114,7 @@ def build_vit_estimator(*, model_name: str, num_classes: int, dataset: str, data
                         compile: Optional[bool] = None, overwrite: bool = False,
                         init_model: Optional[Callable[[torch.nn.Module], None]] = None, save_encoder: bool = False,
                         num_process: Optional[int] = None, log_steps: int = 100,
-                        synthetic_size: Optional[List[int]] = None,
-                        extra_traces: Optional[List[Trace]] = None) -> fe.Estimator:
+                        synthetic_size: Optional[List[int]] = None) -> fe.Estimator:
     """A FastEstimator Estimator training a `ViTModel` on a CIFAR-shaped task. `cfg` should already carry the
     recipe's norm_first / drop / drop_path (see `model_config`)."""
     if recipe not in RECIPES:
@@ -123,7 +124,7 @@ def build_vit_estimator(*, model_name: str, num_classes: int, dataset: str, data
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     hw = resolve_hardware(batch_size, device_augment, precision, compile, num_process)
-    outputs = [f"{model_name}_best_accuracy.pt"] + ([ENCODER_FILE] if save_encoder else [])
+    outputs = [f"{model_name}_best_accuracy.pt", GRID_FILE, RECORD_FILE] + ([ENCODER_FILE] if save_encoder else [])
     ensure_outputs_free(save_dir, outputs, overwrite)
     strong = rec.strong_augment if strong_augment is None else bool(strong_augment)
     peak_lr = lr if lr is not None else rec.lr * hw.batch_size / rec.base_batch  # linear scaling rule
@@ -183,14 +184,21 @@ def build_vit_estimator(*, model_name: str, num_classes: int, dataset: str, data
         traces.append(LRScheduler(model=model, lr_fn=lambda step: warmup_cosine(step, total, warmup, peak_lr)))
     if save_encoder:
         traces.append(EncoderSaver(model, save_dir, overwrite=overwrite))
-    traces += extra_traces or []
+    config = {"model": asdict(cfg), "num_classes": num_classes, "dataset": dataset, "data_dir": data_dir,
+              "recipe": asdict(rec), "hardware": asdict(hw), "lr": peak_lr, "strong_augment": strong, "epochs": epochs,
+              "synthetic_size": synthetic_size}
+    traces += [
+        # eval images as the model sees them: normalised, channels first, in both pipeline paths
+        PredictionGrid("x", "y", "y_pred", class_names(num_classes, dataset), save_dir, mean=CIFAR_MEAN,
+                       std=CIFAR_STD, channels_first=True),
+        RunRecorder(model_name, save_dir, f"synthetic CIFAR-{num_classes}" if dataset == "synthetic" else dataset,
+                    hparams=config, models=[model], overwrite=overwrite)
+    ]
     estimator = fe.Estimator(pipeline=pipeline, network=network, epochs=epochs, traces=traces,
                              train_steps_per_epoch=train_steps_per_epoch, eval_steps_per_epoch=eval_steps_per_epoch,
                              log_steps=log_steps)
     estimator.model = model  # handy for pretrain() / finetune(), which return it
-    estimator.config = {"model": asdict(cfg), "num_classes": num_classes, "dataset": dataset, "data_dir": data_dir,
-                        "recipe": asdict(rec), "hardware": asdict(hw), "lr": peak_lr, "strong_augment": strong,
-                        "epochs": epochs}
+    estimator.config = config
     return estimator
 
 

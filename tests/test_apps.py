@@ -8,6 +8,8 @@ import torch
 from apphub_vit import finetune as finetune_app
 from apphub_vit import pretrain as pretrain_app
 from apphub_vit.encoder_io import ENCODER_FILE, EncoderMismatchError, load_encoder_state
+from apphub_vit.prediction_grid import GRID_FILE
+from apphub_vit.records import RECORD_FILE, read_record
 from networks.vit import ViTModel
 from tests.conftest import REPO, TINY_RUN, TINY_VIT, cli_env, fastestimator_cmd, shared_path
 
@@ -45,6 +47,9 @@ def test_command_line_pretrain_then_finetune(tmp_path):
 def test_pretrain_returns_the_trained_100_class_model_and_saves_its_encoder(pretrained):
     model, save_dir = pretrained
     assert isinstance(model, ViTModel) and model.linear_classifier.out_features == 100
+    # the prediction grid and the run record of every app run
+    assert (save_dir / GRID_FILE).read_bytes().startswith(b"\x89PNG")
+    assert read_record(str(save_dir / RECORD_FILE))["dataset"] == "synthetic CIFAR-100"
     saved = load_encoder_state(str(save_dir / ENCODER_FILE))
     assert saved["config"]["em_dim"] == 32
     for key, value in model.vit_encoder.state_dict().items():

@@ -49,7 +49,7 @@ def test_table_rows_png_and_printed_table(runs_dir, tmp_path, capsys):
     rows = rows_by_run(out)
     assert list(rows) == ["vit", "ae"]  # one row per run, in the order given
     vit, ae = record_of(runs_dir, "vit"), record_of(runs_dir, "ae")
-    assert rows["vit"]["app"] == "vit_pretrain" and rows["vit"]["dataset"] == "synthetic"
+    assert rows["vit"]["app"] == "vit_pretrain" and rows["vit"]["dataset"] == "synthetic CIFAR-100"
     assert rows["vit"]["epochs"] == "2"
     assert rows["vit"]["best acc"] == f"{100 * vit['best_accuracy']:.2f}%"
     assert rows["vit"]["final acc"] == f"{100 * vit['final_accuracy']:.2f}%"
@@ -62,7 +62,7 @@ def test_table_rows_png_and_printed_table(runs_dir, tmp_path, capsys):
     assert rows["ae"]["final loss"] == f"{ae['final_loss']:.4f} (mse)"
     png = (out / "comparison.png").read_bytes()
     assert png.startswith(PNG_MAGIC) and len(png) > 10_000
-    assert "| vit | vit_pretrain | synthetic | 2 |" in stdout  # the table is printed too
+    assert "| vit | vit_pretrain | synthetic CIFAR-100 | 2 |" in stdout  # the table is printed too
 
 
 def test_folder_of_run_folders(runs_dir, tmp_path, capsys):
@@ -149,7 +149,7 @@ def test_different_metrics_and_missing_fields_give_blanks(runs_dir, tmp_path, ca
 
 def test_rows_from_python_api(runs_dir):
     rows = table_rows(load_runs([str(runs_dir / "vit"), str(runs_dir / "ae")]))
-    assert [row[:3] for row in rows] == [["vit", "vit_pretrain", "synthetic"], ["ae", "tiny_autoencoder", "random"]]
+    assert [row[:3] for row in rows] == [["vit", "vit_pretrain", "synthetic CIFAR-100"], ["ae", "tiny_autoencoder", "random"]]
 
 
 def test_never_overwrites_outputs_without_force(runs_dir, tmp_path, capsys):

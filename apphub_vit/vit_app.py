@@ -138,7 +138,7 @@ def build_vit_estimator(*, model_name: str, num_classes: int, dataset: str, data
                                                       drop_last=True),
                                eval_data=BatchLoader(dataset_arrays(eval_data), hw.batch_size, shuffle=False))
         augment_ops = batched_cifar_ops(CIFAR_MEAN, CIFAR_STD, strong=strong, num_classes=num_classes,
-                                        label_smoothing=rec.label_smoothing)
+                                        label_smoothing=rec.label_smoothing, fuse=True, compile=hw.compile)
     else:
         if strong:
             raise ValueError("strong_augment runs as batched ops: use device_augment=True with it, or "

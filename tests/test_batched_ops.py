@@ -136,3 +136,45 @@ def test_batch_loader_yields_whole_shuffled_batches_of_every_sample():
     assert [b["y"].tolist() for b in BatchLoader(arrays, 4, shuffle=False)] != [b["y"].tolist() for b in batches]
     dropped = BatchLoader(arrays, batch_size=4, shuffle=True, drop_last=True)
     assert len(dropped) == 2 and [len(b["y"]) for b in dropped] == [4, 4]
+
+
+def _apply(ops, batch, mode):
+    batch = dict(batch)
+    for op in ops:
+        if op.mode and mode not in op.mode:
+            continue
+        inputs = [batch[k] for k in op.inputs]
+        out = op.forward(inputs if op.in_list else inputs[0], {})
+        for k, v in zip(op.outputs, out if op.out_list else [out]):
+            batch[k] = v
+    return batch
+
+
+@pytest.mark.parametrize("strong", [False, True])
+def test_fused_ops_give_the_same_images_as_the_separate_ops(strong):
+    """fuse=True (what the apps run) is the same chain: identical outputs from the same random state, per mode."""
+    x = torch.randint(0, 256, (32, 32, 32, 3), dtype=torch.uint8)
+    batch = {"x": x, "y": torch.randint(0, 10, (32, ))}
+    kwargs = dict(strong=strong, num_classes=10, label_smoothing=0.1)
+    separate = batched_cifar_ops(CIFAR_MEAN, CIFAR_STD, **kwargs)
+    fused = batched_cifar_ops(CIFAR_MEAN, CIFAR_STD, fuse=True, **kwargs)
+    assert type(fused[0]).__name__ == "FusedImageOps" and fused[0].mode == {"train"}
+    for mode in ("train", "eval"):
+        torch.manual_seed(1)
+        want = _apply(separate, batch, mode)
+        torch.manual_seed(1)
+        got = _apply(fused, batch, mode)
+        assert set(got) == set(want)
+        for key in want:
+            torch.testing.assert_close(got[key], want[key])
+    assert not torch.equal(_apply(fused, batch, "train")["x"], _apply(fused, batch, "eval")["x"])  # augmented
+
+
+def test_fused_ops_compile_on_cpu():
+    """The compiled chain (the GPU default) runs and keeps shapes and value range; compile is exercised on CPU."""
+    pytest.importorskip("torch._inductor")
+    fused = batched_cifar_ops(CIFAR_MEAN, CIFAR_STD, fuse=True, compile=True)[0]
+    x = torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8)
+    out = fused.forward(x, {})
+    assert out.shape == (8, 3, 32, 32) and out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert (out == 0).any()  # the CoarseDropout hole survives compilation

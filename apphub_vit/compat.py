@@ -10,7 +10,9 @@ the `data_source` argument, so FastEstimator's own code runs unchanged. It is ap
 which covers both `fastestimator train apphub_vit/...` and Python calls, and is a no-op on a torch whose `Sampler`
 still takes `data_source`. Remove it once FastEstimator drops that call.
 """
+import contextlib
 import inspect
+from typing import Iterator
 
 from torch.utils.data import Sampler
 
@@ -68,11 +70,25 @@ def patch_infinite_sampler_iter() -> bool:
         return _InfiniteIterator(restart(self))
 
     __iter__._apphub_vit_patched = True
+    __iter__.unpatched = restart  # FastEstimator's own, for benchmarks that measure the app as shipped
     InfiniteSampler.__iter__ = __iter__
     return True
 
 
 patch_infinite_sampler_iter()
+
+
+@contextlib.contextmanager
+def fastestimator_sampler_as_shipped() -> Iterator[None]:
+    """Inside this block FastEstimator's InfiniteSampler restarts at every batch again, as FastEstimator 1.7.0 does on
+    current torch without our fix: only for measuring what the fix changes (benchmarks/throughput.py)."""
+    from fastestimator.dataset.dataloader import InfiniteSampler
+    patched = InfiniteSampler.__iter__
+    InfiniteSampler.__iter__ = getattr(patched, "unpatched", patched)
+    try:
+        yield
+    finally:
+        InfiniteSampler.__iter__ = patched
 
 
 def restore_numpy_aliases() -> None:

@@ -8,6 +8,10 @@ texture phase and pixel noise. The labels are real functions of the picture, so 
 * ``num_classes=10`` (the finetuning stand-in for CIFAR-10): label = shape; the texture is a nuisance drawn at random,
   with a different seed and a wider size range.
 
+No two classes are the same picture up to a rotation (shapes are drawn at any angle: no square-and-diamond or
+plus-and-x pairs) or a horizontal flip (the training recipes flip: no diagonal-and-anti-diagonal pair), so every class
+can be told apart in principle, with the augmentation on.
+
 Both variants share the same visual primitives, so an encoder pretrained on the 100-class task has learned features
 (shape outlines, textures) that the 10-class task needs: transfer can help, as from CIFAR-100 to CIFAR-10.
 Generation is seeded and deterministic (the same arguments give the same bytes) and vectorised in numpy.
@@ -16,9 +20,9 @@ from typing import Callable, Dict, Tuple
 
 import numpy as np
 
-SHAPES = ("disk", "ring", "square", "triangle", "x-cross", "plus", "frame", "diamond", "crescent", "two-dots")
-TEXTURES = ("flat", "h-grating", "v-grating", "diagonal", "anti-diagonal", "checker", "fine-grating", "circles",
-            "gradient", "dots")
+SHAPES = ("disk", "ring", "square", "triangle", "bar", "plus", "frame", "half-disk", "crescent", "two-dots")
+TEXTURES = ("flat", "h-grating", "v-grating", "diagonal", "grid", "checker", "fine-grating", "circles", "gradient",
+            "dots")
 SYNTHETIC_100_CLASSES = tuple(f"{s}/{t}" for s in SHAPES for t in TEXTURES)
 SYNTHETIC_10_CLASSES = SHAPES
 
@@ -31,10 +35,10 @@ _SHAPE_FNS: Tuple[Callable[[np.ndarray, np.ndarray], np.ndarray], ...] = (
     lambda u, v: (u**2 + v**2 < 1.0) & (u**2 + v**2 > 0.35),
     lambda u, v: np.maximum(abs(u), abs(v)) < 0.8,
     lambda u, v: (v > -0.6) & (v < 1.0 - 1.9 * abs(u)),
-    lambda u, v: (np.minimum(abs(u - v), abs(u + v)) < 0.35) & (np.maximum(abs(u), abs(v)) < 0.9),
+    lambda u, v: (abs(u) < 1.0) & (abs(v) < 0.3),
     lambda u, v: (np.minimum(abs(u), abs(v)) < 0.25) & (np.maximum(abs(u), abs(v)) < 0.95),
     lambda u, v: (np.maximum(abs(u), abs(v)) < 0.9) & (np.maximum(abs(u), abs(v)) > 0.5),
-    lambda u, v: abs(u) + abs(v) < 1.0,
+    lambda u, v: (u**2 + v**2 < 1.0) & (v > -0.1),
     lambda u, v: (u**2 + v**2 < 1.0) & ((u - 0.55)**2 + v**2 > 0.55),
     lambda u, v: ((u - 0.55)**2 + v**2 < 0.2) | ((u + 0.55)**2 + v**2 < 0.2),
 )
@@ -51,10 +55,11 @@ def _texture(kind: int, n: int, rng: np.random.Generator) -> np.ndarray:
         return 0.5 + 0.5 * np.sin(0.8 * freq * y + phase)
     if kind == 2:
         return 0.5 + 0.5 * np.sin(0.8 * freq * x + phase)
-    if kind == 3:
-        return 0.5 + 0.5 * np.sin(0.55 * freq * (x + y) + phase)
+    if kind == 3:  # either diagonal: a horizontal flip (an augmentation of the recipes) must not change the class
+        sign = rng.choice(np.float32([-1, 1]), (n, 1, 1))
+        return 0.5 + 0.5 * np.sin(0.55 * freq * (x + sign * y) + phase)
     if kind == 4:
-        return 0.5 + 0.5 * np.sin(0.55 * freq * (x - y) + phase)
+        return ((np.sin(0.8 * freq * x + phase) > 0.7) | (np.sin(0.8 * freq * y + phase) > 0.7)).astype(np.float32)
     if kind == 5:
         return ((np.sin(0.7 * freq * x + phase) * np.sin(0.7 * freq * y + phase)) > 0).astype(np.float32)
     if kind == 6:
@@ -78,10 +83,11 @@ def _render(shapes: np.ndarray, textures: np.ndarray, rng: np.random.Generator, 
     angle = rng.uniform(0, 2 * np.pi, (n, 1, 1)).astype(np.float32)
     dx, dy = (_XX[None] - cx) / radius, (_YY[None] - cy) / radius
     u, v = dx * np.cos(angle) + dy * np.sin(angle), -dx * np.sin(angle) + dy * np.cos(angle)
-    # A background of two nearby colours (the texture is visible but subtle) and a foreground colour that stands out
-    # from it, so the shape is always there to see whatever the colours drawn.
+    # A background of two colours 40-100 levels apart per channel (the texture is always visible, never dominant) and
+    # a foreground colour that stands out from it, so the shape is always there to see whatever the colours drawn.
     bg_a = rng.uniform(0, 255, (n, 1, 1, 3)).astype(np.float32)
-    bg_b = np.clip(bg_a + rng.uniform(-90, 90, (n, 1, 1, 3)).astype(np.float32), 0, 255)
+    toward_middle = np.where(bg_a < 128, 1.0, -1.0).astype(np.float32)
+    bg_b = bg_a + toward_middle * rng.uniform(40, 100, (n, 1, 1, 3)).astype(np.float32)
     fg = rng.uniform(0, 255, (n, 1, 1, 3)).astype(np.float32)
     too_close = np.abs(fg - (bg_a + bg_b) / 2).mean(axis=-1, keepdims=True) < 70
     fg = np.where(too_close, np.where((bg_a + bg_b) / 2 > 127, fg * 0.3, 255 - (255 - fg) * 0.3), fg)

@@ -35,3 +35,25 @@ def test_sampler_as_shipped_is_only_inside_the_block():
         with fastestimator_sampler_as_shipped():
             assert first_batches() == [[0, 1], [0, 1]]  # FastEstimator 1.7.0 on this torch: restarted every batch
     assert first_batches() == [[0, 1], [2, 3]]
+
+
+def test_accuracy_script_resumes_from_its_checkpoint(tmp_path, capsys):
+    """--restore_dir: a second run with more epochs continues after the first run's last epoch (same step count,
+    same weights: the first eval after resuming repeats the last one's loss exactly) and reports every epoch."""
+    import accuracy
+
+    from tests.test_data import _write_cifar10
+    _write_cifar10(tmp_path / "data" / "cifar-10-batches-py", n=64)
+    args = ["--data_dir", str(tmp_path / "data"), "--em_dim", "16", "--batch_size", "16", "--train_steps_per_epoch",
+            "2", "--eval_steps_per_epoch", "2", "--restore_dir", str(tmp_path / "resume")]
+    accuracy.main(args + ["--epochs", "2", "--save_dir", str(tmp_path / "one")])
+    before = re.findall(r"Eval: step: 4; epoch: 2; accuracy: \S+; ce: (\S+);", capsys.readouterr().out)
+    accuracy.main(args + ["--epochs", "3", "--save_dir", str(tmp_path / "two")])
+    out = capsys.readouterr().out
+    assert "resumed after epoch 2 (step 4)" in out, out[-2000:]
+    assert len(before) == 1 and re.findall(r"Eval: step: 4; epoch: 2; accuracy: \S+; ce: (\S+);", out) == before
+    assert re.search(r"Train: step: 6; epoch: 3;", out) and not re.search(r"Train: step: \d+; epoch: 1;", out)
+    csv = (tmp_path / "two" / "accuracy.csv").read_text().splitlines()
+    assert [line.split(",")[:2] for line in csv[1:]] == [["1", "2"], ["2", "4"], ["3", "6"]]
+    first = (tmp_path / "one" / "accuracy.csv").read_text().splitlines()[1:]
+    assert csv[1:3] == first  # the first two epochs' accuracies carried over from the checkpoint

@@ -86,9 +86,10 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def device_info(models: Sequence[torch.nn.Module], num_devices: int) -> Dict[str, Any]:
-    """Where the models' parameters live: "cpu", or "cuda" with the device's name."""
-    device = next((p.device for m in models for p in m.parameters()), torch.device("cpu"))
+def device_info(models: Sequence[torch.nn.Module], num_devices: int,
+                device: Optional[torch.device] = None) -> Dict[str, Any]:
+    """Where training ran (`device`, else where the models' parameters live now): "cpu", or "cuda" with its name."""
+    device = device or next((p.device for m in models for p in m.parameters()), torch.device("cpu"))
     info: Dict[str, Any] = {"type": device.type, "name": cpu_name(),
                             "num_gpus": num_devices, "cpu_count": os.cpu_count(),
                             "torch_threads": torch.get_num_threads()}
@@ -198,6 +199,7 @@ class RunRecorder(Trace):
         self._train_epochs = 0
         self._eval: List[Dict[str, Any]] = []
         self._train_log: List[Dict[str, Any]] = []
+        self._device: Optional[torch.device] = None  # seen at the first training step (see on_batch_end)
         self._cuda = any(p.is_cuda for m in self._models for p in m.parameters())
 
     def _sync(self) -> None:
@@ -211,6 +213,11 @@ class RunRecorder(Trace):
     def on_batch_end(self, data: Data) -> None:
         if self.system.mode != "train":
             return
+        if self._device is None:
+            # Where training runs. FastEstimator moves the models to the GPU for each epoch and back to the CPU at the
+            # end of fit(), so neither on_begin nor on_end sees the device that trained.
+            self._device = next((p.device for m in self._models for p in m.parameters()), torch.device("cpu"))
+            self._cuda = self._cuda or self._device.type == "cuda"
         size = _batch_size(data)
         if size is not None:
             self._train_images += size
@@ -292,7 +299,7 @@ class RunRecorder(Trace):
                 "train_images": self._train_images,
                 "train_images_per_second": round(self._train_images / train_seconds, 2) if train_seconds else None,
             },
-            "device": device_info(self._models, self.system.num_devices),
+            "device": device_info(self._models, self.system.num_devices, self._device),
             "versions": library_versions(),
         }
 

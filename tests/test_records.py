@@ -153,3 +153,22 @@ def test_attach_recorder_adds_once_and_keeps_notes(tmp_path):
                            notes=["no ImageNet weights"]) is own
     assert own.notes == ["no ImageNet weights"] and sum(isinstance(t, RunRecorder) for t in estimator.traces) == 1
     assert own.hparams == {"lr": 1e-3, "seed": 0}  # the app's own values win; missing ones are added
+
+
+def test_record_device_is_where_training_ran_not_where_fit_leaves_the_models(tmp_path):
+    """FastEstimator moves models back to the CPU at the end of fit(): the record must keep the training device.
+    ("meta" stands in for a GPU on a CPU-only machine.)"""
+    from types import SimpleNamespace
+
+    from fastestimator.util.data import Data
+
+    from apphub_vit.records import RunRecorder
+    model = torch.nn.Linear(2, 2, device="meta")
+    recorder = RunRecorder("probe", str(tmp_path), "none", models=[model])
+    recorder.system = SimpleNamespace(mode="train", global_step=1, epoch_idx=1, num_devices=1, total_epochs=1,
+                                      log_steps=1, train_steps_per_epoch=1, eval_steps_per_epoch=1,
+                                      network=SimpleNamespace(get_loss_keys=lambda: {"ce"}))
+    recorder.on_begin(Data())
+    recorder.on_batch_end(Data({"x": torch.zeros(4, 2)}))
+    model.to_empty(device="cpu")  # where fit() leaves it
+    assert recorder.build_record()["device"]["type"] == "meta"

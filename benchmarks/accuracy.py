@@ -48,9 +48,7 @@ class Resume(Trace):
             self.history, self.earlier_seconds = state["history"], state["seconds"]
             print(f"accuracy.py: resumed after epoch {state['epoch']} (step {state['step']}) from {self.path}")
 
-    def on_epoch_end(self, data: Data) -> None:
-        if self.system.mode != "eval":
-            return
+    def on_epoch_end(self, data: Data) -> None:  # eval epochs only (mode="eval")
         self.history[self.system.global_step] = float(data["accuracy"])
         state = {"model": self.model.state_dict(), "optimizer": self.model.optimizer.state_dict(),
                  "epoch": self.system.epoch_idx, "step": self.system.global_step, "history": self.history,
@@ -71,9 +69,9 @@ def main(argv: List[str] = None) -> None:
     parser.add_argument("--train_steps_per_epoch", type=int, default=None, help="for smoke tests")
     parser.add_argument("--eval_steps_per_epoch", type=int, default=None, help="for smoke tests")
     parser.add_argument("--em_dim", type=int, default=256, help="256: the apphub size; smaller for smoke tests")
-    parser.add_argument("--restore_dir", default=None, help="back up the training state here after every epoch "
-                        "(FastEstimator's RestoreWizard) and resume from it when it holds one: for machines that "
-                        "give a run less time than it needs. The wall time printed is then this segment's only.")
+    parser.add_argument("--restore_dir", default=None, help="save the training state here after every epoch "
+                        "(the Resume trace below) and resume from it when it holds one: for machines that give a run "
+                        "less time than it needs. The wall time printed then sums every segment's.")
     args = parser.parse_args(argv)
     save_dir = args.save_dir or tempfile.mkdtemp(prefix="vit-accuracy-")
     extra = {} if args.recipe == "vit" else dict(device_augment=False, precision="fp32", compile=False)

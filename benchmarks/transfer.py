@@ -51,6 +51,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--seeds", type=int, default=3, help="finetuning seeds per start (default 3)")
     parser.add_argument("--num_process", type=int, default=None, help="pipeline workers (default: run_all's)")
     args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error(f"--seeds must be at least 1, got {args.seeds}")
     out = os.path.abspath(args.out or tempfile.mkdtemp(prefix="vit-transfer-"))
     num_process = args.num_process if args.num_process is not None or args.budget == "gpu" else 0
     start = time.perf_counter()
@@ -74,7 +76,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             seconds[plan.name].append(run_plan(plan, seed=seed))
             results[plan.name].append(accuracy_of(plan))
 
-    kw = transfer_plans(args.budget, out, encoder, 0, num_process)[0].kwargs
+    kw = plan.kwargs  # the budget is the same for every run: report the last one's
     steps = kw.get("train_steps_per_epoch") or "all"
     print(f"\nTransfer, budget '{args.budget}': {pre_line}")
     print(f"finetuning on synthetic CIFAR-10: 1 epoch ({steps} steps of batch {kw.get('batch_size') or 'default'}), "

@@ -18,7 +18,7 @@ from apphub_vit.encoder_io import load_encoder, load_encoder_state
 from apphub_vit.vit_app import build_vit_estimator, model_config
 from networks.vit import ViTConfig, ViTModel
 
-_ARCH = ("num_layers", "em_dim", "num_heads", "ff_dim", "patch_size", "norm_first")
+_ARCH = ("num_layers", "em_dim", "num_heads", "ff_dim", "patch_size", "norm_first", "pool")
 
 
 def get_estimator(epochs: int = 1,
@@ -38,9 +38,12 @@ def get_estimator(epochs: int = 1,
                   ff_dim: Optional[int] = None,
                   patch_size: Optional[int] = None,
                   norm_first: Optional[bool] = None,
+                  pool: Optional[str] = None,
                   drop: Optional[float] = None,
                   drop_path: Optional[float] = None,
                   strong_augment: Optional[bool] = None,
+                  augment_policy: Optional[str] = None,
+                  mix_prob: Optional[float] = None,
                   device_augment: Optional[bool] = None,
                   precision: Optional[str] = None,
                   compile: Optional[bool] = None,
@@ -62,10 +65,11 @@ def get_estimator(epochs: int = 1,
         from_scratch: Train without pretrained weights (for comparison); excludes encoder_weights.
         recipe: "vit" or "apphub", as in pretraining (see `apphub_vit.vit_app`).
         lr: Peak learning rate (None: the recipe's, scaled linearly with batch_size).
-        num_layers, em_dim, num_heads, ff_dim, patch_size, norm_first: The ViT; None takes the pretrained one's
+        num_layers, em_dim, num_heads, ff_dim, patch_size, norm_first, pool: The ViT; None takes the pretrained one's
             (or the apphub's size and the recipe's norm placement when from scratch).
         drop, drop_path: Dropout and stochastic depth while finetuning (None: the recipe's).
-        strong_augment, device_augment, precision, compile: As in `apphub_vit.pretrain.get_estimator`.
+        strong_augment, augment_policy, mix_prob, device_augment, precision, compile: As in
+            `apphub_vit.pretrain.get_estimator`.
         overwrite: Replace weights an earlier run left in save_dir (otherwise the run refuses to start).
         num_process: Pipeline worker processes (None: 8 on a GPU host, else FastEstimator's default).
         log_steps: Log the training loss every this many steps.
@@ -79,12 +83,14 @@ def get_estimator(epochs: int = 1,
                          "vit_encoder.pt (--encoder_weights PATH), or from_scratch=True (--from_scratch True) to train "
                          "without them.")
     given = {k: v for k, v in dict(num_layers=num_layers, em_dim=em_dim, num_heads=num_heads, ff_dim=ff_dim,
-                                   patch_size=patch_size, norm_first=norm_first).items() if v is not None}
-    arch = {k: v for k, v in asdict(ViTConfig()).items() if k in _ARCH and k != "norm_first"}  # the apphub's size
+                                   patch_size=patch_size, norm_first=norm_first, pool=pool).items() if v is not None}
+    # the apphub's size; norm placement and pooling come from the recipe (see model_config) unless given or pretrained
+    arch = {k: v for k, v in asdict(ViTConfig()).items() if k in _ARCH and k not in ("norm_first", "pool")}
     if encoder_weights is not None:
         pretrained = load_encoder_state(encoder_weights)  # reads the file once, fails fast on a bad path
         if pretrained["config"] is not None:
-            arch.update({k: v for k, v in pretrained["config"].items() if k in _ARCH})
+            # encoder files from before the pool option held CLS-token encoders
+            arch.update({"pool": "cls", **{k: v for k, v in pretrained["config"].items() if k in _ARCH}})
         encoder_weights = pretrained  # a dict in load_encoder's own format
     arch.update(given)
     cfg = model_config(recipe, arch.pop("norm_first", None), drop, drop_path, **arch)
@@ -96,6 +102,7 @@ def get_estimator(epochs: int = 1,
                                epochs=epochs, batch_size=batch_size, train_steps_per_epoch=train_steps_per_epoch,
                                eval_steps_per_epoch=eval_steps_per_epoch, save_dir=resolve_save_dir(save_dir, "finetune"),
                                cfg=cfg, recipe=recipe, lr=lr, strong_augment=strong_augment,
+                               augment_policy=augment_policy, mix_prob=mix_prob,
                                device_augment=device_augment, precision=precision, compile=compile,
                                overwrite=overwrite, init_model=init, num_process=num_process, log_steps=log_steps,
                                synthetic_size=synthetic_size)

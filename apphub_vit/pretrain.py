@@ -31,9 +31,12 @@ def get_estimator(epochs: int = 100,
                   ff_dim: int = 512,
                   patch_size: int = 4,
                   norm_first: Optional[bool] = None,
+                  pool: Optional[str] = None,
                   drop: Optional[float] = None,
                   drop_path: Optional[float] = None,
                   strong_augment: Optional[bool] = None,
+                  augment_policy: Optional[str] = None,
+                  mix_prob: Optional[float] = None,
                   device_augment: Optional[bool] = None,
                   precision: Optional[str] = None,
                   compile: Optional[bool] = None,
@@ -54,8 +57,13 @@ def get_estimator(epochs: int = 100,
         recipe: "vit" (AdamW, warmup + cosine, pre-norm, strong augmentation) or "apphub" (the seed: SGD, post-norm).
         lr: Peak learning rate (None: the recipe's, scaled linearly with batch_size).
         num_layers, em_dim, num_heads, ff_dim, patch_size: The ViT (defaults: the apphub's, 3.2M parameters).
+        pool: What the head reads: "cls" (the CLS token) or "mean" (the patch tokens' average); None: the recipe's
+            ("mean" for "vit", "cls" for "apphub", as the seed).
         norm_first, drop, drop_path: Pre-norm, dropout, stochastic depth (None: the recipe's).
-        strong_augment: Affine + colour jitter + MixUp/CutMix after the six ops (None: the recipe's).
+        strong_augment: A per-image augmentation policy plus MixUp/CutMix around the six ops (None: the recipe's).
+        augment_policy: The strong augmentation's per-image policy: "trivialaugment" (TrivialAugment, the default)
+            or "affine" (random affine + colour jitter).
+        mix_prob: The share of strongly augmented batches mixed by MixUp or CutMix (None: the recipe's).
         device_augment: Run the six ops batched where the model runs (default) instead of per sample in the pipeline.
         precision: "fp32", "bf16" or "fp16" (None: bf16 on a GPU, fp32 on a CPU).
         compile: torch.compile the model (None: on a GPU only).
@@ -65,11 +73,12 @@ def get_estimator(epochs: int = 100,
         synthetic_size: [train, eval] image counts for dataset="synthetic" (default 50,000 / 10,000).
     """
     cfg = model_config(recipe, norm_first, drop, drop_path, num_layers=num_layers, patch_size=patch_size,
-                       em_dim=em_dim, num_heads=num_heads, ff_dim=ff_dim)
+                       em_dim=em_dim, num_heads=num_heads, ff_dim=ff_dim, pool=pool)
     return build_vit_estimator(model_name="vit_pretrain", num_classes=100, dataset=dataset, data_dir=data_dir,
                                epochs=epochs, batch_size=batch_size, train_steps_per_epoch=train_steps_per_epoch,
                                eval_steps_per_epoch=eval_steps_per_epoch, save_dir=resolve_save_dir(save_dir, "pretrain"),
                                cfg=cfg, recipe=recipe, lr=lr, strong_augment=strong_augment,
+                               augment_policy=augment_policy, mix_prob=mix_prob,
                                device_augment=device_augment, precision=precision, compile=compile,
                                overwrite=overwrite, save_encoder=True, num_process=num_process, log_steps=log_steps,
                                synthetic_size=synthetic_size)

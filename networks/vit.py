@@ -33,6 +33,7 @@ class ViTConfig:
     drop: float = 0.1
     norm_first: bool = False
     drop_path: float = 0.0
+    pool: str = "cls"  # what the head reads: the CLS token's output ("cls") or the mean of the patch tokens ("mean")
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "image_size", "patch_size", "num_channels", "em_dim", "num_heads", "ff_dim"):
@@ -45,6 +46,9 @@ class ViTConfig:
         if self.em_dim % self.num_heads:
             raise ValueError(f"ViT em_dim={self.em_dim} is not divisible by num_heads={self.num_heads}: "
                              f"each attention head gets em_dim / num_heads channels")
+        if self.pool not in ("cls", "mean"):
+            raise ValueError(f"ViT pool must be 'cls' (the CLS token) or 'mean' (average of the patch tokens), "
+                             f"got {self.pool!r}")
         for name in ("drop", "drop_path"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"ViT {name} must be in [0, 1), got {getattr(self, name)!r}")
@@ -55,8 +59,9 @@ class ViTConfig:
 
     def encoder_signature(self) -> Dict[str, Any]:
         """The fields that define the encoder's function (what must match to transfer an encoder): everything but the
-        regularisation rates. `norm_first` changes no weight shape but changes what the weights compute."""
-        return {k: v for k, v in asdict(self).items() if k not in ("drop", "drop_path")}
+        regularisation rates and `pool` (how the head reads the tokens: a finetuning choice). `norm_first` changes no
+        weight shape but changes what the weights compute."""
+        return {k: v for k, v in asdict(self).items() if k not in ("drop", "drop_path", "pool")}
 
 
 class ViTEmbeddings(nn.Module):
@@ -154,31 +159,32 @@ class ViTEncoder(nn.Module):
     """Embeddings, transformer layers and a final LayerNorm; the output is the CLS token's embedding [B, em_dim]."""
     def __init__(self, num_layers: int = 12, image_size: int = 224, patch_size: int = 16, num_channels: int = 3,
                  em_dim: int = 768, drop: float = 0.1, num_heads: int = 12, ff_dim: int = 3072,
-                 norm_first: bool = False, drop_path: float = 0.0) -> None:
+                 norm_first: bool = False, drop_path: float = 0.0, pool: str = "cls") -> None:
         super().__init__()
         self.config = ViTConfig(num_layers=num_layers, image_size=image_size, patch_size=patch_size,
                                 num_channels=num_channels, em_dim=em_dim, num_heads=num_heads, ff_dim=ff_dim, drop=drop,
-                                norm_first=norm_first, drop_path=drop_path)
+                                norm_first=norm_first, drop_path=drop_path, pool=pool)
         self.embedding = ViTEmbeddings(image_size, patch_size, num_channels, em_dim, drop)
         self.encoder = TransformerStack(self.config)
         self.layernorm = nn.LayerNorm(em_dim, eps=1e-6)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> [B, em_dim]
         x = self.encoder(self.embedding(x))  # [B, num_patches + 1, em_dim]
-        return self.layernorm(x[:, 0])  # the CLS token
+        # the CLS token, or the average of the patch tokens (the CLS token stays in the sequence either way)
+        return self.layernorm(x[:, 0] if self.config.pool == "cls" else x[:, 1:].mean(1))  # [B, em_dim]
 
 
 class ViTModel(nn.Module):
     """`ViTEncoder` followed by a linear head. Arguments and defaults as the apphub's `ViTModel` (ViT-B/16 sizes)."""
     def __init__(self, num_classes: int, num_layers: int = 12, image_size: int = 224, patch_size: int = 16,
                  num_channels: int = 3, em_dim: int = 768, drop: float = 0.1, num_heads: int = 12, ff_dim: int = 3072,
-                 norm_first: bool = False, drop_path: float = 0.0) -> None:
+                 norm_first: bool = False, drop_path: float = 0.0, pool: str = "cls") -> None:
         super().__init__()
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
             raise ValueError(f"ViTModel num_classes must be a positive integer, got {num_classes!r}")
         self.vit_encoder = ViTEncoder(num_layers=num_layers, image_size=image_size, patch_size=patch_size,
                                       num_channels=num_channels, em_dim=em_dim, drop=drop, num_heads=num_heads,
-                                      ff_dim=ff_dim, norm_first=norm_first, drop_path=drop_path)
+                                      ff_dim=ff_dim, norm_first=norm_first, drop_path=drop_path, pool=pool)
         self.linear_classifier = nn.Linear(em_dim, num_classes)
 
     @classmethod

@@ -169,6 +169,134 @@ class ColorJitter(TensorOp):
         return data + (factor() - 1)  # brightness (a shift, in normalised units)
 
 
+class TrivialAugment(TensorOp):
+    """TrivialAugment (Müller & Hutter 2021) per image on a batch: each image gets one operation drawn uniformly from
+    torchvision's `TrivialAugmentWide` list, at a magnitude drawn uniformly from its 31 bins, with a random sign.
+
+    Input and output: [B, C, H, W] pixel values in 0..255 (uint8 or float); the output is float and integer-valued, as
+    torchvision's uint8 results. Each operation follows torchvision's tensor functional of the same name (tested
+    against it), computed for the whole batch with a per-image magnitude and kept where that image drew it, so the batch
+    needs no per-image loop and compiles into a few kernels. Geometric ops use nearest sampling, as torchvision, and
+    fill with `fill` (128, mid-grey, as timm, rather than torchvision's black).
+    """
+    OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast",
+           "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize")
+    NUM_BINS = 31
+
+    def __init__(self, inputs: str, outputs: str, num_ops: int = 1, fill: float = 128.0, mode: Mode = None) -> None:
+        super().__init__(inputs=inputs, outputs=outputs, mode=mode)
+        if not isinstance(num_ops, int) or num_ops < 1:
+            raise ValueError(f"TrivialAugment num_ops must be a positive integer, got {num_ops!r}")
+        self.num_ops, self.fill = num_ops, fill
+
+    def forward(self, data: torch.Tensor, state: Dict[str, Any]) -> torch.Tensor:
+        x = data.float()
+        for _ in range(self.num_ops):
+            b, dev = x.shape[0], x.device
+            op = torch.randint(0, len(self.OPS), (b, ), device=dev)
+            level = torch.randint(0, self.NUM_BINS, (b, ), device=dev).float() / (self.NUM_BINS - 1)  # 0..1
+            sign = torch.where(torch.rand(b, device=dev) < 0.5, -1.0, 1.0)
+            x = self.apply(x, op, level, sign)
+        return x
+
+    def apply(self, x: torch.Tensor, op: torch.Tensor, level: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+        """Image i gets operation OPS[op[i]] at bin level[i] (0..1 of the range) with sign sign[i] (+1 / -1)."""
+        def chosen(*names: str) -> torch.Tensor:  # [B, 1, 1, 1] mask: the image drew one of these
+            mask = torch.zeros_like(op, dtype=torch.bool)
+            for name in names:
+                mask |= op == self.OPS.index(name)
+            return mask.view(-1, 1, 1, 1)
+
+        def per_image(value: torch.Tensor) -> torch.Tensor:
+            return value.view(-1, 1, 1, 1)
+
+        signed = level * sign
+        factor = per_image(1 + 0.99 * signed)  # Brightness, Color, Contrast, Sharpness: 0.01 .. 1.99
+        out = _affine(x, op, signed, self.OPS, self.fill)
+        out = torch.where(chosen("Brightness"), _blend(x, torch.zeros_like(x), factor), out)
+        grey = _greyscale(x)
+        out = torch.where(chosen("Color"), _blend(x, grey, factor), out)
+        out = torch.where(chosen("Contrast"), _blend(x, grey.mean((1, 2, 3), keepdim=True), factor), out)
+        out = torch.where(chosen("Sharpness"), _blend(x, _smoothed(x), factor), out)
+        bits = 8 - torch.round(level * 6)  # 8 .. 2 bits kept
+        step = per_image(torch.pow(2.0, 8 - bits))
+        out = torch.where(chosen("Posterize"), torch.floor(x / step) * step, out)
+        threshold = per_image(255.0 * (1 - level))
+        out = torch.where(chosen("Solarize"), torch.where(x >= threshold, 255 - x, x), out)
+        out = torch.where(chosen("AutoContrast"), _autocontrast(x), out)
+        return torch.where(chosen("Equalize"), _equalize(x), out)
+
+
+def _blend(image: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """torchvision's `_blend` for uint8 images: factor * image + (1 - factor) * other, clamped, truncated."""
+    return torch.floor((factor * image + (1 - factor) * other).clamp(0, 255))
+
+
+def _greyscale(x: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] -> [B, 1, H, W], torchvision's `rgb_to_grayscale` weights, truncated as for uint8."""
+    return torch.floor(0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+def _smoothed(x: torch.Tensor) -> torch.Tensor:
+    """torchvision's sharpness 'degenerate' image: a 3x3 smoothing (centre weight 5) inside, the border kept."""
+    kernel = torch.ones(3, 3, dtype=x.dtype, device=x.device)
+    kernel[1, 1] = 5.0
+    kernel = (kernel / kernel.sum()).expand(x.shape[1], 1, 3, 3)
+    inner = torch.round(F.conv2d(x, kernel, groups=x.shape[1]))  # [B, C, H - 2, W - 2]
+    return torch.cat([x[..., :1, :], torch.cat([x[..., 1:-1, :1], inner, x[..., 1:-1, -1:]], -1), x[..., -1:, :]], -2)
+
+
+def _autocontrast(x: torch.Tensor) -> torch.Tensor:
+    """Stretch each channel of each image to 0..255 (unchanged where the channel is flat)."""
+    low, high = x.amin((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)
+    flat = high == low
+    scale = torch.where(flat, torch.ones_like(high), 255 / (high - low).clamp(min=1))
+    return torch.floor(((x - torch.where(flat, torch.zeros_like(low), low)) * scale).clamp(0, 255))
+
+
+def _equalize(x: torch.Tensor) -> torch.Tensor:
+    """Histogram equalisation of each channel of each image, torchvision's `equalize` for uint8, batched."""
+    b, c, h, w = x.shape
+    values = x.reshape(b * c, h * w).long().clamp(0, 255)  # [N, HW] with N = B * C
+    hist = torch.zeros(b * c, 256, device=x.device).scatter_add_(1, values, torch.ones_like(values, dtype=torch.float))
+    top = hist.gather(1, values.amax(1, keepdim=True))  # [N, 1]: count of the highest value present
+    step = torch.floor((h * w - top) / 255)  # torchvision: sum of the histogram without its last non-zero bin
+    lut = torch.floor((hist.cumsum(1) + torch.floor(step / 2)) / step.clamp(min=1))
+    lut = torch.cat([torch.zeros_like(lut[:, :1]), lut[:, :-1]], 1).clamp(0, 255)  # [N, 256]
+    equalised = torch.where(step == 0, values.float(), lut.gather(1, values))
+    return equalised.view(b, c, h, w)
+
+
+def _affine(x: torch.Tensor, op: torch.Tensor, signed: torch.Tensor, names: Sequence[str],
+            fill: float) -> torch.Tensor:
+    """The geometric TrivialAugmentWide ops (shear up to 0.99, translation up to 32 pixels, rotation up to 135 degrees),
+    as one nearest-neighbour `grid_sample` with a per-image output -> input map (identity for the other images)."""
+    b, _, h, w = x.shape
+
+    def mask(name: str) -> torch.Tensor:
+        return (op == names.index(name)).to(x.dtype)
+
+    shear_x, shear_y = 0.99 * signed * mask("ShearX"), 0.99 * signed * mask("ShearY")  # about the top-left corner
+    move_x, move_y = torch.trunc(32 * signed) * mask("TranslateX"), torch.trunc(32 * signed) * mask("TranslateY")
+    angle = 135 * signed * mask("Rotate") * (math.pi / 180)  # about the image centre
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    cx, cy = (w - 1) / 2, (h - 1) / 2
+    ys, xs = torch.meshgrid(torch.arange(h, device=x.device, dtype=x.dtype),
+                            torch.arange(w, device=x.device, dtype=x.dtype), indexing="ij")
+    xs, ys = xs[None], ys[None]  # [1, H, W] output pixel centres
+    # output pixel -> input pixel, as torchvision: rotation about the centre, shears about the top-left corner of the
+    # top-left pixel (its `center=[0, 0]`), translation by whole pixels; only one of them is non-zero per image
+    rx = cos[:, None, None] * (xs - cx) - sin[:, None, None] * (ys - cy) + cx
+    ry = sin[:, None, None] * (xs - cx) + cos[:, None, None] * (ys - cy) + cy
+    src_x = rx + shear_x[:, None, None] * (ys + 0.5) - move_x[:, None, None]
+    src_y = ry + shear_y[:, None, None] * (xs + 0.5) - move_y[:, None, None]
+    grid = torch.stack([src_x * 2 / (w - 1) - 1, src_y * 2 / (h - 1) - 1], -1)  # [B, H, W, 2] in [-1, 1]
+    moved = F.grid_sample(x - fill, grid, mode="nearest", padding_mode="zeros", align_corners=True) + fill
+    geometric = (op == names.index("ShearX")) | (op == names.index("ShearY")) | (op == names.index("TranslateX")) | \
+        (op == names.index("TranslateY")) | (op == names.index("Rotate"))
+    return torch.where(geometric.view(-1, 1, 1, 1), moved, x)
+
+
 def smooth_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float, dtype: torch.dtype) -> torch.Tensor:
     """[B] integer labels -> [B, num_classes] one-hot with label smoothing. Built with scatter_, because
     F.one_hot on a GPU checks its indices on the host: a device sync every training step."""
@@ -277,11 +405,19 @@ class FusedImageOps(TensorOp):
         return self._run(data)
 
 
+POLICIES = ("trivialaugment", "affine")
+
+
 def batched_cifar_ops(mean: Sequence[float], std: Sequence[float], image_key: str = "x", augment: bool = True,
                       strong: bool = False, label_key: str = "y", num_classes: Optional[int] = None,
-                      label_smoothing: float = 0.0, fuse: bool = False, compile: bool = False) -> List[TensorOp]:
-    """The six apphub ops as batched TensorOps (augmenting ops in train mode only), optionally followed by the strong
+                      label_smoothing: float = 0.0, fuse: bool = False, compile: bool = False,
+                      policy: str = "trivialaugment", mix_prob: float = 0.8) -> List[TensorOp]:
+    """The six apphub ops as batched TensorOps (augmenting ops in train mode only), optionally with the strong
     augmentation of the "vit" recipe, which writes soft labels to `<label_key>_soft` in train mode.
+
+    strong: a per-image policy, then MixUp / CutMix on top of the six ops. policy "trivialaugment": `TrivialAugment`
+    on the raw pixels (before Normalize); "affine": `RandomAffine` and `ColorJitter` after the crop. mix_prob: the
+    share of batches MixUpCutMix mixes (the others get the smoothed labels only); 0 leaves it out (no `_soft` labels).
 
     fuse: run the train-mode image ops as one `FusedImageOps` (and `compile` it), evaluation keeping the two plain
     ops (ChannelTranspose, Normalize). Same results, same randomness per image."""
@@ -294,12 +430,17 @@ def batched_cifar_ops(mean: Sequence[float], std: Sequence[float], image_key: st
             HorizontalFlip(k, k, prob=0.5, mode="train"),
             CoarseDropout(k, k, max_holes=1, mode="train"),
         ]
+    if policy not in POLICIES:
+        raise ValueError(f"augmentation policy must be one of {POLICIES}, got {policy!r}")
     if strong:
         if num_classes is None:
             raise ValueError("strong augmentation mixes labels: pass num_classes")
-        ops[4:4] = [RandomAffine(k, k, mode="train"), ColorJitter(k, k, mode="train")]  # before flip and dropout
+        if policy == "trivialaugment":
+            ops[1:1] = [TrivialAugment(k, k, mode="train")]  # on pixel values 0..255, so before Normalize
+        else:
+            ops[4:4] = [RandomAffine(k, k, mode="train"), ColorJitter(k, k, mode="train")]  # before flip and dropout
     mix = [MixUpCutMix((k, label_key), (k, f"{label_key}_soft"), num_classes=num_classes,
-                       label_smoothing=label_smoothing, mode="train")] if strong else []
+                       label_smoothing=label_smoothing, prob=mix_prob, mode="train")] if strong and mix_prob else []
     if fuse and augment:
         # MixUpCutMix stays outside: its host-side choices (mix or cut, box size) would recompile the graph
         plain = [ChannelTranspose(k, k, mode="!train"), Normalize(k, k, mean=mean, std=std, mode="!train")]

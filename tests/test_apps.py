@@ -135,3 +135,30 @@ def test_real_cifar10_from_data_dir_on_the_command_line(tmp_path):
     out = _run_cli([str(REPO / "apphub_vit" / "finetune.py"), "--data_dir", str(tmp_path), "--from_scratch", "True",
                     "--save_dir", str(tmp_path / "run")] + CLI_TINY, cwd=tmp_path)
     assert "FastEstimator-Eval" in out and "accuracy" in out
+
+
+def test_recipe_pooling_defaults_and_old_encoder_files_keep_the_cls_head(pretrained, tmp_path):
+    model, save_dir = pretrained
+    assert model.config.pool == "mean"  # recipe "vit"
+    apphub = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "a"), from_scratch=True,
+                                        recipe="apphub", **TINY_RUN, **TINY_VIT)
+    assert apphub.model.config.pool == "cls"
+    # an encoder file written before the pool option: its config has no "pool" and its head read the CLS token
+    saved = torch.load(save_dir / ENCODER_FILE, map_location="cpu", weights_only=False)
+    del saved["config"]["pool"]
+    torch.save(saved, tmp_path / "old.pt")
+    est = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "b"),
+                                     encoder_weights=str(tmp_path / "old.pt"), **TINY_RUN)
+    assert est.model.config.pool == "cls"
+    chosen = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "c"), pool="mean",
+                                        encoder_weights=str(tmp_path / "old.pt"), **TINY_RUN)
+    assert chosen.model.config.pool == "mean"
+
+
+def test_augmentation_options_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="augment_policy must be one of"):
+        finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path), from_scratch=True,
+                                   augment_policy="autoaugment", **TINY_RUN, **TINY_VIT)
+    with pytest.raises(ValueError, match="mix_prob .* between 0 and 1"):
+        finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path), from_scratch=True, mix_prob=2,
+                                   **TINY_RUN, **TINY_VIT)

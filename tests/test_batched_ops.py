@@ -8,7 +8,7 @@ from fastestimator.op.numpyop.multivariate import RandomCrop as NpCrop
 from fastestimator.op.numpyop.univariate import CoarseDropout as NpDropout
 
 from pipelines.batched import (BatchLoader, CoarseDropout, HorizontalFlip, MixUpCutMix, PadIfNeeded, RandomAffine,
-                               RandomCrop, batched_cifar_ops)
+                               RandomCrop, TrivialAugment, batched_cifar_ops)
 from pipelines.cifar import CIFAR_MEAN, CIFAR_STD, cifar_ops
 
 N = 2000  # samples per distribution check
@@ -178,3 +178,62 @@ def test_fused_ops_compile_on_cpu():
     out = fused.forward(x, {})
     assert out.shape == (8, 3, 32, 32) and out.dtype == torch.float32 and torch.isfinite(out).all()
     assert (out == 0).any()  # the CoarseDropout hole survives compilation
+
+
+@pytest.mark.parametrize("name", TrivialAugment.OPS)
+def test_trivialaugment_ops_are_torchvisions(name):
+    """Each operation, at several magnitudes and both signs, gives torchvision's TrivialAugmentWide result on uint8
+    images (off by one grey level in some pixels at most, from float rounding)."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import autoaugment as tv
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    magnitudes, signed = tv.TrivialAugmentWide()._augmentation_space(TrivialAugment.NUM_BINS)[name]
+    ta, n = TrivialAugment("x", "x", fill=0.0), images.shape[0]  # torchvision fills with black
+    for level in (0, 7, 19, 30):
+        for sign in ((1.0, -1.0) if signed else (1.0, )):
+            magnitude = sign * float(magnitudes[level]) if magnitudes.ndim else 0.0
+            expected = torch.stack([tv._apply_op(i, name, magnitude, InterpolationMode.NEAREST, [0.0]) for i in images])
+            ours = ta.apply(images.float(), torch.full((n, ), TrivialAugment.OPS.index(name)),
+                            torch.full((n, ), level / (TrivialAugment.NUM_BINS - 1)), torch.full((n, ), sign))
+            diff = (ours - expected.float()).abs()
+            # off by one only: torchvision truncates float results such as 116.99999 for an unchanged 117 (Sharpness
+            # keeps the border, where that happens to up to 7% of the pixels); a wrong operation is off by far more
+            assert diff.max() <= 1 and (diff > 0).float().mean() < 0.1, (name, level, sign, diff.max())
+
+
+def test_trivialaugment_draws_one_op_per_image_uniformly(monkeypatch):
+    drawn = {}
+
+    def record(self, x, op, level, sign):
+        drawn.update(op=op, level=level, sign=sign)
+        return x
+
+    monkeypatch.setattr(TrivialAugment, "apply", record)
+    x = torch.full((14 * 300, 3, 8, 8), 100, dtype=torch.uint8)
+    TrivialAugment("x", "x").forward(x, {})
+    counts = torch.bincount(drawn["op"], minlength=14)
+    assert counts.min() > 200 and counts.max() < 400  # about 300 per operation: each image draws its own
+    bins = torch.bincount((drawn["level"] * 30).round().long(), minlength=31)
+    assert len(bins) == 31 and bins.min() > 70  # every one of the 31 magnitude bins, about 135 each
+    assert abs((drawn["sign"] > 0).float().mean().item() - 0.5) < 0.05
+
+
+def test_trivialaugment_varies_per_image_and_keeps_the_pixel_range():
+    torch.manual_seed(0)
+    image = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
+    out = TrivialAugment("x", "x").forward(image.expand(64, -1, -1, -1), {})
+    assert out.min() >= 0 and out.max() <= 255 and torch.equal(out, out.floor())
+    distinct = {tuple(o.flatten()[::97].tolist()) for o in out}
+    assert len(distinct) > 20  # not one transformation for the whole batch
+
+
+def test_strong_ops_order_and_mixing_choice():
+    ops = batched_cifar_ops(CIFAR_MEAN, CIFAR_STD, strong=True, num_classes=10, mix_prob=0.0)
+    names = [type(op).__name__ for op in ops]
+    assert names.index("TrivialAugment") < names.index("Normalize")  # it works on pixel values
+    assert "MixUpCutMix" not in names and "RandomAffine" not in names
+    names = [type(op).__name__ for op in batched_cifar_ops(CIFAR_MEAN, CIFAR_STD, strong=True, num_classes=10,
+                                                           policy="affine", mix_prob=0.8)]
+    assert "RandomAffine" in names and "MixUpCutMix" in names and "TrivialAugment" not in names
+    with pytest.raises(ValueError, match="policy must be one of"):
+        batched_cifar_ops(CIFAR_MEAN, CIFAR_STD, strong=True, num_classes=10, policy="autoaugment")

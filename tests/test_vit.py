@@ -97,3 +97,18 @@ def test_default_config_is_the_apphub_size():
     embedding = 3 * d * 4 * 4 + (64 + 1) * d + d  # patch conv (no bias), position, CLS
     expected = embedding + layers * per_layer + 2 * d + (d * 100 + 100)  # + final norm + head
     assert sum(p.numel() for p in model.parameters()) == expected == 3_218_020  # the apphub's "3.2M"
+
+
+def test_mean_pooling_reads_the_patch_tokens_and_keeps_the_state_dict():
+    torch.manual_seed(0)
+    cls_model = ViTModel(num_classes=10, norm_first=True, **TINY)
+    mean_model = ViTModel(num_classes=10, norm_first=True, pool="mean", **TINY)
+    mean_model.load_state_dict(cls_model.state_dict())  # same parameters: an encoder transfers either way
+    cls_model.eval(), mean_model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    tokens = cls_model.vit_encoder.encoder(cls_model.vit_encoder.embedding(x))  # [B, 1 + patches, D]
+    torch.testing.assert_close(mean_model.forward_features(x), mean_model.vit_encoder.layernorm(tokens[:, 1:].mean(1)))
+    torch.testing.assert_close(cls_model.forward_features(x), cls_model.vit_encoder.layernorm(tokens[:, 0]))
+    assert cls_model.config.encoder_signature() == mean_model.config.encoder_signature()  # a finetuning choice
+    with pytest.raises(ValueError, match="pool must be 'cls'.*or 'mean'"):
+        ViTModel(num_classes=10, pool="max", **TINY)

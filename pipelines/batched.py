@@ -14,8 +14,9 @@ kernels, with per-sample randomness identical in distribution to the albumentati
 | ChannelTranspose (HWC -> CHW)              | ChannelTranspose (NHWC -> NCHW)       | none                                  |
 
 ChannelTranspose runs first here (the ops commute with it) so the rest work on NCHW, torch's layout.
-`RandomAffine`, `ColorJitter` and `MixUpCutMix` are the stronger augmentation of the "vit" recipe (RandAugment-like
-geometry and colour, Zhang et al. 2018 mixup, Yun et al. 2019 CutMix), also batched and per-sample.
+`TrivialAugment` (Müller & Hutter 2021; torchvision's TrivialAugmentWide, one operation per image) is the "vit"
+recipe's stronger augmentation; `RandomAffine` + `ColorJitter` (geometry and colour) and `MixUpCutMix` (Zhang et al.
+2018 mixup, Yun et al. 2019 CutMix) are the alternatives it replaced, kept as options. All batched, random per image.
 """
 import math
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union

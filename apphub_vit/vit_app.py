@@ -226,9 +226,7 @@ def model_config(recipe: str, norm_first: Optional[bool], drop: Optional[float],
     if recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {recipe!r}")
     rec = RECIPES[recipe]
-    arch.setdefault("pool", rec.pool)
-    if arch["pool"] is None:
-        arch["pool"] = rec.pool
+    arch["pool"] = arch.get("pool") or rec.pool
     return ViTConfig(image_size=32, num_channels=3, norm_first=rec.norm_first if norm_first is None else norm_first,
                      drop=rec.drop if drop is None else drop,
                      drop_path=rec.drop_path if drop_path is None else drop_path, **arch)

@@ -40,6 +40,7 @@ from fastestimator.util.data import Data
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from apphub_vit import finetune  # noqa: E402
+from pipelines.batched import POLICIES  # noqa: E402
 
 
 class Resume(Trace):
@@ -79,11 +80,11 @@ def main(argv: List[str] = None) -> None:
     parser.add_argument("--recipe", default="vit", choices=["vit", "apphub"])
     parser.add_argument("--batch_size", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--augment_policy", default=None, choices=["trivialaugment", "affine"],
+    parser.add_argument("--augment_policy", default=None, choices=POLICIES,
                         help="recipe vit's per-image policy (default: the recipe's, trivialaugment)")
     parser.add_argument("--mix_prob", type=float, default=None, help="share of batches mixed (default: the recipe's)")
     parser.add_argument("--strong_augment", type=int, default=None, choices=[0, 1], help="default: the recipe's")
-    parser.add_argument("--pool", default=None, choices=["cls", "mean"], help="default: cls")
+    parser.add_argument("--pool", default=None, choices=["cls", "mean"], help="default: the recipe's (vit: mean)")
     parser.add_argument("--num_heads", type=int, default=None, help="default: 8, the apphub's")
     parser.add_argument("--drop_path", type=float, default=None, help="stochastic depth (default: the recipe's)")
     parser.add_argument("--save_dir", default=None, help="default: a new temporary folder")

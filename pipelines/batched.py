@@ -213,7 +213,8 @@ class TrivialAugment(TensorOp):
 
         signed = level * sign
         factor = per_image(1 + 0.99 * signed)  # Brightness, Color, Contrast, Sharpness: 0.01 .. 1.99
-        out = _affine(x, op, signed, self.OPS, self.fill)
+        geometric = chosen("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
+        out = torch.where(geometric, _affine(x, op, signed, self.OPS, self.fill), x)
         out = torch.where(chosen("Brightness"), _blend(x, torch.zeros_like(x), factor), out)
         grey = _greyscale(x)
         out = torch.where(chosen("Color"), _blend(x, grey, factor), out)
@@ -271,7 +272,8 @@ def _equalize(x: torch.Tensor) -> torch.Tensor:
 def _affine(x: torch.Tensor, op: torch.Tensor, signed: torch.Tensor, names: Sequence[str],
             fill: float) -> torch.Tensor:
     """The geometric TrivialAugmentWide ops (shear up to 0.99, translation up to 32 pixels, rotation up to 135 degrees),
-    as one nearest-neighbour `grid_sample` with a per-image output -> input map (identity for the other images)."""
+    as one nearest-neighbour `grid_sample` with a per-image output -> input map (identity for the other images, whose
+    result the caller discards)."""
     b, _, h, w = x.shape
 
     def mask(name: str) -> torch.Tensor:
@@ -292,10 +294,7 @@ def _affine(x: torch.Tensor, op: torch.Tensor, signed: torch.Tensor, names: Sequ
     src_x = rx + shear_x[:, None, None] * (ys + 0.5) - move_x[:, None, None]
     src_y = ry + shear_y[:, None, None] * (xs + 0.5) - move_y[:, None, None]
     grid = torch.stack([src_x * 2 / (w - 1) - 1, src_y * 2 / (h - 1) - 1], -1)  # [B, H, W, 2] in [-1, 1]
-    moved = F.grid_sample(x - fill, grid, mode="nearest", padding_mode="zeros", align_corners=True) + fill
-    geometric = (op == names.index("ShearX")) | (op == names.index("ShearY")) | (op == names.index("TranslateX")) | \
-        (op == names.index("TranslateY")) | (op == names.index("Rotate"))
-    return torch.where(geometric.view(-1, 1, 1, 1), moved, x)
+    return F.grid_sample(x - fill, grid, mode="nearest", padding_mode="zeros", align_corners=True) + fill
 
 
 def smooth_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float, dtype: torch.dtype) -> torch.Tensor:

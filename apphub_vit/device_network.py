@@ -13,8 +13,21 @@ its model manage alone. Per training step, FastEstimator 1.7's `TorchNetwork`:
 every `log_steps`), copies inputs through pinned memory without blocking, and runs the forward pass under bf16
 autocast when asked (bf16 has fp32's range, so no loss scaling and no sync). Eval mode keeps FastEstimator's own
 behaviour (its EvalEssential trace stacks per-batch values with numpy). On a CPU it behaves as `TorchNetwork`.
+
+Without syncs the GPU still idles: a training step is a few hundred kernels queued by FastEstimator's op chain in
+Python (augmentation, forward, `torch.autograd.grad`, one gradient copy per parameter, the optimizer), about 20 ms of
+host work on an H100 host against far less GPU time. With `cuda_graph=True` the whole train step (every op, the
+backward pass and the optimizer step) is captured once per epoch as a CUDA graph (PyTorch's "whole network capture")
+and then replayed: one launch per step. Inputs are copied into the graph's fixed buffers, the learning rate that
+FastEstimator's `LRScheduler` sets as a float is copied into a device tensor the captured optimizer reads, and random
+draws (augmentation, stochastic depth) still change at every replay (CUDA graphs advance the generator's offset).
+The graph is dropped at the end of every epoch, because FastEstimator moves the models to the CPU then, and is
+captured again at the first step of the next. What it needs: fixed shapes (a batch of another shape runs uncaptured),
+no host syncs and no host-side randomness in the ops (so not MixUpCutMix, not fp16's GradScaler), and optimizers
+built with `capturable=True` (the apps do this).
 """
-from typing import Any, Dict, MutableMapping, Optional, Sequence, Tuple
+import gc
+from typing import Any, Dict, List, MutableMapping, Optional, Sequence, Tuple
 
 import torch
 from fastestimator.network import TorchNetwork
@@ -32,26 +45,62 @@ def _to_device(value: Any, device: torch.device) -> Any:
 
 
 class DeviceNetwork(TorchNetwork):
-    """`fe.Network` for torch models with asynchronous training steps; `autocast_dtype` e.g. torch.bfloat16."""
-    def __init__(self, ops: Sequence[Any], autocast_dtype: Optional[torch.dtype] = None) -> None:
+    """`fe.Network` for torch models with asynchronous training steps; `autocast_dtype` e.g. torch.bfloat16.
+
+    cuda_graph: replay each train step as a CUDA graph (see the module docstring), after `graph_warmup` ordinary steps
+    (where torch.compile compiles and the optimizer creates its state)."""
+    _capture_stream: Optional[torch.cuda.Stream] = None
+    def __init__(self, ops: Sequence[Any], autocast_dtype: Optional[torch.dtype] = None, cuda_graph: bool = False,
+                 graph_warmup: int = 3) -> None:
         super().__init__(ops=ops)
-        self.autocast_dtype = autocast_dtype
+        if cuda_graph and self.device.type != "cuda":
+            raise ValueError("cuda_graph=True needs a CUDA GPU; none is visible. Use cuda_graph=False on a CPU.")
+        self.autocast_dtype, self.cuda_graph, self.graph_warmup = autocast_dtype, cuda_graph, graph_warmup
+        self.eager_train_steps = 0  # train steps run without a graph (warm-up, other shapes)
+        self.graph_captures = 0
+        self.graph_failure: Optional[str] = None  # why capturing failed, if it did (the run then goes on without)
+        self._drop_graph()
+
+    def _drop_graph(self) -> None:
+        self._graph: Optional[torch.cuda.CUDAGraph] = None
+        self._graph_key: Optional[Tuple] = None
+        self._graph_in: Dict[str, torch.Tensor] = {}
+        self._graph_out: Dict[str, Any] = {}
+        self._graph_lr: List[Tuple[Dict[str, Any], torch.Tensor]] = []
+
+    def __exit__(self, *exc: Any) -> None:
+        self._drop_graph()  # FastEstimator moves the models to the CPU here: the graph's addresses go stale
+        super().__exit__(*exc)
 
     def _get_effective_batch_input(self, batch: MutableMapping[str, Any]) -> Dict[str, Any]:
         if self.device.type == "cpu":
             return super()._get_effective_batch_input(batch)
         return {key: _to_device(batch[key], self.device) for key in self.ctx_gpu_inputs if key in batch}
 
+    def _autocast(self) -> Any:
+        return (torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+                if self.autocast_dtype is not None else NonContext())
+
     def _run_step(self, batch: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
         if self.device.type == "cpu" and self.autocast_dtype is None:
             return super()._run_step(batch)
         batch_in = self._get_effective_batch_input(batch)
         self.ctx_state["tape"] = NonContext()
-        autocast = (torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
-                    if self.autocast_dtype is not None else NonContext())
-        with torch.no_grad() if not self.ctx_state["req_grad"] else NonContext():
-            with autocast:
-                self._forward_batch(batch_in, self.ctx_state, self.ctx_ops)
+        train = self.ctx_state["mode"] == "train" and not self.ctx_state["warmup"]
+        key = tuple((k, v.shape, v.dtype) if isinstance(v, torch.Tensor) else (k, v) for k, v in batch_in.items())
+        captured = None
+        if self.cuda_graph and train and key == self._graph_key:
+            captured = self._replay(batch_in)
+        elif (self.cuda_graph and train and self._graph is None and self.eager_train_steps >= self.graph_warmup
+              and self.ctx_state["req_grad"]):
+            captured = self._capture(batch_in, key)
+        if captured is not None:
+            batch_in = captured
+        else:
+            self.eager_train_steps += train
+            with torch.no_grad() if not self.ctx_state["req_grad"] else NonContext():
+                with self._autocast():
+                    self._forward_batch(batch_in, self.ctx_state, self.ctx_ops)
         keep_on_device = self.device.type != "cpu" and self.ctx_state["mode"] == "train"
         prediction = {}
         for key in self.ctx_outputs:
@@ -62,3 +111,90 @@ class DeviceNetwork(TorchNetwork):
                     value = value.float().cpu() if value.dtype == torch.bfloat16 else value.cpu()
                 prediction[key] = value
         return batch, prediction
+
+    def _capture(self, batch_in: Dict[str, Any], key: Tuple) -> Optional[Dict[str, Any]]:
+        """Capture one train step (every op, backward, optimizer step) into a CUDA graph and run it. If the capture
+        fails, say why and return None: this run goes on without a graph (slower, same results)."""
+        static_in = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch_in.items()}
+        lrs = []  # the captured optimizer reads its learning rate from a device tensor, refreshed before each replay
+        for model in self.ctx_models:
+            optimizer = model.current_optimizer
+            if optimizer is None:
+                continue
+            if not all(group.get("capturable", False) for group in optimizer.param_groups):
+                raise ValueError(f"cuda_graph=True needs an optimizer built with capturable=True (model "
+                                 f"{model.model_name!r} has {type(optimizer).__name__} without it): pass "
+                                 f"capturable=True to the optimizer, or use cuda_graph=False")
+            for group in optimizer.param_groups:
+                lrs.append((group, torch.tensor(float(group["lr"]), device=self.device)))
+        data = dict(static_in)
+        graph = torch.cuda.CUDAGraph()
+        stream = self._side_stream()
+        gc.collect()  # as torch.cuda.graph: free what reference cycles still hold of the last epoch's graph
+        torch.cuda.synchronize()
+        for group, lr in lrs:
+            group["lr"] = lr
+        try:
+            with torch.cuda.stream(stream):
+                graph.capture_begin()
+                try:
+                    with self._autocast():
+                        self._forward_batch(data, self.ctx_state, self.ctx_ops)
+                finally:
+                    graph.capture_end()
+        except RuntimeError as err:  # torch.OutOfMemoryError included
+            for group, lr in lrs:
+                group["lr"] = float(lr)
+            self._abandon_capture(err)
+            return None
+        for group, lr in lrs:
+            group["lr"] = float(lr)  # FastEstimator's LRScheduler and logs see a float, as without a graph
+        torch.cuda.current_stream().wait_stream(stream)
+        self._graph, self._graph_key, self._graph_in, self._graph_lr = graph, key, static_in, lrs
+        # what the traces asked for, where the graph wrote it
+        self._graph_out = {k: data[k] for k in self.ctx_outputs if k in data and data[k] is not static_in.get(k)}
+        self.graph_captures += 1
+        return self._replay(batch_in)  # capturing ran nothing: run this step
+
+    @classmethod
+    def _side_stream(cls) -> torch.cuda.Stream:
+        """One side stream for every capture, as torch.cuda.graph does. torch keeps a cuBLAS workspace per stream for
+        good (pytorch/pytorch#99196): a new stream per epoch left a new workspace inside each epoch's graph memory,
+        which then could not be freed (on an H100, four runs sharing the GPU ran out of memory by epoch 18;
+        test_memory_stays_flat_over_epochs_of_new_captures). A few matrix products on the new stream make its
+        workspaces now, in ordinary memory, instead of during the first capture."""
+        if cls._capture_stream is None:
+            cls._capture_stream = torch.cuda.Stream()
+            with torch.cuda.stream(cls._capture_stream):
+                for dtype in (torch.float32, torch.bfloat16):
+                    a = torch.ones(16, 16, device="cuda", dtype=dtype)
+                    torch.nn.functional.linear(a, a, a[0]).mm(a)  # cuBLAS and cuBLASLt (bias epilogue)
+            torch.cuda.current_stream().wait_stream(cls._capture_stream)
+        return cls._capture_stream
+
+    def _abandon_capture(self, err: BaseException) -> None:
+        """A capture records kernels without running them: drop what it left (gradients holding unrun results, a
+        deferred update) and turn the graph off for the rest of this network's life."""
+        self.ctx_state["deferred"].clear()
+        for model in self.ctx_models:
+            if model.current_optimizer is not None:
+                model.current_optimizer.zero_grad(set_to_none=True)
+        self._drop_graph()
+        self.cuda_graph = False
+        gc.collect()
+        torch.cuda.empty_cache()
+        self.graph_failure = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}"
+        print(f"DeviceNetwork: capturing the train step as a CUDA graph failed ({self.graph_failure}). Training goes on without the graph (same results, slower). "
+              f"Usual causes: an op waits for the GPU (`.item()`, a copy to the host, a data-dependent shape) or draws "
+              f"random numbers on the host; pass cuda_graph=False to skip the attempt.", flush=True)
+
+    def _replay(self, batch_in: Dict[str, Any]) -> Dict[str, Any]:
+        for k, v in batch_in.items():
+            if isinstance(v, torch.Tensor):
+                self._graph_in[k].copy_(v, non_blocking=True)
+        for group, lr in self._graph_lr:
+            lr.fill_(group["lr"])  # a float set by the LRScheduler trace since the last step
+        self._graph.replay()
+        # copies: the graph's outputs are overwritten by the next replay, a trace may keep them longer
+        out = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in self._graph_out.items()}
+        return {**batch_in, **out}

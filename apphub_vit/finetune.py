@@ -47,6 +47,7 @@ def get_estimator(epochs: int = 1,
                   device_augment: Optional[bool] = None,
                   precision: Optional[str] = None,
                   compile: Optional[bool] = None,
+                  cuda_graph: Optional[bool] = None,
                   overwrite: bool = False,
                   num_process: Optional[int] = None,
                   log_steps: int = 100,
@@ -68,7 +69,7 @@ def get_estimator(epochs: int = 1,
         num_layers, em_dim, num_heads, ff_dim, patch_size, norm_first, pool: The ViT; None takes the pretrained one's
             (or the apphub's size and the recipe's norm placement when from scratch).
         drop, drop_path: Dropout and stochastic depth while finetuning (None: the recipe's).
-        strong_augment, augment_policy, mix_prob, device_augment, precision, compile: As in
+        strong_augment, augment_policy, mix_prob, device_augment, precision, compile, cuda_graph: As in
             `apphub_vit.pretrain.get_estimator`.
         overwrite: Replace weights an earlier run left in save_dir (otherwise the run refuses to start).
         num_process: Pipeline worker processes (None: 8 on a GPU host, else FastEstimator's default).
@@ -104,7 +105,7 @@ def get_estimator(epochs: int = 1,
                                cfg=cfg, recipe=recipe, lr=lr, strong_augment=strong_augment,
                                augment_policy=augment_policy, mix_prob=mix_prob,
                                device_augment=device_augment, precision=precision, compile=compile,
-                               overwrite=overwrite, init_model=init, num_process=num_process, log_steps=log_steps,
+                               cuda_graph=cuda_graph, overwrite=overwrite, init_model=init, num_process=num_process, log_steps=log_steps,
                                synthetic_size=synthetic_size)
 
 

@@ -40,6 +40,7 @@ def get_estimator(epochs: int = 100,
                   device_augment: Optional[bool] = None,
                   precision: Optional[str] = None,
                   compile: Optional[bool] = None,
+                  cuda_graph: Optional[bool] = None,
                   overwrite: bool = False,
                   num_process: Optional[int] = None,
                   log_steps: int = 100,
@@ -67,6 +68,8 @@ def get_estimator(epochs: int = 100,
         device_augment: Run the six ops batched where the model runs (default) instead of per sample in the pipeline.
         precision: "fp32", "bf16" or "fp16" (None: bf16 on a GPU, fp32 on a CPU).
         compile: torch.compile the model (None: on a GPU only).
+        cuda_graph: Capture each training step as a CUDA graph and replay it (None: on a GPU wherever the
+            configuration allows: recipe "vit" without MixUp/CutMix, not fp16; see `apphub_vit/device_network.py`).
         overwrite: Replace weights an earlier run left in save_dir (otherwise the run refuses to start).
         num_process: Pipeline worker processes (None: 8 on a GPU host, else FastEstimator's default).
         log_steps: Log the training loss every this many steps.
@@ -80,7 +83,7 @@ def get_estimator(epochs: int = 100,
                                cfg=cfg, recipe=recipe, lr=lr, strong_augment=strong_augment,
                                augment_policy=augment_policy, mix_prob=mix_prob,
                                device_augment=device_augment, precision=precision, compile=compile,
-                               overwrite=overwrite, save_encoder=True, num_process=num_process, log_steps=log_steps,
+                               cuda_graph=cuda_graph, overwrite=overwrite, save_encoder=True, num_process=num_process, log_steps=log_steps,
                                synthetic_size=synthetic_size)
 
 

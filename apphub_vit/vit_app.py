@@ -13,10 +13,11 @@ differ only in the arguments they pass here. Two training recipes:
 
 And the GPU path (each a flag, all on by default when a GPU is present): the six ops run batched on the GPU
 (`pipelines/batched.py`), bf16 autocast, `torch.compile`, batch 512 with the learning rate scaled to it, fewer pipeline
-workers, and `DeviceNetwork`, which removes FastEstimator's per-step device syncs (see `apphub_vit/device_network.py`).
+workers, and `DeviceNetwork`, which removes FastEstimator's per-step device syncs and replays the whole train step as
+a CUDA graph (`cuda_graph`; see `apphub_vit/device_network.py`).
 """
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Dict, List, Optional
 
 import fastestimator as fe
@@ -80,30 +81,47 @@ class Hardware:
     precision: str  # "fp32", "bf16" (autocast, no loss scaling) or "fp16" (FastEstimator's mixed_precision)
     compile: bool
     num_process: Optional[int]
+    cuda_graph: Optional[bool]  # None: decided by build_vit_estimator (on where the recipe's ops allow it)
 
 
 def resolve_hardware(batch_size: Optional[int] = None, device_augment: Optional[bool] = None,
                      precision: Optional[str] = None, compile: Optional[bool] = None,
-                     num_process: Optional[int] = None) -> Hardware:
+                     num_process: Optional[int] = None, cuda_graph: Optional[bool] = None) -> Hardware:
     gpu = torch.cuda.is_available()
     if precision not in (None, "fp32", "bf16", "fp16"):
         raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16', got {precision!r}")
     if precision in ("bf16", "fp16") and not gpu:
         raise ValueError(f"precision={precision!r} needs a CUDA GPU; none is visible. Use precision='fp32' on a CPU.")
+    if cuda_graph and not gpu:
+        raise ValueError("cuda_graph=True needs a CUDA GPU; none is visible. Use cuda_graph=False on a CPU.")
+    if cuda_graph and precision == "fp16":
+        raise ValueError("cuda_graph=True cannot capture fp16's loss scaling (it checks for infs on the host every "
+                         "step): use precision='bf16' with it, or cuda_graph=False")
     if compile and not gpu:
         print("vit_app: torch.compile is on without a GPU: the first steps will be slow while it compiles")
     return Hardware(gpu=gpu, batch_size=batch_size or (512 if gpu else 128),
                     device_augment=True if device_augment is None else bool(device_augment),
                     precision=precision or ("bf16" if gpu else "fp32"), compile=gpu if compile is None else compile,
-                    num_process=num_process)  # per-sample pipeline only; None: FastEstimator's default
+                    num_process=num_process,  # per-sample pipeline only; None: FastEstimator's default
+                    cuda_graph=False if not gpu else cuda_graph)
 
 
-def make_optimizer(recipe: Recipe, lr: float) -> Callable[[Any], torch.optim.Optimizer]:
+def make_optimizer(recipe: Recipe, lr: float, capturable: bool = False) -> Callable[[Any], torch.optim.Optimizer]:
+    """capturable: an AdamW a CUDA graph may capture (its step count stays on the device, it takes a tensor lr)."""
     if recipe.optimizer == "sgd":
         return lambda params: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=recipe.weight_decay)
     # fused AdamW: one kernel for all parameters on a GPU instead of a loop of small ones
     return lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=recipe.weight_decay,
-                                            fused=torch.cuda.is_available())
+                                            fused=torch.cuda.is_available(), capturable=capturable)
+
+
+def cuda_graph_blockers(rec: Recipe, strong: bool, mix_prob: float, precision: str) -> List[str]:
+    """Why a train step of this configuration cannot be a CUDA graph (empty: it can). A graph replays the step as
+    captured: fine for random draws on the device, not for MixUpCutMix's draws on the host (mix or cut, box size),
+    fp16's host-side inf check, or SGD (torch's SGD is not capturable)."""
+    return [why for why, blocks in (("MixUp/CutMix draws on the host (mix_prob > 0)", strong and mix_prob > 0),
+                                    ("fp16 loss scaling syncs every step", precision == "fp16"),
+                                    (f"recipe {rec.name!r} uses SGD", rec.optimizer != "adamw")) if blocks]
 
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> float:
@@ -120,7 +138,7 @@ def build_vit_estimator(*, model_name: str, num_classes: int, dataset: str, data
                         lr: Optional[float] = None, strong_augment: Optional[bool] = None,
                         augment_policy: Optional[str] = None, mix_prob: Optional[float] = None,
                         device_augment: Optional[bool] = None, precision: Optional[str] = None,
-                        compile: Optional[bool] = None, overwrite: bool = False,
+                        compile: Optional[bool] = None, cuda_graph: Optional[bool] = None, overwrite: bool = False,
                         init_model: Optional[Callable[[torch.nn.Module], None]] = None, save_encoder: bool = False,
                         num_process: Optional[int] = None, log_steps: int = 100,
                         synthetic_size: Optional[List[int]] = None) -> fe.Estimator:
@@ -132,7 +150,7 @@ def build_vit_estimator(*, model_name: str, num_classes: int, dataset: str, data
     for name, value in (("epochs", epochs), ("batch_size", batch_size or 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    hw = resolve_hardware(batch_size, device_augment, precision, compile, num_process)
+    hw = resolve_hardware(batch_size, device_augment, precision, compile, num_process, cuda_graph)
     outputs = [f"{model_name}_best_accuracy.pt", GRID_FILE, RECORD_FILE] + ([ENCODER_FILE] if save_encoder else [])
     ensure_outputs_free(save_dir, outputs, overwrite)
     strong = rec.strong_augment if strong_augment is None else bool(strong_augment)
@@ -142,6 +160,12 @@ def build_vit_estimator(*, model_name: str, num_classes: int, dataset: str, data
     mix_prob = rec.mix_prob if mix_prob is None else float(mix_prob)
     if not 0 <= mix_prob <= 1:
         raise ValueError(f"mix_prob is the share of batches mixed, between 0 and 1; got {mix_prob}")
+    graph_blockers = cuda_graph_blockers(rec, strong, mix_prob, hw.precision)
+    if hw.cuda_graph and graph_blockers:
+        raise ValueError(f"cuda_graph=True cannot capture this configuration: {'; '.join(graph_blockers)}. "
+                         f"Use cuda_graph=False (or None, which picks it where it works)")
+    if hw.cuda_graph is None:
+        hw = replace(hw, cuda_graph=hw.gpu and not graph_blockers)
     peak_lr = lr if lr is not None else rec.lr * hw.batch_size / rec.base_batch  # linear scaling rule
     sizes = {} if synthetic_size is None else {"num_train": synthetic_size[0], "num_eval": synthetic_size[1]}
 
@@ -173,8 +197,8 @@ def build_vit_estimator(*, model_name: str, num_classes: int, dataset: str, data
 
     if hw.gpu:
         torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 leftovers (optimizer, norms) on tensor cores
-    model = fe.build(model_fn=model_fn, optimizer_fn=make_optimizer(rec, peak_lr), model_name=model_name,
-                     mixed_precision=hw.precision == "fp16")
+    model = fe.build(model_fn=model_fn, optimizer_fn=make_optimizer(rec, peak_lr, capturable=hw.cuda_graph),
+                     model_name=model_name, mixed_precision=hw.precision == "fp16")
     train_label = "y"
     if strong and mix_prob:
         train_label = "y_soft"  # written by MixUpCutMix, label smoothing included
@@ -186,7 +210,7 @@ def build_vit_estimator(*, model_name: str, num_classes: int, dataset: str, data
         CrossEntropy(inputs=("y_pred", train_label), outputs="ce", from_logits=True, mode="train"),
         CrossEntropy(inputs=("y_pred", "y"), outputs="ce", from_logits=True, mode="!train"),
         UpdateOp(model=model, loss_name="ce")
-    ], autocast_dtype=torch.bfloat16 if hw.precision == "bf16" else None)
+    ], autocast_dtype=torch.bfloat16 if hw.precision == "bf16" else None, cuda_graph=hw.cuda_graph)
 
     # 3. estimator
     traces: List[Trace] = [

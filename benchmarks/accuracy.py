@@ -87,6 +87,8 @@ def main(argv: List[str] = None) -> None:
     parser.add_argument("--pool", default=None, choices=["cls", "mean"], help="default: the recipe's (vit: mean)")
     parser.add_argument("--num_heads", type=int, default=None, help="default: 8, the apphub's")
     parser.add_argument("--drop_path", type=float, default=None, help="stochastic depth (default: the recipe's)")
+    parser.add_argument("--cuda_graph", type=int, default=None, choices=[0, 1],
+                        help="replay each train step as a CUDA graph (default: on a GPU where the recipe allows)")
     parser.add_argument("--save_dir", default=None, help="default: a new temporary folder")
     parser.add_argument("--train_steps_per_epoch", type=int, default=None, help="for smoke tests")
     parser.add_argument("--eval_steps_per_epoch", type=int, default=None, help="for smoke tests")
@@ -99,7 +101,8 @@ def main(argv: List[str] = None) -> None:
     extra = {} if args.recipe == "vit" else dict(device_augment=False, precision="fp32", compile=False)
     strong = None if args.strong_augment is None else bool(args.strong_augment)
     options = dict(augment_policy=args.augment_policy, drop_path=args.drop_path, mix_prob=args.mix_prob, pool=args.pool,
-                   num_heads=args.num_heads, strong_augment=strong)
+                   num_heads=args.num_heads, strong_augment=strong,
+                   cuda_graph=None if args.cuda_graph is None else bool(args.cuda_graph))
     extra.update({k: v for k, v in options.items() if v is not None})
     est = finetune.get_estimator(from_scratch=True, data_dir=args.data_dir, dataset="cifair10", epochs=args.epochs,
                                  batch_size=args.batch_size, lr=args.lr, recipe=args.recipe, save_dir=save_dir,

@@ -10,7 +10,8 @@ eval is excluded and so are the first `--skip` steps of the timed epoch, where c
    without our fix of FastEstimator's InfiniteSampler (`apphub_vit/compat.py`), which on current torch restarts and
    reshuffles the sampler at every batch: what the apphub app costs as FastEstimator 1.7.0 ships it;
 2. our path end to end: the app's defaults for this machine (on a GPU: recipe "vit" with strong augmentation,
-   batched device-side ops, bf16, torch.compile, batch 512; on a CPU: the same at batch 128 in fp32, no compile);
+   batched device-side ops, bf16, torch.compile, batch 512, each train step replayed as a CUDA graph; on a CPU: the
+   same at batch 128 in fp32, no compile, no graph); on a GPU also without the CUDA graph;
 3. the apphub pipeline alone (six per-sample ops, its batch), and ours (uint8 batching only, its batch);
 4. the model's training step alone (forward, backward, optimizer step) at our path's settings, with our batched
    augmentation ops included, data already on the device.
@@ -148,6 +149,8 @@ def main(argv: List[str] = None) -> None:
         (f"our path, end to end (batch {ours_batch}, app defaults for this device)",
          lambda: end_to_end(ours, ours_batch, steps, skip, epochs=2 if gpu else 1, profile=args.profile,
                             sync_debug=args.sync_debug)),
+        *([(f"our path without the CUDA graph step, end to end (batch {ours_batch})",
+            lambda: end_to_end(dict(ours, cuda_graph=False), ours_batch, steps, skip, epochs=2))] if gpu else []),
         (f"our path without strong augmentation, end to end (batch {ours_batch})",
          lambda: end_to_end(dict(ours, strong_augment=False), ours_batch, steps, skip, epochs=2 if gpu else 1)),
         ("apphub pipeline alone (six per-sample ops, batch 128)", lambda: pipeline_alone(apphub, 128, steps)),

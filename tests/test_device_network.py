@@ -1,0 +1,165 @@
+"""DeviceNetwork's CUDA-graph train step: the same updates as the uncaptured step, fresh randomness at every replay,
+a new capture after each epoch. The graph tests need a CUDA GPU (skipped on a CPU, as in CI); on the GPU host, where
+pytest may be missing, `python tests/test_device_network.py` runs them."""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import apphub_vit  # noqa: E402,F401  (FastEstimator compatibility fix)
+import fastestimator as fe  # noqa: E402
+from fastestimator.backend import set_lr  # noqa: E402
+from fastestimator.op.tensorop import TensorOp  # noqa: E402
+from fastestimator.op.tensorop.loss import CrossEntropy  # noqa: E402
+from fastestimator.op.tensorop.model import ModelOp, UpdateOp  # noqa: E402
+
+from apphub_vit.device_network import DeviceNetwork  # noqa: E402
+from apphub_vit.vit_app import RECIPES, cuda_graph_blockers, resolve_hardware  # noqa: E402
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (none here)")
+
+
+class _Noise(TensorOp):
+    """x + scale * uniform noise drawn on the device: randomness a captured graph must redraw at every replay."""
+    def __init__(self, scale: float) -> None:
+        super().__init__(inputs="x", outputs="x", mode="train")
+        self.scale = scale
+
+    def forward(self, data: torch.Tensor, state):
+        return data + self.scale * torch.rand_like(data)
+
+
+class _HostSync(TensorOp):
+    """Reads a value back to the host every step (`.item()`): something a CUDA graph cannot capture."""
+    def __init__(self) -> None:
+        super().__init__(inputs="x", outputs="x", mode="train")
+
+    def forward(self, data: torch.Tensor, state):
+        return data * 1.0 if data.abs().max().item() >= 0 else data
+
+
+def _network(cuda_graph: bool, noise: float = 0.0, seed: int = 0, first_ops=()):
+    torch.manual_seed(seed)
+    model = fe.build(model_fn=lambda: torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(),
+                                                          torch.nn.Linear(32, 5)),
+                     optimizer_fn=lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.05, fused=True,
+                                                              capturable=True))
+    ops = list(first_ops) + ([_Noise(noise)] if noise else []) + [
+        ModelOp(model=model, inputs="x", outputs="y_pred"),
+        CrossEntropy(inputs=("y_pred", "y"), outputs="ce", from_logits=True),
+        UpdateOp(model=model, loss_name="ce")
+    ]
+    return DeviceNetwork(ops=ops, cuda_graph=cuda_graph, graph_warmup=2), model
+
+
+def _batches(n: int):
+    g = torch.Generator().manual_seed(1)
+    return [{"x": torch.randn(8, 16, generator=g), "y": torch.randint(0, 5, (8, ), generator=g)} for _ in range(n)]
+
+
+def _train(network, model, epochs, steps, lrs):
+    """`epochs` epochs of `steps` steps, setting a new learning rate before each step (as FastEstimator's LRScheduler);
+    returns the loss of every step."""
+    losses, batches, i = [], _batches(epochs * steps), 0
+    for epoch in range(epochs):
+        with network(mode="train", epoch=epoch + 1, ds_id="", desired_output_keys={"ce"}):
+            for _ in range(steps):
+                set_lr(model, lrs[i])
+                losses.append(float(network.run_step(batches[i])["ce"]))
+                i += 1
+    return losses
+
+
+@needs_cuda
+def test_graph_steps_match_uncaptured_steps_across_epochs_and_learning_rates():
+    lrs = [1e-2 * (1 + i % 3) for i in range(16)]
+    eager, eager_model = _network(cuda_graph=False)
+    graph, graph_model = _network(cuda_graph=True)
+    eager_losses = _train(eager, eager_model, epochs=2, steps=8, lrs=lrs)
+    graph_losses = _train(graph, graph_model, epochs=2, steps=8, lrs=lrs)
+    assert graph.graph_captures == 2  # once per epoch (FastEstimator moves the model off the GPU in between)
+    assert graph.eager_train_steps == 2  # the warm-up steps of the first epoch only
+    assert eager_losses[-1] < eager_losses[0]
+    torch.testing.assert_close(torch.tensor(graph_losses), torch.tensor(eager_losses), rtol=1e-4, atol=1e-5)
+    for p_graph, p_eager in zip(graph_model.parameters(), eager_model.parameters()):
+        torch.testing.assert_close(p_graph.detach().cpu(), p_eager.detach().cpu(), rtol=1e-4, atol=1e-5)
+    assert float(graph_model.current_optimizer.param_groups[0]["lr"]) == lrs[-1]  # a float again, as FE expects
+
+
+@needs_cuda
+def test_memory_stays_flat_over_epochs_of_new_captures():
+    network, model = _network(cuda_graph=True)
+    batches, allocated = _batches(4), []
+    for epoch in range(6):
+        with network(mode="train", epoch=epoch + 1, ds_id="", desired_output_keys={"ce"}):
+            for batch in batches:
+                network.run_step(dict(batch))
+        torch.cuda.synchronize()
+        allocated.append(torch.cuda.memory_allocated())
+    assert network.graph_captures == 6
+    assert allocated[-1] <= allocated[1], f"GPU memory grows with every epoch's graph: {allocated}"
+
+
+@needs_cuda
+def test_random_ops_draw_anew_at_every_replay():
+    network, model = _network(cuda_graph=True, noise=3.0)
+    batch = _batches(1)[0]
+    with network(mode="train", epoch=1, ds_id="", desired_output_keys={"ce"}):
+        set_lr(model, 0.0)  # the weights stay put: only the noise can change the loss
+        losses = [float(network.run_step(dict(batch))["ce"]) for _ in range(6)]
+    assert network.graph_captures == 1
+    replayed = losses[2:]  # steps 3..6 are replays
+    assert len(set(replayed)) == len(replayed), f"replays repeated their random draws: {replayed}"
+
+
+@needs_cuda
+def test_a_batch_of_another_shape_runs_uncaptured():
+    network, model = _network(cuda_graph=True)
+    batches = _batches(4) + [{"x": torch.randn(3, 16), "y": torch.randint(0, 5, (3, ))}]
+    with network(mode="train", epoch=1, ds_id="", desired_output_keys={"ce"}):
+        for batch in batches:
+            network.run_step(batch)
+    assert network.graph_captures == 1 and network.eager_train_steps == 3  # 2 warm-up + the short batch
+
+
+@needs_cuda
+def test_a_step_that_cannot_be_captured_trains_on_without_the_graph():
+    network, model = _network(cuda_graph=True, first_ops=[_HostSync()])
+    eager, eager_model = _network(cuda_graph=False, first_ops=[_HostSync()])
+    lrs = [1e-2] * 8
+    graph_losses = _train(network, model, epochs=1, steps=8, lrs=lrs)
+    eager_losses = _train(eager, eager_model, epochs=1, steps=8, lrs=lrs)
+    assert network.graph_failure is not None  # also printed, with what to do
+    assert network.graph_captures == 0 and network.cuda_graph is False and network.eager_train_steps == 8
+    torch.testing.assert_close(torch.tensor(graph_losses), torch.tensor(eager_losses), rtol=1e-4, atol=1e-5)
+
+
+def test_cuda_graph_without_a_gpu_is_refused_clearly():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        resolve_hardware(cuda_graph=True)
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        DeviceNetwork(ops=[], cuda_graph=True)
+    assert resolve_hardware().cuda_graph is False
+
+
+def test_the_apps_capture_only_what_a_graph_can_replay():
+    vit = RECIPES["vit"]
+    assert cuda_graph_blockers(vit, strong=True, mix_prob=0.0, precision="bf16") == []  # the GPU default
+    assert cuda_graph_blockers(vit, strong=False, mix_prob=0.8, precision="fp32") == []  # no strong aug: no mixing
+    assert "MixUp" in " ".join(cuda_graph_blockers(vit, strong=True, mix_prob=0.5, precision="bf16"))
+    assert "fp16" in " ".join(cuda_graph_blockers(vit, strong=True, mix_prob=0.0, precision="fp16"))
+    assert "SGD" in " ".join(cuda_graph_blockers(RECIPES["apphub"], strong=False, mix_prob=0.0, precision="bf16"))
+
+
+if __name__ == "__main__":
+    for name, test in list(globals().items()):
+        if name.startswith("test_") and callable(test):
+            try:
+                test()
+                print(f"PASSED {name}")
+            except pytest.skip.Exception as skip:
+                print(f"SKIPPED {name}: {skip}")

@@ -137,6 +137,7 @@ class DeviceNetwork(TorchNetwork):
         torch.cuda.synchronize()
         for group, lr in lrs:
             group["lr"] = lr
+        failure = None
         try:
             with torch.cuda.stream(stream):
                 graph.capture_begin()
@@ -146,12 +147,13 @@ class DeviceNetwork(TorchNetwork):
                 finally:
                     graph.capture_end()
         except RuntimeError as err:  # torch.OutOfMemoryError included
+            failure = err
+        finally:
             for group, lr in lrs:
-                group["lr"] = float(lr)
-            self._abandon_capture(err)
+                group["lr"] = float(lr)  # FastEstimator's LRScheduler and logs see a float, as without a graph
+        if failure is not None:
+            self._abandon_capture(failure)
             return None
-        for group, lr in lrs:
-            group["lr"] = float(lr)  # FastEstimator's LRScheduler and logs see a float, as without a graph
         torch.cuda.current_stream().wait_stream(stream)
         self._graph, self._graph_key, self._graph_in, self._graph_lr = graph, key, static_in, lrs
         # what the traces asked for, where the graph wrote it
@@ -187,9 +189,10 @@ class DeviceNetwork(TorchNetwork):
         gc.collect()
         torch.cuda.empty_cache()
         self.graph_failure = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}"
-        print(f"DeviceNetwork: capturing the train step as a CUDA graph failed ({self.graph_failure}). Training goes on without the graph (same results, slower). "
-              f"Usual causes: an op waits for the GPU (`.item()`, a copy to the host, a data-dependent shape) or draws "
-              f"random numbers on the host; pass cuda_graph=False to skip the attempt.", flush=True)
+        print(f"DeviceNetwork: capturing the train step as a CUDA graph failed ({self.graph_failure}). Training goes "
+              f"on without the graph (same results, slower). Usual causes: an op waits for the GPU (`.item()`, a copy "
+              f"to the host, a data-dependent shape) or draws random numbers on the host; pass cuda_graph=False to "
+              f"skip the attempt.", flush=True)
 
     def _replay(self, batch_in: Dict[str, Any]) -> Dict[str, Any]:
         for k, v in batch_in.items():

@@ -105,8 +105,8 @@ def get_estimator(epochs: int = 1,
                                cfg=cfg, recipe=recipe, lr=lr, strong_augment=strong_augment,
                                augment_policy=augment_policy, mix_prob=mix_prob,
                                device_augment=device_augment, precision=precision, compile=compile,
-                               cuda_graph=cuda_graph, overwrite=overwrite, init_model=init, num_process=num_process, log_steps=log_steps,
-                               synthetic_size=synthetic_size)
+                               cuda_graph=cuda_graph, overwrite=overwrite, init_model=init, num_process=num_process,
+                               log_steps=log_steps, synthetic_size=synthetic_size)
 
 
 def finetune(pretrained: Union[None, str, torch.nn.Module], **kwargs) -> torch.nn.Module:

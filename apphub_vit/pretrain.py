@@ -83,8 +83,8 @@ def get_estimator(epochs: int = 100,
                                cfg=cfg, recipe=recipe, lr=lr, strong_augment=strong_augment,
                                augment_policy=augment_policy, mix_prob=mix_prob,
                                device_augment=device_augment, precision=precision, compile=compile,
-                               cuda_graph=cuda_graph, overwrite=overwrite, save_encoder=True, num_process=num_process, log_steps=log_steps,
-                               synthetic_size=synthetic_size)
+                               cuda_graph=cuda_graph, overwrite=overwrite, save_encoder=True, num_process=num_process,
+                               log_steps=log_steps, synthetic_size=synthetic_size)
 
 
 def pretrain(**kwargs) -> torch.nn.Module:

@@ -94,9 +94,6 @@ def resolve_hardware(batch_size: Optional[int] = None, device_augment: Optional[
         raise ValueError(f"precision={precision!r} needs a CUDA GPU; none is visible. Use precision='fp32' on a CPU.")
     if cuda_graph and not gpu:
         raise ValueError("cuda_graph=True needs a CUDA GPU; none is visible. Use cuda_graph=False on a CPU.")
-    if cuda_graph and precision == "fp16":
-        raise ValueError("cuda_graph=True cannot capture fp16's loss scaling (it checks for infs on the host every "
-                         "step): use precision='bf16' with it, or cuda_graph=False")
     if compile and not gpu:
         print("vit_app: torch.compile is on without a GPU: the first steps will be slow while it compiles")
     return Hardware(gpu=gpu, batch_size=batch_size or (512 if gpu else 128),

@@ -90,13 +90,13 @@ class DeviceNetwork(TorchNetwork):
         batch_in = self._get_effective_batch_input(batch)
         self.ctx_state["tape"] = NonContext()
         train = self.ctx_state["mode"] == "train" and not self.ctx_state["warmup"]
-        key = tuple((k, v.shape, v.dtype) if isinstance(v, torch.Tensor) else (k, v) for k, v in batch_in.items())
         captured = None
-        if self.cuda_graph and train and key == self._graph_key:
-            captured = self._replay(batch_in)
-        elif (self.cuda_graph and train and self._graph is None and self.eager_train_steps >= self.graph_warmup
-              and self.ctx_state["req_grad"]):
-            captured = self._capture(batch_in, key)
+        if self.cuda_graph and train:  # the batch's shapes pick the graph (only then: eval steps need no key)
+            key = tuple((k, v.shape, v.dtype) if isinstance(v, torch.Tensor) else (k, v) for k, v in batch_in.items())
+            if key == self._graph_key:
+                captured = self._replay(batch_in)
+            elif self._graph is None and self.eager_train_steps >= self.graph_warmup and self.ctx_state["req_grad"]:
+                captured = self._capture(batch_in, key)
         if captured is not None:
             batch_in = captured
         else:

@@ -91,15 +91,17 @@ def test_graph_steps_match_uncaptured_steps_across_epochs_and_learning_rates():
 @needs_cuda
 def test_memory_stays_flat_over_epochs_of_new_captures():
     network, model = _network(cuda_graph=True)
-    batches, allocated = _batches(4), []
+    batches, allocated, reserved = _batches(4), [], []
     for epoch in range(6):
         with network(mode="train", epoch=epoch + 1, ds_id="", desired_output_keys={"ce"}):
             for batch in batches:
                 network.run_step(dict(batch))
         torch.cuda.synchronize()
         allocated.append(torch.cuda.memory_allocated())
+        reserved.append(torch.cuda.memory_reserved())  # what the process holds on the GPU, as nvidia-smi shows it
     assert network.graph_captures == 6
     assert allocated[-1] <= allocated[1], f"GPU memory grows with every epoch's graph: {allocated}"
+    assert reserved[-1] <= reserved[1], f"GPU memory held grows with every epoch's graph: {reserved}"
 
 
 @needs_cuda

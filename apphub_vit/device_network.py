@@ -17,16 +17,17 @@ behaviour (its EvalEssential trace stacks per-batch values with numpy). On a CPU
 Without syncs the GPU still idles: a training step is a few hundred kernels queued by FastEstimator's op chain in
 Python (augmentation, forward, `torch.autograd.grad`, one gradient copy per parameter, the optimizer): about 22 ms of
 host work per batch-512 step on the H100 host, against about 7 ms of GPU work (the captured step runs at 75,000
-images/s, benchmarks/throughput.py). With `cuda_graph=True` the whole train step (every op, the
-backward pass and the optimizer step) is captured once per epoch as a CUDA graph (PyTorch's "whole network capture")
-and then replayed: one launch per step. Inputs are copied into the graph's fixed buffers, the learning rate that
-FastEstimator's `LRScheduler` sets as a float is copied into a device tensor the captured optimizer reads, and random
-draws (augmentation, stochastic depth) still change at every replay (CUDA graphs advance the generator's offset).
-The graph is dropped at the end of every epoch, because FastEstimator moves the models to the CPU then, and is
-captured again at the first step of the next. What it needs: fixed shapes (a batch of another shape runs uncaptured),
-no host syncs and no host-side randomness in the ops (so not MixUpCutMix, not fp16's GradScaler), and optimizers
-built with `capturable=True` (the apps do this). A capture that fails anyway (a sync in an op, out of memory) is
-reported and the run goes on without the graph.
+images/s, benchmarks/throughput.py). With `cuda_graph=True` the whole train step (every op, the backward pass and the
+optimizer step) is captured once per epoch as a CUDA graph (PyTorch's "whole network capture") and then replayed: one
+launch per step. Inputs are copied into the graph's fixed buffers, the learning rate that FastEstimator's `LRScheduler`
+sets as a float is copied into a device tensor the captured optimizer reads, and random draws (augmentation, stochastic
+depth) still change at every replay (CUDA graphs advance the generator's offset). The graph is dropped at the end of
+every epoch, because FastEstimator moves the models to the CPU then, and is captured again at the first step of the next
+(each capture reuses one side stream and first returns the last graph's memory pool to the GPU, so memory stays flat
+over epochs). What it needs: fixed shapes (a batch of another shape runs uncaptured), no host syncs and no host-side
+randomness in the ops (so not MixUpCutMix, not fp16's GradScaler), and optimizers built with `capturable=True` (the apps
+do this). A capture that fails anyway (a sync in an op, out of memory) is reported and the run goes on without the
+graph.
 """
 import gc
 from typing import Any, Dict, List, MutableMapping, Optional, Sequence, Tuple

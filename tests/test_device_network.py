@@ -157,6 +157,22 @@ def test_the_apps_capture_only_what_a_graph_can_replay():
     assert "SGD" in " ".join(cuda_graph_blockers(RECIPES["apphub"], strong=False, mix_prob=0.0, precision="bf16"))
 
 
+@needs_cuda
+def test_mnist_app_trains_with_the_graph_on_a_gpu():
+    import tempfile
+    from apphub_vit.mnist import get_estimator as mnist_estimator
+    with tempfile.TemporaryDirectory() as save_dir:
+        est = mnist_estimator(dataset="synthetic", synthetic_size=[512, 128], epochs=2, batch_size=64, num_process=0,
+                              save_dir=save_dir, log_steps=0)
+        assert est.network.cuda_graph and est.network.autocast_dtype == torch.bfloat16  # the GPU defaults
+        before = [p.detach().clone() for p in est.model.parameters()]
+        summary = est.fit(summary="mnist", warmup=False)
+        assert est.network.graph_failure is None and est.network.graph_captures == 2  # one capture per epoch
+        assert all(not torch.equal(b, p.detach().cpu()) for b, p in zip(before, est.model.parameters()))
+        ce = list(summary.history["eval"]["ce"].values())
+        assert all(torch.isfinite(torch.tensor(float(c))) for c in ce)
+
+
 if __name__ == "__main__":
     for name, test in list(globals().items()):
         if name.startswith("test_") and callable(test):

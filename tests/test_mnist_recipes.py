@@ -98,3 +98,19 @@ def test_augmentation_only_changes_training_images(tmp_path):
     assert train[0].shape[-3:] == (1, 28, 28)
     assert any(not np.array_equal(train[0], t) for t in train[1:])  # random per call
     assert np.array_equal(evals[0], evals[1])
+
+
+def test_gpu_options_and_their_errors_on_a_cpu(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the CPU defaults do not apply")
+    from apphub_vit.device_network import DeviceNetwork
+    est = get_estimator(save_dir=str(tmp_path), **TINY)
+    assert isinstance(est.network, DeviceNetwork)  # FastEstimator's TorchNetwork step on a CPU in fp32
+    assert est.network.cuda_graph is False and est.network.autocast_dtype is None
+    assert est.config["hardware"]["precision"] == "fp32" and est.config["hardware"]["batch_size"] == 8
+    for kwargs in (dict(precision="bf16"), dict(cuda_graph=True)):
+        with pytest.raises(ValueError, match="needs a CUDA GPU"):
+            get_estimator(save_dir=str(tmp_path / "refused"), **dict(TINY, **kwargs))
+    with pytest.raises(ValueError, match="precision must be"):
+        get_estimator(save_dir=str(tmp_path / "refused"), **dict(TINY, precision="fp8"))
+    assert not (tmp_path / "refused").exists()  # refused before anything was written

@@ -174,6 +174,11 @@ class TrivialAugment(TensorOp):
     """TrivialAugment (Müller & Hutter 2021) per image on a batch: each image gets one operation drawn uniformly from
     torchvision's `TrivialAugmentWide` list, at a magnitude drawn uniformly from its 31 bins, with a random sign.
 
+    space: the magnitude ranges. "wide" (default): torchvision's `TrivialAugmentWide` (shear 0.99, translation 32
+    pixels, rotation 135 degrees, enhance factors 0.01..1.99, posterize down to 2 bits). "ra": the paper's "RA" space,
+    torchvision's `RandAugment` ranges (shear 0.3, translation 150/331 of the image side, 14 pixels at 32, rotation 30
+    degrees, enhance factors 0.1..1.9, posterize down to 4 bits): milder, for models that underfit.
+
     Input and output: [B, C, H, W] pixel values in 0..255 (uint8 or float); the output is float and integer-valued, as
     torchvision's uint8 results. Each operation follows torchvision's tensor functional of the same name (tested
     against it), computed for the whole batch with a per-image magnitude and kept where that image drew it, so the batch
@@ -183,12 +188,18 @@ class TrivialAugment(TensorOp):
     OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast",
            "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize")
     NUM_BINS = 31
+    # the largest magnitude of each range; translate as a share of the image side ("wide": 32 pixels at any size)
+    SPACES = {"wide": dict(shear=0.99, translate=None, rotate=135.0, enhance=0.99, posterize_bits=6),
+              "ra": dict(shear=0.3, translate=150.0 / 331.0, rotate=30.0, enhance=0.9, posterize_bits=4)}
 
-    def __init__(self, inputs: str, outputs: str, num_ops: int = 1, fill: float = 128.0, mode: Mode = None) -> None:
+    def __init__(self, inputs: str, outputs: str, num_ops: int = 1, fill: float = 128.0, space: str = "wide",
+                 mode: Mode = None) -> None:
         super().__init__(inputs=inputs, outputs=outputs, mode=mode)
         if not isinstance(num_ops, int) or num_ops < 1:
             raise ValueError(f"TrivialAugment num_ops must be a positive integer, got {num_ops!r}")
-        self.num_ops, self.fill = num_ops, fill
+        if space not in self.SPACES:
+            raise ValueError(f"TrivialAugment space must be one of {sorted(self.SPACES)}, got {space!r}")
+        self.num_ops, self.fill, self.space = num_ops, fill, space
 
     def forward(self, data: torch.Tensor, state: Dict[str, Any]) -> torch.Tensor:
         x = data.float()
@@ -211,16 +222,18 @@ class TrivialAugment(TensorOp):
         def per_image(value: torch.Tensor) -> torch.Tensor:
             return value.view(-1, 1, 1, 1)
 
-        signed = level * sign
-        factor = per_image(1 + 0.99 * signed)  # Brightness, Color, Contrast, Sharpness: 0.01 .. 1.99
+        signed, r = level * sign, self.SPACES[self.space]
+        factor = per_image(1 + r["enhance"] * signed)  # Brightness, Color, Contrast, Sharpness ("wide": 0.01 .. 1.99)
         geometric = chosen("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
-        out = torch.where(geometric, _affine(x, op, signed, self.OPS, self.fill), x)
+        h, w = x.shape[-2:]
+        move = (32.0, 32.0) if r["translate"] is None else (r["translate"] * w, r["translate"] * h)
+        out = torch.where(geometric, _affine(x, op, signed, self.OPS, self.fill, r["shear"], move, r["rotate"]), x)
         out = torch.where(chosen("Brightness"), _blend(x, torch.zeros_like(x), factor), out)
         grey = _greyscale(x)
         out = torch.where(chosen("Color"), _blend(x, grey, factor), out)
         out = torch.where(chosen("Contrast"), _blend(x, grey.mean((1, 2, 3), keepdim=True), factor), out)
         out = torch.where(chosen("Sharpness"), _blend(x, _smoothed(x), factor), out)
-        bits = 8 - torch.round(level * 6)  # 8 .. 2 bits kept
+        bits = 8 - torch.round(level * r["posterize_bits"])  # "wide": 8 .. 2 bits kept
         step = per_image(torch.pow(2.0, 8 - bits))
         out = torch.where(chosen("Posterize"), torch.floor(x / step) * step, out)
         threshold = per_image(255.0 * (1 - level))
@@ -269,19 +282,20 @@ def _equalize(x: torch.Tensor) -> torch.Tensor:
     return equalised.view(b, c, h, w)
 
 
-def _affine(x: torch.Tensor, op: torch.Tensor, signed: torch.Tensor, names: Sequence[str],
-            fill: float) -> torch.Tensor:
-    """The geometric TrivialAugmentWide ops (shear up to 0.99, translation up to 32 pixels, rotation up to 135 degrees),
-    as one nearest-neighbour `grid_sample` with a per-image output -> input map (identity for the other images, whose
-    result the caller discards)."""
+def _affine(x: torch.Tensor, op: torch.Tensor, signed: torch.Tensor, names: Sequence[str], fill: float,
+            shear: float = 0.99, move: Tuple[float, float] = (32.0, 32.0), rotate: float = 135.0) -> torch.Tensor:
+    """The geometric TrivialAugment ops (the "wide" defaults: shear up to 0.99, translation up to 32 pixels in x and y,
+    rotation up to 135 degrees), as one nearest-neighbour `grid_sample` with a per-image output -> input map (identity
+    for the other images, whose result the caller discards)."""
     b, _, h, w = x.shape
 
     def mask(name: str) -> torch.Tensor:
         return (op == names.index(name)).to(x.dtype)
 
-    shear_x, shear_y = 0.99 * signed * mask("ShearX"), 0.99 * signed * mask("ShearY")  # about the top-left corner
-    move_x, move_y = torch.trunc(32 * signed) * mask("TranslateX"), torch.trunc(32 * signed) * mask("TranslateY")
-    angle = 135 * signed * mask("Rotate") * (math.pi / 180)  # about the image centre
+    shear_x, shear_y = shear * signed * mask("ShearX"), shear * signed * mask("ShearY")  # about the top-left corner
+    move_x = torch.trunc(move[0] * signed) * mask("TranslateX")  # whole pixels, as torchvision's int(magnitude)
+    move_y = torch.trunc(move[1] * signed) * mask("TranslateY")
+    angle = rotate * signed * mask("Rotate") * (math.pi / 180)  # about the image centre
     cos, sin = torch.cos(angle), torch.sin(angle)
     cx, cy = (w - 1) / 2, (h - 1) / 2
     ys, xs = torch.meshgrid(torch.arange(h, device=x.device, dtype=x.dtype),
@@ -405,7 +419,7 @@ class FusedImageOps(TensorOp):
         return self._run(data)
 
 
-POLICIES = ("trivialaugment", "affine")
+POLICIES = ("trivialaugment", "trivialaugment_ra", "affine")
 
 
 def batched_cifar_ops(mean: Sequence[float], std: Sequence[float], image_key: str = "x", augment: bool = True,
@@ -415,9 +429,10 @@ def batched_cifar_ops(mean: Sequence[float], std: Sequence[float], image_key: st
     """The six apphub ops as batched TensorOps (augmenting ops in train mode only), optionally with the strong
     augmentation of the "vit" recipe, which writes soft labels to `<label_key>_soft` in train mode.
 
-    strong: a per-image policy, then MixUp / CutMix on top of the six ops. policy "trivialaugment": `TrivialAugment`
-    on the raw pixels (before Normalize); "affine": `RandomAffine` and `ColorJitter` after the crop. mix_prob: the
-    share of batches MixUpCutMix mixes (the others get the smoothed labels only); 0 leaves it out (no `_soft` labels).
+    strong: a per-image policy, then MixUp / CutMix on top of the six ops. policy "trivialaugment": `TrivialAugment` on
+    the raw pixels (before Normalize); "trivialaugment_ra": the same in its milder "RA" magnitude space; "affine":
+    `RandomAffine` and `ColorJitter` after the crop. mix_prob: the share of batches MixUpCutMix mixes (the others get
+    the smoothed labels only); 0 leaves it out (no `_soft` labels).
 
     fuse: run the train-mode image ops as one `FusedImageOps` (and `compile` it), evaluation keeping the two plain
     ops (ChannelTranspose, Normalize). Same results, same randomness per image."""
@@ -435,8 +450,8 @@ def batched_cifar_ops(mean: Sequence[float], std: Sequence[float], image_key: st
     if strong:
         if num_classes is None:
             raise ValueError("strong augmentation mixes labels: pass num_classes")
-        if policy == "trivialaugment":
-            ops[1:1] = [TrivialAugment(k, k, mode="train")]  # on pixel values 0..255, so before Normalize
+        if policy.startswith("trivialaugment"):  # on pixel values 0..255, so before Normalize
+            ops[1:1] = [TrivialAugment(k, k, space="ra" if policy == "trivialaugment_ra" else "wide", mode="train")]
         else:
             ops[4:4] = [RandomAffine(k, k, mode="train"), ColorJitter(k, k, mode="train")]  # before flip and dropout
     mix = [MixUpCutMix((k, label_key), (k, f"{label_key}_soft"), num_classes=num_classes,

@@ -180,15 +180,19 @@ def test_fused_ops_compile_on_cpu():
     assert (out == 0).any()  # the CoarseDropout hole survives compilation
 
 
+@pytest.mark.parametrize("space", ["wide", "ra"])
 @pytest.mark.parametrize("name", TrivialAugment.OPS)
-def test_trivialaugment_ops_are_torchvisions(name):
-    """Each operation, at several magnitudes and both signs, gives torchvision's TrivialAugmentWide result on uint8
-    images (off by one grey level in some pixels at most, from float rounding)."""
+def test_trivialaugment_ops_are_torchvisions(name, space):
+    """Each operation, at several magnitudes and both signs, gives torchvision's result on uint8 images (off by one
+    grey level in some pixels at most, from float rounding): TrivialAugmentWide's magnitudes for space "wide",
+    RandAugment's for "ra"."""
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import autoaugment as tv
     images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    magnitudes, signed = tv.TrivialAugmentWide()._augmentation_space(TrivialAugment.NUM_BINS)[name]
-    ta, n = TrivialAugment("x", "x", fill=0.0), images.shape[0]  # torchvision fills with black
+    spaces = {"wide": lambda: tv.TrivialAugmentWide()._augmentation_space(TrivialAugment.NUM_BINS),
+              "ra": lambda: tv.RandAugment()._augmentation_space(TrivialAugment.NUM_BINS, (32, 32))}
+    magnitudes, signed = spaces[space]()[name]
+    ta, n = TrivialAugment("x", "x", fill=0.0, space=space), images.shape[0]  # torchvision fills with black
     for level in (0, 7, 19, 30):
         for sign in ((1.0, -1.0) if signed else (1.0, )):
             magnitude = sign * float(magnitudes[level]) if magnitudes.ndim else 0.0
@@ -237,3 +241,9 @@ def test_strong_ops_order_and_mixing_choice():
     assert "RandomAffine" in names and "MixUpCutMix" in names and "TrivialAugment" not in names
     with pytest.raises(ValueError, match="policy must be one of"):
         batched_cifar_ops(CIFAR_MEAN, CIFAR_STD, strong=True, num_classes=10, policy="autoaugment")
+    spaces = {policy: [op.space for op in batched_cifar_ops(CIFAR_MEAN, CIFAR_STD, strong=True, num_classes=10,
+                                                            policy=policy, mix_prob=0.0)
+                       if isinstance(op, TrivialAugment)] for policy in ("trivialaugment", "trivialaugment_ra")}
+    assert spaces == {"trivialaugment": ["wide"], "trivialaugment_ra": ["ra"]}
+    with pytest.raises(ValueError, match="space must be one of"):
+        TrivialAugment("x", "x", space="narrow")

@@ -13,10 +13,11 @@ kernels, with per-sample randomness identical in distribution to the albumentati
 | CoarseDropout(max_holes=1) (8x8, fill 0)   | CoarseDropout                         | top-left uniform in 0..24 (inclusive) |
 | ChannelTranspose (HWC -> CHW)              | ChannelTranspose (NHWC -> NCHW)       | none                                  |
 
-ChannelTranspose runs first here (the ops commute with it) so the rest work on NCHW, torch's layout.
-`TrivialAugment` (Müller & Hutter 2021; torchvision's TrivialAugmentWide, one operation per image) is the "vit"
-recipe's stronger augmentation; `RandomAffine` + `ColorJitter` (geometry and colour) and `MixUpCutMix` (Zhang et al.
-2018 mixup, Yun et al. 2019 CutMix) are the alternatives it replaced, kept as options. All batched, random per image.
+ChannelTranspose runs first here (the ops commute with it) so the rest work on NCHW, torch's layout. `TrivialAugment`
+(Müller & Hutter 2021; torchvision's TrivialAugmentWide, one operation per image) is the "vit" recipe's stronger
+augmentation (`AutoAugment`, the CIFAR-10 policy of Cubuk et al. 2019, is an option); `RandomAffine` + `ColorJitter`
+(geometry and colour) and `MixUpCutMix` (Zhang et al. 2018 mixup, Yun et al. 2019 CutMix) are the alternatives it
+replaced, kept as options. All batched, random per image.
 """
 import math
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -242,6 +243,57 @@ class TrivialAugment(TensorOp):
         return torch.where(chosen("Equalize"), _equalize(x), out)
 
 
+
+class AutoAugment(TensorOp):
+    """AutoAugment's CIFAR-10 policy (Cubuk et al. 2019) per image on a batch, as torchvision's
+    `AutoAugment(AutoAugmentPolicy.CIFAR10)`, whose 25 sub-policies it reads: each image draws one sub-policy, and
+    each of its two operations applies with the sub-policy's probability, at its fixed magnitude (10 bins over
+    RandAugment's ranges, i.e. `TrivialAugment`'s "ra" space), with a random sign where the operation has one.
+
+    Input and output as `TrivialAugment`: [B, C, H, W] pixel values in 0..255, float output. The operations are
+    `TrivialAugment.apply`'s (tested against torchvision), plus Invert.
+    """
+    NAMES = TrivialAugment.OPS + ("Invert", )
+    MAGNITUDE_BINS = 10
+
+    def __init__(self, inputs: str, outputs: str, fill: float = 128.0, mode: Mode = None) -> None:
+        super().__init__(inputs=inputs, outputs=outputs, mode=mode)
+        from torchvision.transforms import autoaugment as tv
+        self.policies = tv.AutoAugment(tv.AutoAugmentPolicy.CIFAR10).policies  # 25 x ((name, prob, bin or None) x 2)
+        self._ops = TrivialAugment(inputs, outputs, fill=fill, space="ra")
+        self._tables: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def tables(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[25, 2] operation indices, probabilities and levels (0..1 of the range), made once per device: a copy to
+        the GPU inside a captured CUDA graph step would not be allowed."""
+        if device not in self._tables:
+            ops = [[self.NAMES.index(name) for name, _, _ in policy] for policy in self.policies]
+            probs = [[prob for _, prob, _ in policy] for policy in self.policies]
+            levels = [[(b or 0) / (self.MAGNITUDE_BINS - 1) for _, _, b in policy] for policy in self.policies]
+            self._tables[device] = (torch.tensor(ops, device=device), torch.tensor(probs, device=device),
+                                    torch.tensor(levels, device=device))
+        return self._tables[device]
+
+    def forward(self, data: torch.Tensor, state: Dict[str, Any]) -> torch.Tensor:
+        x = data.float()
+        b, dev = x.shape[0], x.device
+        pick = torch.randint(0, len(self.policies), (b, ), device=dev)
+        _, probs, _ = self.tables(dev)
+        applied = torch.rand(b, 2, device=dev) <= probs[pick]  # torchvision: probs[i] <= p
+        sign = torch.where(torch.rand(b, 2, device=dev) < 0.5, -1.0, 1.0)
+        return self.apply(x, pick, applied, sign)
+
+    def apply(self, x: torch.Tensor, pick: torch.Tensor, applied: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+        """Image i gets sub-policy pick[i]; its operation j runs where applied[i, j], with sign sign[i, j]."""
+        ops, _, levels = self.tables(x.device)
+        invert = self.NAMES.index("Invert")
+        for j in range(2):
+            op, level = ops[pick, j], levels[pick, j]
+            out = self._ops.apply(x, torch.where(op == invert, 0, op), level, sign[:, j])  # 0: Identity
+            out = torch.where((op == invert).view(-1, 1, 1, 1), 255 - x, out)
+            x = torch.where(applied[:, j].view(-1, 1, 1, 1), out, x)
+        return x
+
 def _blend(image: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """torchvision's `_blend` for uint8 images: factor * image + (1 - factor) * other, clamped, truncated."""
     return torch.floor((factor * image + (1 - factor) * other).clamp(0, 255))
@@ -419,7 +471,7 @@ class FusedImageOps(TensorOp):
         return self._run(data)
 
 
-POLICIES = ("trivialaugment", "trivialaugment_ra", "affine")
+POLICIES = ("trivialaugment", "trivialaugment_ra", "autoaugment", "affine")
 
 
 def batched_cifar_ops(mean: Sequence[float], std: Sequence[float], image_key: str = "x", augment: bool = True,
@@ -430,9 +482,9 @@ def batched_cifar_ops(mean: Sequence[float], std: Sequence[float], image_key: st
     augmentation of the "vit" recipe, which writes soft labels to `<label_key>_soft` in train mode.
 
     strong: a per-image policy, then MixUp / CutMix on top of the six ops. policy "trivialaugment": `TrivialAugment` on
-    the raw pixels (before Normalize); "trivialaugment_ra": the same in its milder "RA" magnitude space; "affine":
-    `RandomAffine` and `ColorJitter` after the crop. mix_prob: the share of batches MixUpCutMix mixes (the others get
-    the smoothed labels only); 0 leaves it out (no `_soft` labels).
+    the raw pixels (before Normalize); "trivialaugment_ra": the same in its milder "RA" magnitude space; "autoaugment":
+    `AutoAugment`'s CIFAR-10 policy there; "affine": `RandomAffine` and `ColorJitter` after the crop. mix_prob: the
+    share of batches MixUpCutMix mixes (the others get the smoothed labels only); 0 leaves it out (no `_soft` labels).
 
     fuse: run the train-mode image ops as one `FusedImageOps` (and `compile` it), evaluation keeping the two plain
     ops (ChannelTranspose, Normalize). Same results, same randomness per image."""
@@ -452,6 +504,8 @@ def batched_cifar_ops(mean: Sequence[float], std: Sequence[float], image_key: st
             raise ValueError("strong augmentation mixes labels: pass num_classes")
         if policy.startswith("trivialaugment"):  # on pixel values 0..255, so before Normalize
             ops[1:1] = [TrivialAugment(k, k, space="ra" if policy == "trivialaugment_ra" else "wide", mode="train")]
+        elif policy == "autoaugment":
+            ops[1:1] = [AutoAugment(k, k, mode="train")]
         else:
             ops[4:4] = [RandomAffine(k, k, mode="train"), ColorJitter(k, k, mode="train")]  # before flip and dropout
     mix = [MixUpCutMix((k, label_key), (k, f"{label_key}_soft"), num_classes=num_classes,

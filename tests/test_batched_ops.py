@@ -8,7 +8,7 @@ from fastestimator.op.numpyop.multivariate import RandomCrop as NpCrop
 from fastestimator.op.numpyop.univariate import CoarseDropout as NpDropout
 
 from pipelines.batched import (BatchLoader, CoarseDropout, HorizontalFlip, MixUpCutMix, PadIfNeeded, RandomAffine,
-                               RandomCrop, TrivialAugment, batched_cifar_ops)
+                               AutoAugment, RandomCrop, TrivialAugment, batched_cifar_ops)
 from pipelines.cifar import CIFAR_MEAN, CIFAR_STD, cifar_ops
 
 N = 2000  # samples per distribution check
@@ -231,6 +231,52 @@ def test_trivialaugment_varies_per_image_and_keeps_the_pixel_range():
     assert len(distinct) > 20  # not one transformation for the whole batch
 
 
+
+@pytest.mark.parametrize("policy_id", range(25))
+def test_autoaugment_sub_policies_are_torchvisions(policy_id):
+    """Each CIFAR-10 sub-policy, with each operation on or off and either sign, gives torchvision's AutoAugment result
+    on uint8 images (off by a grey level or two in a few pixels at most, from float rounding, as for TrivialAugment)."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import autoaugment as tv
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    aa, n = AutoAugment("x", "x", fill=0.0), images.shape[0]  # torchvision fills with black
+    space = tv.AutoAugment()._augmentation_space(10, (32, 32))
+    for applied in ((True, True), (True, False), (False, True)):
+        for sign in ((1.0, 1.0), (-1.0, -1.0), (1.0, -1.0)):
+            expected = []
+            for image in images:
+                for j, (name, _, magnitude_bin) in enumerate(aa.policies[policy_id]):
+                    if applied[j]:
+                        magnitudes, signed = space[name]
+                        magnitude = float(magnitudes[magnitude_bin]) if magnitude_bin is not None else 0.0
+                        magnitude *= sign[j] if signed else 1.0
+                        image = tv._apply_op(image, name, magnitude, InterpolationMode.NEAREST, [0.0])
+                expected.append(image)
+            ours = aa.apply(images.float(), torch.full((n, ), policy_id), torch.tensor([applied] * n),
+                            torch.tensor([sign] * n))
+            diff = (ours - torch.stack(expected).float()).abs()
+            # one grey level per operation (the second can carry the first's off-by-one on, scaled by its factor)
+            assert diff.max() <= 2 and (diff > 0).float().mean() < 0.1, (aa.policies[policy_id], applied, sign)
+
+
+def test_autoaugment_draws_sub_policies_probabilities_and_signs_per_image(monkeypatch):
+    drawn = {}
+
+    def record(self, x, pick, applied, sign):
+        drawn.update(pick=pick, applied=applied, sign=sign)
+        return x
+
+    monkeypatch.setattr(AutoAugment, "apply", record)
+    aa = AutoAugment("x", "x")
+    aa.forward(torch.full((25 * 400, 3, 8, 8), 100, dtype=torch.uint8), {})
+    counts = torch.bincount(drawn["pick"], minlength=25)
+    assert counts.min() > 300 and counts.max() < 500  # about 400 per sub-policy: each image draws its own
+    probs = torch.tensor([[p for _, p, _ in policy] for policy in aa.policies])  # [25, 2]
+    for policy_id in range(25):
+        rate = drawn["applied"][drawn["pick"] == policy_id].float().mean(0)
+        assert torch.allclose(rate, probs[policy_id], atol=0.1), (policy_id, rate, probs[policy_id])
+    assert abs((drawn["sign"] > 0).float().mean().item() - 0.5) < 0.02
+
 def test_strong_ops_order_and_mixing_choice():
     ops = batched_cifar_ops(CIFAR_MEAN, CIFAR_STD, strong=True, num_classes=10, mix_prob=0.0)
     names = [type(op).__name__ for op in ops]
@@ -240,10 +286,13 @@ def test_strong_ops_order_and_mixing_choice():
                                                            policy="affine", mix_prob=0.8)]
     assert "RandomAffine" in names and "MixUpCutMix" in names and "TrivialAugment" not in names
     with pytest.raises(ValueError, match="policy must be one of"):
-        batched_cifar_ops(CIFAR_MEAN, CIFAR_STD, strong=True, num_classes=10, policy="autoaugment")
+        batched_cifar_ops(CIFAR_MEAN, CIFAR_STD, strong=True, num_classes=10, policy="randaugment")
     spaces = {policy: [op.space for op in batched_cifar_ops(CIFAR_MEAN, CIFAR_STD, strong=True, num_classes=10,
                                                             policy=policy, mix_prob=0.0)
                        if isinstance(op, TrivialAugment)] for policy in ("trivialaugment", "trivialaugment_ra")}
     assert spaces == {"trivialaugment": ["wide"], "trivialaugment_ra": ["ra"]}
+    names = [type(op).__name__ for op in batched_cifar_ops(CIFAR_MEAN, CIFAR_STD, strong=True, num_classes=10,
+                                                           policy="autoaugment", mix_prob=0.0)]
+    assert names.index("AutoAugment") < names.index("Normalize") and "TrivialAugment" not in names
     with pytest.raises(ValueError, match="space must be one of"):
         TrivialAugment("x", "x", space="narrow")

@@ -243,7 +243,6 @@ class TrivialAugment(TensorOp):
         return torch.where(chosen("Equalize"), _equalize(x), out)
 
 
-
 class AutoAugment(TensorOp):
     """AutoAugment's CIFAR-10 policy (Cubuk et al. 2019) per image on a batch, as torchvision's
     `AutoAugment(AutoAugmentPolicy.CIFAR10)`, whose 25 sub-policies it reads: each image draws one sub-policy, and

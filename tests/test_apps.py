@@ -158,7 +158,7 @@ def test_recipe_pooling_defaults_and_old_encoder_files_keep_the_cls_head(pretrai
 def test_augmentation_options_are_checked(tmp_path):
     with pytest.raises(ValueError, match="augment_policy must be one of"):
         finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path), from_scratch=True,
-                                   augment_policy="autoaugment", **TINY_RUN, **TINY_VIT)
+                                   augment_policy="randaugment", **TINY_RUN, **TINY_VIT)
     with pytest.raises(ValueError, match="mix_prob .* between 0 and 1"):
         finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path), from_scratch=True, mix_prob=2,
                                    **TINY_RUN, **TINY_VIT)

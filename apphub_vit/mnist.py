@@ -36,7 +36,7 @@ A folder with only the 10,000 test images is split in order: first 8,000 train, 
 The run writes the best model by eval accuracy (`mnist_vit_best_accuracy.pt`) and `prediction_grid.png`.
 """
 import math
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from typing import Callable, List, Optional
 
 import fastestimator as fe
@@ -54,7 +54,7 @@ from apphub_vit.device_network import DeviceNetwork
 from apphub_vit.mnist_data import MNIST_MEAN, MNIST_STD, load_mnist, mnist_class_names
 from apphub_vit.prediction_grid import GRID_FILE, PredictionGrid
 from apphub_vit.records import RECORD_FILE, RunRecorder
-from apphub_vit.vit_app import resolve_hardware
+from apphub_vit.vit_app import FP16_BLOCKER, resolve_hardware, settle_cuda_graph
 from networks.vit import ViTConfig, ViTModel
 from pipelines.mnist import mnist_pipeline
 
@@ -171,11 +171,7 @@ def get_estimator(recipe: str = "small_data",
                     num_heads=num_heads, ff_dim=ff_dim, drop=drop, norm_first=hp["norm_first"])
     hw = resolve_hardware(batch_size, device_augment=False, precision=precision, compile=compile,
                           num_process=num_process, cuda_graph=cuda_graph)  # clear errors for GPU options on a CPU
-    if hw.cuda_graph and hw.precision == "fp16":
-        raise ValueError("cuda_graph=True cannot capture fp16 training (its loss scaling syncs every step): use "
-                         "precision='bf16', or cuda_graph=False")
-    if hw.cuda_graph is None:
-        hw = replace(hw, cuda_graph=hw.gpu and hw.precision != "fp16")
+    hw = settle_cuda_graph(hw, [FP16_BLOCKER] if hw.precision == "fp16" else [])
     save_dir = resolve_save_dir(save_dir, "mnist")
     ensure_outputs_free(save_dir, [f"{MODEL_NAME}_best_accuracy.pt", GRID_FILE, RECORD_FILE], overwrite)
     sizes = {} if synthetic_size is None else {"num_train": synthetic_size[0], "num_eval": synthetic_size[1]}

@@ -112,13 +112,25 @@ def make_optimizer(recipe: Recipe, lr: float, capturable: bool = False) -> Calla
                                             fused=torch.cuda.is_available(), capturable=capturable)
 
 
+FP16_BLOCKER = "fp16 loss scaling syncs every step"  # why fp16 training cannot be a CUDA graph (GradScaler's check)
+
+
 def cuda_graph_blockers(rec: Recipe, strong: bool, mix_prob: float, precision: str) -> List[str]:
     """Why a train step of this configuration cannot be a CUDA graph (empty: it can). A graph replays the step as
     captured: fine for random draws on the device, not for MixUpCutMix's draws on the host (mix or cut, box size),
     fp16's host-side inf check, or SGD (torch's SGD is not capturable)."""
     return [why for why, blocks in (("MixUp/CutMix draws on the host (mix_prob > 0)", strong and mix_prob > 0),
-                                    ("fp16 loss scaling syncs every step", precision == "fp16"),
+                                    (FP16_BLOCKER, precision == "fp16"),
                                     (f"recipe {rec.name!r} uses SGD", rec.optimizer != "adamw")) if blocks]
+
+
+def settle_cuda_graph(hw: Hardware, blockers: List[str]) -> Hardware:
+    """`hw` with cuda_graph decided: None becomes on where there is a GPU and no blocker; True with a blocker is an
+    error that names it."""
+    if hw.cuda_graph and blockers:
+        raise ValueError(f"cuda_graph=True cannot capture this configuration: {'; '.join(blockers)}. "
+                         f"Use cuda_graph=False (or None, which picks it where it works)")
+    return replace(hw, cuda_graph=hw.gpu and not blockers) if hw.cuda_graph is None else hw
 
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> float:
@@ -157,12 +169,7 @@ def build_vit_estimator(*, model_name: str, num_classes: int, dataset: str, data
     mix_prob = rec.mix_prob if mix_prob is None else float(mix_prob)
     if not 0 <= mix_prob <= 1:
         raise ValueError(f"mix_prob is the share of batches mixed, between 0 and 1; got {mix_prob}")
-    graph_blockers = cuda_graph_blockers(rec, strong, mix_prob, hw.precision)
-    if hw.cuda_graph and graph_blockers:
-        raise ValueError(f"cuda_graph=True cannot capture this configuration: {'; '.join(graph_blockers)}. "
-                         f"Use cuda_graph=False (or None, which picks it where it works)")
-    if hw.cuda_graph is None:
-        hw = replace(hw, cuda_graph=hw.gpu and not graph_blockers)
+    hw = settle_cuda_graph(hw, cuda_graph_blockers(rec, strong, mix_prob, hw.precision))
     peak_lr = lr if lr is not None else rec.lr * hw.batch_size / rec.base_batch  # linear scaling rule
     sizes = {} if synthetic_size is None else {"num_train": synthetic_size[0], "num_eval": synthetic_size[1]}
 

@@ -3,6 +3,7 @@ a new capture after each epoch. The graph tests need a CUDA GPU (skipped on a CP
 pytest may be missing, `python tests/test_device_network.py` runs them."""
 import os
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from fastestimator.op.tensorop.loss import CrossEntropy  # noqa: E402
 from fastestimator.op.tensorop.model import ModelOp, UpdateOp  # noqa: E402
 
 from apphub_vit.device_network import DeviceNetwork  # noqa: E402
-from apphub_vit.vit_app import RECIPES, cuda_graph_blockers, resolve_hardware  # noqa: E402
+from apphub_vit.vit_app import RECIPES, cuda_graph_blockers, resolve_hardware, settle_cuda_graph  # noqa: E402
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (none here)")
 
@@ -155,6 +156,16 @@ def test_the_apps_capture_only_what_a_graph_can_replay():
     assert "MixUp" in " ".join(cuda_graph_blockers(vit, strong=True, mix_prob=0.5, precision="bf16"))
     assert "fp16" in " ".join(cuda_graph_blockers(vit, strong=True, mix_prob=0.0, precision="fp16"))
     assert "SGD" in " ".join(cuda_graph_blockers(RECIPES["apphub"], strong=False, mix_prob=0.0, precision="bf16"))
+
+
+def test_the_graph_is_on_by_default_only_where_nothing_blocks_it():
+    gpu = replace(resolve_hardware(cuda_graph=False), gpu=True, cuda_graph=None)  # as resolved on a GPU
+    assert settle_cuda_graph(gpu, []).cuda_graph is True
+    assert settle_cuda_graph(gpu, ["fp16 loss scaling"]).cuda_graph is False
+    assert settle_cuda_graph(replace(gpu, gpu=False), []).cuda_graph is False
+    assert settle_cuda_graph(replace(gpu, cuda_graph=False), []).cuda_graph is False
+    with pytest.raises(ValueError, match="cannot capture this configuration: fp16 loss scaling"):
+        settle_cuda_graph(replace(gpu, cuda_graph=True), ["fp16 loss scaling"])
 
 
 @needs_cuda

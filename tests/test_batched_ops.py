@@ -205,14 +205,21 @@ def test_trivialaugment_ops_are_torchvisions(name, space):
             assert diff.max() <= 1 and (diff > 0).float().mean() < 0.1, (name, level, sign, diff.max())
 
 
-def test_trivialaugment_draws_one_op_per_image_uniformly(monkeypatch):
+def _record_draws(monkeypatch, op_class, *names):
+    """Replace `op_class.apply` with a recorder of the per-image draws it is given (by these names); returns the
+    record, filled at the next forward."""
     drawn = {}
 
-    def record(self, x, op, level, sign):
-        drawn.update(op=op, level=level, sign=sign)
+    def record(self, x, *draws):
+        drawn.update(zip(names, draws))
         return x
 
-    monkeypatch.setattr(TrivialAugment, "apply", record)
+    monkeypatch.setattr(op_class, "apply", record)
+    return drawn
+
+
+def test_trivialaugment_draws_one_op_per_image_uniformly(monkeypatch):
+    drawn = _record_draws(monkeypatch, TrivialAugment, "op", "level", "sign")
     x = torch.full((14 * 300, 3, 8, 8), 100, dtype=torch.uint8)
     TrivialAugment("x", "x").forward(x, {})
     counts = torch.bincount(drawn["op"], minlength=14)
@@ -260,13 +267,7 @@ def test_autoaugment_sub_policies_are_torchvisions(policy_id):
 
 
 def test_autoaugment_draws_sub_policies_probabilities_and_signs_per_image(monkeypatch):
-    drawn = {}
-
-    def record(self, x, pick, applied, sign):
-        drawn.update(pick=pick, applied=applied, sign=sign)
-        return x
-
-    monkeypatch.setattr(AutoAugment, "apply", record)
+    drawn = _record_draws(monkeypatch, AutoAugment, "pick", "applied", "sign")
     aa = AutoAugment("x", "x")
     aa.forward(torch.full((25 * 400, 3, 8, 8), 100, dtype=torch.uint8), {})
     counts = torch.bincount(drawn["pick"], minlength=25)

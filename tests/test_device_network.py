@@ -176,7 +176,7 @@ def test_mnist_app_trains_with_the_graph_on_a_gpu():
         est = mnist_estimator(dataset="synthetic", synthetic_size=[512, 128], epochs=2, batch_size=64, num_process=0,
                               save_dir=save_dir, log_steps=0)
         assert est.network.cuda_graph and est.network.autocast_dtype == torch.bfloat16  # the GPU defaults
-        before = [p.detach().clone() for p in est.model.parameters()]
+        before = [p.detach().cpu().clone() for p in est.model.parameters()]  # wherever fe.build put the model
         summary = est.fit(summary="mnist", warmup=False)
         assert est.network.graph_failure is None and est.network.graph_captures == 2  # one capture per epoch
         assert all(not torch.equal(b, p.detach().cpu()) for b, p in zip(before, est.model.parameters()))

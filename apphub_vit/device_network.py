@@ -192,6 +192,12 @@ class DeviceNetwork(TorchNetwork):
                 model.current_optimizer.zero_grad(set_to_none=True)
         self._drop_graph()
         self.cuda_graph = False
+        # capture_begin marks the GPU's random generator as capturing, and only a capture_end that succeeds unmarks
+        # it: after a capture that failed, every later random draw (dropout, augmentation) raised "Offset increment
+        # outside graph capture encountered unexpectedly". A copy of its state (same seed and offset, not capturing)
+        # takes its place, so training goes on drawing the numbers it would have drawn without the graph.
+        for generator in torch.cuda.default_generators:
+            generator.graphsafe_set_state(generator.clone_state())
         gc.collect()
         torch.cuda.empty_cache()
         self.graph_failure = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}"

@@ -62,8 +62,9 @@ def get_estimator(epochs: int = 100,
             ("mean" for "vit", "cls" for "apphub", as the seed).
         norm_first, drop, drop_path: Pre-norm, dropout, stochastic depth (None: the recipe's).
         strong_augment: A per-image augmentation policy plus MixUp/CutMix around the six ops (None: the recipe's).
-        augment_policy: The strong augmentation's per-image policy: "trivialaugment" (TrivialAugment, the default)
-            or "affine" (random affine + colour jitter).
+        augment_policy: The strong augmentation's per-image policy (None: the recipe's): "autoaugment"
+            (AutoAugment's CIFAR-10 policy, recipe "vit"'s), "trivialaugment" (TrivialAugmentWide),
+            "trivialaugment_ra" (TrivialAugment in RandAugment's milder ranges) or "affine" (affine + colour jitter).
         mix_prob: The share of strongly augmented batches mixed by MixUp or CutMix (None: the recipe's).
         device_augment: Run the six ops batched where the model runs (default) instead of per sample in the pipeline.
         precision: "fp32", "bf16" or "fp16" (None: bf16 on a GPU, fp32 on a CPU).

@@ -32,6 +32,8 @@ def get_estimator(epochs: int = 1,
                   from_scratch: bool = False,
                   recipe: str = "vit",
                   lr: Optional[float] = None,
+                  weight_decay: Optional[float] = None,
+                  warmup_epochs: Optional[float] = None,
                   num_layers: Optional[int] = None,
                   em_dim: Optional[int] = None,
                   num_heads: Optional[int] = None,
@@ -66,6 +68,9 @@ def get_estimator(epochs: int = 1,
         from_scratch: Train without pretrained weights (for comparison); excludes encoder_weights.
         recipe: "vit" or "apphub", as in pretraining (see `apphub_vit.vit_app`).
         lr: Peak learning rate (None: the recipe's, scaled linearly with batch_size).
+        weight_decay: The optimizer's weight decay (None: the recipe's, 0.05 for "vit", 1e-4 for "apphub").
+        warmup_epochs: Epochs of linear warmup before the cosine decay, recipe "vit" only (None: 10; at most a fifth
+            of the run).
         num_layers, em_dim, num_heads, ff_dim, patch_size, norm_first, pool: The ViT; None takes the pretrained one's
             (or the apphub's size and the recipe's norm placement when from scratch).
         drop, drop_path: Dropout and stochastic depth while finetuning (None: the recipe's).
@@ -102,7 +107,8 @@ def get_estimator(epochs: int = 1,
     return build_vit_estimator(model_name="vit_finetune", num_classes=10, dataset=dataset, data_dir=data_dir,
                                epochs=epochs, batch_size=batch_size, train_steps_per_epoch=train_steps_per_epoch,
                                eval_steps_per_epoch=eval_steps_per_epoch, save_dir=resolve_save_dir(save_dir, "finetune"),
-                               cfg=cfg, recipe=recipe, lr=lr, strong_augment=strong_augment,
+                               cfg=cfg, recipe=recipe, lr=lr, weight_decay=weight_decay,
+                               warmup_epochs=warmup_epochs, strong_augment=strong_augment,
                                augment_policy=augment_policy, mix_prob=mix_prob,
                                device_augment=device_augment, precision=precision, compile=compile,
                                cuda_graph=cuda_graph, overwrite=overwrite, init_model=init, num_process=num_process,

@@ -25,6 +25,8 @@ def get_estimator(epochs: int = 100,
                   dataset: str = "cifair100",
                   recipe: str = "vit",
                   lr: Optional[float] = None,
+                  weight_decay: Optional[float] = None,
+                  warmup_epochs: Optional[float] = None,
                   num_layers: int = 6,
                   em_dim: int = 256,
                   num_heads: int = 8,
@@ -57,6 +59,9 @@ def get_estimator(epochs: int = 100,
         dataset: "cifair100" (real) or "synthetic" (generated, no download).
         recipe: "vit" (AdamW, warmup + cosine, pre-norm, strong augmentation) or "apphub" (the seed: SGD, post-norm).
         lr: Peak learning rate (None: the recipe's, scaled linearly with batch_size).
+        weight_decay: The optimizer's weight decay (None: the recipe's, 0.05 for "vit", 1e-4 for "apphub").
+        warmup_epochs: Epochs of linear warmup before the cosine decay, recipe "vit" only (None: 10; at most a fifth
+            of the run).
         num_layers, em_dim, num_heads, ff_dim, patch_size: The ViT (defaults: the apphub's, 3.2M parameters).
         pool: What the head reads: "cls" (the CLS token) or "mean" (the patch tokens' average); None: the recipe's
             ("mean" for "vit", "cls" for "apphub", as the seed).
@@ -81,7 +86,8 @@ def get_estimator(epochs: int = 100,
     return build_vit_estimator(model_name="vit_pretrain", num_classes=100, dataset=dataset, data_dir=data_dir,
                                epochs=epochs, batch_size=batch_size, train_steps_per_epoch=train_steps_per_epoch,
                                eval_steps_per_epoch=eval_steps_per_epoch, save_dir=resolve_save_dir(save_dir, "pretrain"),
-                               cfg=cfg, recipe=recipe, lr=lr, strong_augment=strong_augment,
+                               cfg=cfg, recipe=recipe, lr=lr, weight_decay=weight_decay,
+                               warmup_epochs=warmup_epochs, strong_augment=strong_augment,
                                augment_policy=augment_policy, mix_prob=mix_prob,
                                device_augment=device_augment, precision=precision, compile=compile,
                                cuda_graph=cuda_graph, overwrite=overwrite, save_encoder=True, num_process=num_process,

@@ -53,7 +53,8 @@ class Recipe:
     lr: float
     base_batch: int
     weight_decay: float
-    warmup_epochs: float  # 0: constant learning rate (the apphub's)
+    schedule: str  # "constant" (the apphub's) or "warmup_cosine": linear warmup, then cosine decay per step to 0
+    warmup_epochs: float
     label_smoothing: float
     strong_augment: bool
     mix_prob: float  # share of batches mixed by MixUp / CutMix (with strong_augment)
@@ -63,13 +64,14 @@ class Recipe:
 
 RECIPES = {
     "apphub": Recipe("apphub", norm_first=False, drop=0.1, drop_path=0.0, optimizer="sgd", lr=0.01, base_batch=128,
-                     weight_decay=1e-4, warmup_epochs=0, label_smoothing=0.0, strong_augment=False, mix_prob=0.0,
+                     weight_decay=1e-4, schedule="constant", warmup_epochs=0, label_smoothing=0.0, strong_augment=False, mix_prob=0.0,
                      policy="trivialaugment", pool="cls"),
     # measured on real CIFAR-10 (benchmarks/accuracy.py): without MixUp / CutMix and with the mean-pooled head,
     # AutoAugment 85.0-85.8% beat TrivialAugment 84.0-84.9% (100 epochs); lr 1e-3 at batch 256 (2e-3 at 512 scored
     # the same as 1e-3 there)
     "vit": Recipe("vit", norm_first=True, drop=0.0, drop_path=0.1, optimizer="adamw", lr=1e-3, base_batch=256,
-                  weight_decay=0.05, warmup_epochs=10, label_smoothing=0.1, strong_augment=True, mix_prob=0.0,
+                  weight_decay=0.05, schedule="warmup_cosine", warmup_epochs=10,
+                  label_smoothing=0.1, strong_augment=True, mix_prob=0.0,
                   policy="autoaugment", pool="mean"),
 }
 
@@ -146,7 +148,8 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, peak_lr: float
 def build_vit_estimator(*, model_name: str, num_classes: int, dataset: str, data_dir: Optional[str], epochs: int,
                         batch_size: Optional[int], train_steps_per_epoch: Optional[int],
                         eval_steps_per_epoch: Optional[int], save_dir: str, cfg: ViTConfig, recipe: str = "vit",
-                        lr: Optional[float] = None, strong_augment: Optional[bool] = None,
+                        lr: Optional[float] = None, weight_decay: Optional[float] = None,
+                        warmup_epochs: Optional[float] = None, strong_augment: Optional[bool] = None,
                         augment_policy: Optional[str] = None, mix_prob: Optional[float] = None,
                         device_augment: Optional[bool] = None, precision: Optional[str] = None,
                         compile: Optional[bool] = None, cuda_graph: Optional[bool] = None, overwrite: bool = False,
@@ -161,6 +164,7 @@ def build_vit_estimator(*, model_name: str, num_classes: int, dataset: str, data
     for name, value in (("epochs", epochs), ("batch_size", batch_size or 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    rec = _override(rec, weight_decay=weight_decay, warmup_epochs=warmup_epochs)
     hw = resolve_hardware(batch_size, device_augment, precision, compile, num_process, cuda_graph)
     outputs = [f"{model_name}_best_accuracy.pt", GRID_FILE, RECORD_FILE] + ([ENCODER_FILE] if save_encoder else [])
     ensure_outputs_free(save_dir, outputs, overwrite)
@@ -223,7 +227,7 @@ def build_vit_estimator(*, model_name: str, num_classes: int, dataset: str, data
         Accuracy(true_key="y", pred_key="y_pred"),
         BestModelSaver(model=model, save_dir=save_dir, metric="accuracy", save_best_mode="max")
     ]
-    if rec.warmup_epochs:
+    if rec.schedule == "warmup_cosine":
         steps_per_epoch = train_steps_per_epoch or len(train_data) // hw.batch_size
         total = steps_per_epoch * epochs
         warmup = min(int(rec.warmup_epochs * steps_per_epoch), total // 5)  # at most a fifth of a short run
@@ -248,6 +252,20 @@ def build_vit_estimator(*, model_name: str, num_classes: int, dataset: str, data
     estimator.model = model  # handy for pretrain() / finetune(), which return it
     estimator.config = config
     return estimator
+
+
+def _override(rec: Recipe, **values: Optional[float]) -> Recipe:
+    """`rec` with the numbers a caller gave (None: the recipe's), each checked to be a number >= 0."""
+    for name, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ValueError(f"{name} must be a number >= 0 (None: the recipe's, {getattr(rec, name)}), got {value!r}")
+        if name == "warmup_epochs" and rec.schedule != "warmup_cosine":
+            raise ValueError(f"warmup_epochs is for a warmup + cosine schedule; recipe {rec.name!r} keeps its learning "
+                             f"rate constant. Use recipe='vit', or leave warmup_epochs at None")
+        rec = replace(rec, **{name: float(value)})
+    return rec
 
 
 def model_config(recipe: str, norm_first: Optional[bool], drop: Optional[float], drop_path: Optional[float],

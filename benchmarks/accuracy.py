@@ -88,6 +88,8 @@ def main(argv: List[str] = None) -> None:
     parser.add_argument("--recipe", default="vit", choices=["vit", "apphub"])
     parser.add_argument("--batch_size", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--weight_decay", type=float, default=None, help="default: the recipe's (vit: 0.05)")
+    parser.add_argument("--warmup_epochs", type=float, default=None, help="default: the recipe's (vit: 10)")
     parser.add_argument("--augment_policy", default=None, choices=POLICIES,
                         help="recipe vit's per-image policy (default: the recipe's, autoaugment)")
     parser.add_argument("--mix_prob", type=float, default=None, help="share of batches mixed (default: the recipe's)")
@@ -109,7 +111,8 @@ def main(argv: List[str] = None) -> None:
     extra = {} if args.recipe == "vit" else dict(device_augment=False, precision="fp32", compile=False)
     strong = None if args.strong_augment is None else bool(args.strong_augment)
     options = dict(augment_policy=args.augment_policy, drop_path=args.drop_path, mix_prob=args.mix_prob, pool=args.pool,
-                   num_heads=args.num_heads, strong_augment=strong,
+                   num_heads=args.num_heads, strong_augment=strong, weight_decay=args.weight_decay,
+                   warmup_epochs=args.warmup_epochs,
                    cuda_graph=None if args.cuda_graph is None else bool(args.cuda_graph))
     extra.update({k: v for k, v in options.items() if v is not None})
     est = finetune.get_estimator(from_scratch=True, data_dir=args.data_dir, dataset="cifair10", epochs=args.epochs,

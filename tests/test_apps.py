@@ -4,6 +4,7 @@ import sys
 
 import pytest
 import torch
+from fastestimator.trace.adapt import LRScheduler
 
 from apphub_vit import finetune as finetune_app
 from apphub_vit import pretrain as pretrain_app
@@ -162,3 +163,36 @@ def test_augmentation_options_are_checked(tmp_path):
     with pytest.raises(ValueError, match="mix_prob .* between 0 and 1"):
         finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path), from_scratch=True, mix_prob=2,
                                    **TINY_RUN, **TINY_VIT)
+
+
+def test_weight_decay_and_warmup_override_the_recipe_and_are_checked(tmp_path):
+    run = dict(TINY_RUN, epochs=4, train_steps_per_epoch=10)  # 40 steps: warmup is capped at a fifth, 8 steps
+
+    def schedule(est):
+        return [next(t for t in est.traces if isinstance(t, LRScheduler)).lr_fn(step) for step in range(1, 41)]
+
+    default = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "a"), from_scratch=True,
+                                         **run, **TINY_VIT)
+    peak = default.config["lr"]
+    assert default.model.optimizer.param_groups[0]["weight_decay"] == 0.05  # recipe "vit"
+    assert schedule(default)[:8] == pytest.approx([peak * s / 8 for s in range(1, 9)])  # 10 epochs, capped
+    est = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "b"), from_scratch=True,
+                                     weight_decay=0.03, warmup_epochs=0.5, **run, **TINY_VIT)
+    assert est.model.optimizer.param_groups[0]["weight_decay"] == 0.03
+    assert est.config["recipe"]["weight_decay"] == 0.03 and est.config["recipe"]["warmup_epochs"] == 0.5  # recorded
+    lrs = schedule(est)  # 0.5 epochs = 5 warmup steps, then a cosine down to 0
+    assert lrs[:5] == pytest.approx([peak * s / 5 for s in range(1, 6)])
+    assert all(a > b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] == pytest.approx(0)
+    no_warmup = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "c"), from_scratch=True,
+                                           warmup_epochs=0, **run, **TINY_VIT)
+    assert schedule(no_warmup)[0] == pytest.approx(peak, rel=0.01)  # the cosine from the first step, not constant
+    for bad, match in ((dict(weight_decay=-0.1), "weight_decay must be a number >= 0"),
+                       (dict(warmup_epochs="5"), "warmup_epochs must be a number >= 0"),
+                       (dict(recipe="apphub", warmup_epochs=5), "recipe 'apphub' keeps its learning rate constant")):
+        with pytest.raises(ValueError, match=match):
+            finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "d"), from_scratch=True,
+                                       **bad, **run, **TINY_VIT)
+    apphub = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "e"), from_scratch=True,
+                                        recipe="apphub", weight_decay=0.0, **run, **TINY_VIT)
+    assert apphub.model.optimizer.param_groups[0]["weight_decay"] == 0.0
+    assert not any(isinstance(t, LRScheduler) for t in apphub.traces)  # still constant

@@ -34,6 +34,7 @@ def get_estimator(epochs: int = 1,
                   lr: Optional[float] = None,
                   weight_decay: Optional[float] = None,
                   warmup_epochs: Optional[float] = None,
+                  weight_init: Optional[str] = None,
                   num_layers: Optional[int] = None,
                   em_dim: Optional[int] = None,
                   num_heads: Optional[int] = None,
@@ -71,6 +72,8 @@ def get_estimator(epochs: int = 1,
         weight_decay: The optimizer's weight decay (None: the recipe's, 0.05 for "vit", 1e-4 for "apphub").
         warmup_epochs: Epochs of linear warmup before the cosine decay, recipe "vit" only (None: 10; at most a fifth
             of the run).
+        weight_init: "torch" (PyTorch's per-layer defaults) or "trunc_normal" (timm's and CCT's: linear weights from
+            a normal of std 0.02, zero biases); None: the recipe's ("torch"). Not yet measured on CIFAR-10.
         num_layers, em_dim, num_heads, ff_dim, patch_size, norm_first, pool: The ViT; None takes the pretrained one's
             (or the apphub's size and the recipe's norm placement when from scratch).
         drop, drop_path: Dropout and stochastic depth while finetuning (None: the recipe's).
@@ -109,7 +112,7 @@ def get_estimator(epochs: int = 1,
                                eval_steps_per_epoch=eval_steps_per_epoch,
                                save_dir=resolve_save_dir(save_dir, "finetune"),
                                cfg=cfg, recipe=recipe, lr=lr, weight_decay=weight_decay,
-                               warmup_epochs=warmup_epochs, strong_augment=strong_augment,
+                               warmup_epochs=warmup_epochs, weight_init=weight_init, strong_augment=strong_augment,
                                augment_policy=augment_policy, mix_prob=mix_prob,
                                device_augment=device_augment, precision=precision, compile=compile,
                                cuda_graph=cuda_graph, overwrite=overwrite, init_model=init, num_process=num_process,

@@ -48,6 +48,7 @@ from fastestimator.util.data import Data
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from apphub_vit import finetune  # noqa: E402
+from apphub_vit.vit_app import WEIGHT_INITS  # noqa: E402
 from pipelines.batched import POLICIES  # noqa: E402
 
 
@@ -90,6 +91,7 @@ def main(argv: List[str] = None) -> None:
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--weight_decay", type=float, default=None, help="default: the recipe's (vit: 0.05)")
     parser.add_argument("--warmup_epochs", type=float, default=None, help="default: the recipe's (vit: 10)")
+    parser.add_argument("--weight_init", default=None, choices=WEIGHT_INITS, help="default: the recipe's (torch)")
     parser.add_argument("--augment_policy", default=None, choices=POLICIES,
                         help="recipe vit's per-image policy (default: the recipe's, autoaugment)")
     parser.add_argument("--mix_prob", type=float, default=None, help="share of batches mixed (default: the recipe's)")
@@ -112,7 +114,7 @@ def main(argv: List[str] = None) -> None:
     strong = None if args.strong_augment is None else bool(args.strong_augment)
     options = dict(augment_policy=args.augment_policy, drop_path=args.drop_path, mix_prob=args.mix_prob, pool=args.pool,
                    num_heads=args.num_heads, strong_augment=strong, weight_decay=args.weight_decay,
-                   warmup_epochs=args.warmup_epochs,
+                   warmup_epochs=args.warmup_epochs, weight_init=args.weight_init,
                    cuda_graph=None if args.cuda_graph is None else bool(args.cuda_graph))
     extra.update({k: v for k, v in options.items() if v is not None})
     est = finetune.get_estimator(from_scratch=True, data_dir=args.data_dir, dataset="cifair10", epochs=args.epochs,

@@ -174,6 +174,23 @@ class ViTEncoder(nn.Module):
         return self.layernorm(x[:, 0] if self.config.pool == "cls" else x[:, 1:].mean(1))  # [B, em_dim]
 
 
+def init_trunc_normal_(model: nn.Module, std: float = 0.02) -> nn.Module:
+    """timm's ViT weight initialisation (`init_weights_vit_timm`), which CCT's ViT-Lite uses too: every linear weight,
+    attention's input projection included, drawn from a normal of std `std` (truncated at +-2, as timm's), and zero
+    biases. PyTorch's own default draws a linear weight uniformly with std 1 / sqrt(3 * fan_in) (0.036 at dim 256) and
+    its bias likewise. LayerNorms, the Conv2d patch embedding, the CLS token and the position embedding keep their own
+    initialisation. In place; returns `model`."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):  # attention's out_proj included
+            nn.init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.MultiheadAttention):  # q, k, v as one [3 * D, D] parameter, not an nn.Linear
+            nn.init.trunc_normal_(module.in_proj_weight, std=std)
+            nn.init.zeros_(module.in_proj_bias)
+    return model
+
+
 class ViTModel(nn.Module):
     """`ViTEncoder` followed by a linear head. Arguments and defaults as the apphub's `ViTModel` (ViT-B/16 sizes)."""
     def __init__(self, num_classes: int, num_layers: int = 12, image_size: int = 224, patch_size: int = 16,

@@ -196,3 +196,22 @@ def test_weight_decay_and_warmup_override_the_recipe_and_are_checked(tmp_path):
                                         recipe="apphub", weight_decay=0.0, **run, **TINY_VIT)
     assert apphub.model.optimizer.param_groups[0]["weight_decay"] == 0.0
     assert not any(isinstance(t, LRScheduler) for t in apphub.traces)  # still constant
+
+
+def test_weight_init_option_initialises_a_new_model_but_never_a_loaded_encoder(pretrained, tmp_path):
+    model, save_dir = pretrained
+    scratch = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "a"), from_scratch=True,
+                                         weight_init="trunc_normal", **TINY_RUN, **TINY_VIT).model
+    assert torch.count_nonzero(scratch.linear_classifier.bias) == 0
+    assert torch.count_nonzero(scratch.vit_encoder.encoder.layers[0].self_attn.in_proj_bias) == 0
+    default = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "b"), from_scratch=True,
+                                         **TINY_RUN, **TINY_VIT).model
+    assert torch.count_nonzero(default.linear_classifier.bias) > 0  # recipe "vit": PyTorch's defaults
+    tuned = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "c"), weight_init="trunc_normal",
+                                       encoder_weights=str(save_dir / ENCODER_FILE), **TINY_RUN).model
+    theirs = model.vit_encoder.state_dict()
+    assert all(torch.equal(v.cpu(), theirs[k].cpu()) for k, v in tuned.vit_encoder.state_dict().items())
+    assert torch.count_nonzero(tuned.linear_classifier.bias) == 0  # the new head is initialised
+    with pytest.raises(ValueError, match="weight_init must be one of"):
+        finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "d"), from_scratch=True,
+                                   weight_init="xavier", **TINY_RUN, **TINY_VIT)

@@ -215,3 +215,18 @@ def test_weight_init_option_initialises_a_new_model_but_never_a_loaded_encoder(p
     with pytest.raises(ValueError, match="weight_init must be one of"):
         finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "d"), from_scratch=True,
                                    weight_init="xavier", **TINY_RUN, **TINY_VIT)
+
+
+def test_stochastic_depth_is_off_by_default_and_drop_path_turns_it_back_on(tmp_path):
+    def build(folder, **kw):
+        return finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / folder), from_scratch=True,
+                                          **kw, **TINY_RUN, **TINY_VIT).model.train()
+
+    x = torch.randn(8, 3, 32, 32)
+    default = build("a")  # recipe "vit": no dropout and no stochastic depth, so training mode is deterministic
+    assert [b.drop_path.p for b in default.vit_encoder.encoder.layers] == [0.0, 0.0]
+    assert torch.equal(default(x), default(x))
+    deep = build("b", drop_path=0.1)
+    assert [b.drop_path.p for b in deep.vit_encoder.encoder.layers] == [0.0, 0.1]  # timm's linear rule per block
+    torch.manual_seed(0)
+    assert not all(torch.equal(deep(x), deep(x)) for _ in range(5))  # a branch dropped in some pass

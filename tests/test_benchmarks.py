@@ -57,3 +57,36 @@ def test_accuracy_script_resumes_from_its_checkpoint(tmp_path, capsys):
     assert [line.split(",")[:2] for line in csv[1:]] == [["1", "2"], ["2", "4"], ["3", "6"]]
     first = (tmp_path / "one" / "accuracy.csv").read_text().splitlines()[1:]
     assert csv[1:3] == first  # the first two epochs' accuracies carried over from the checkpoint
+
+
+def test_resnet9_reference_augments_as_page_and_trains(tmp_path, capsys):
+    """Each image is a 32x32 window of the padded image, mirrored or not, with exactly one 8x8 square zeroed; the
+    script trains end to end on a tiny model and prints one line per epoch and the comparison."""
+    import torch
+
+    import resnet9_reference as ref
+
+    padded = torch.rand(64, 3, 40, 40) + 1  # no zeros, so the zeroed pixels are the cutout's
+    out = ref.augment(padded, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (64, 3, 32, 32)
+    zeros = (out == 0).all(1)  # [N, H, W]: pixels zeroed in every channel
+    assert ((out == 0).any(1) == zeros).all() and (zeros.sum((1, 2)) == 64).all()
+    flips = 0
+    for img, src, hole in zip(out, padded, zeros):
+        rows, cols = hole.any(1).nonzero().flatten(), hole.any(0).nonzero().flatten()
+        assert len(rows) == len(cols) == 8 and rows[-1] - rows[0] == 7 and cols[-1] - cols[0] == 7  # one square
+        windows = [(src[:, t:t + 32, l:l + 32], flip) for t in range(9) for l in range(9) for flip in (0, 1)]
+        match = [flip for win, flip in windows
+                 if torch.equal(torch.where(hole, 0.0, win.flip(2) if flip else win), img)]
+        assert len(match) == 1
+        flips += match[0]
+    assert 16 < flips < 48  # about half mirrored
+    assert ref.lr_at(0, 10, 0.4, 5, 24) == 0 and ref.lr_at(50, 10, 0.4, 5, 24) == 0.4
+    assert abs(ref.lr_at(145, 10, 0.4, 5, 24) - 0.2) < 1e-9 and ref.lr_at(240, 10, 0.4, 5, 24) == 0
+
+    from tests.test_data import _write_cifar10
+    _write_cifar10(tmp_path / "cifar-10-batches-py", n=64)
+    ref.main(["--data_dir", str(tmp_path), "--epochs", "2", "--batch_size", "32", "--width", "4"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(";")[0] for line in lines[:2]] == ["resnet9_reference: epoch 1", "resnet9_reference: epoch 2"]
+    assert "on the original CIFAR-10: 94.06%" in lines[-1]

@@ -1,6 +1,6 @@
 """A reference point for the CIFAR-10 data itself: David Page's ResNet-9 recipe, trained on the data accuracy.py uses.
 
-    python benchmarks/resnet9_reference.py --data_dir /tmp/cifar10      # 24 epochs; about a minute on an H100
+    python benchmarks/resnet9_reference.py --data_dir /tmp/cifar10      # 24 epochs (Page: 87 s on a V100)
 
 Follows davidcpage/cifar10-fast (`dawn.py`; "How to train your ResNet", Myrtle.ai 2018), which reaches 94% on the
 original CIFAR-10 in 24 epochs (median 94.06% over 20 runs in that repository's README; its `logs.tsv` ends at
@@ -16,7 +16,7 @@ It is plain PyTorch on purpose, with its own augmentation: it checks the data, s
 pipelines or network beyond the CIFAR reader and mean / std.
 
 On a GPU it runs in bf16 autocast with channels-last memory; on a CPU in fp32 (--width and the step limits are for
-smoke tests: a full run is about 10 hours on 2 cores).
+smoke tests: at width 16, 1/16 of the work, an epoch took 95 s on 2 cores, so a full run there would take hours).
 """
 import argparse
 import os

@@ -47,6 +47,7 @@ def get_estimator(epochs: int = 1,
                   strong_augment: Optional[bool] = None,
                   augment_policy: Optional[str] = None,
                   mix_prob: Optional[float] = None,
+                  repeated_aug: int = 1,
                   device_augment: Optional[bool] = None,
                   precision: Optional[str] = None,
                   compile: Optional[bool] = None,
@@ -77,8 +78,8 @@ def get_estimator(epochs: int = 1,
         num_layers, em_dim, num_heads, ff_dim, patch_size, norm_first, pool: The ViT; None takes the pretrained one's
             (or the apphub's size and the recipe's norm placement when from scratch).
         drop, drop_path: Dropout and stochastic depth while finetuning (None: the recipe's).
-        strong_augment, augment_policy, mix_prob, device_augment, precision, compile, cuda_graph: As in
-            `apphub_vit.pretrain.get_estimator`.
+        strong_augment, augment_policy, mix_prob, repeated_aug, device_augment, precision, compile, cuda_graph: As
+            in `apphub_vit.pretrain.get_estimator`.
         overwrite: Replace weights an earlier run left in save_dir (otherwise the run refuses to start).
         num_process: Pipeline worker processes (None: 8 on a GPU host, else FastEstimator's default).
         log_steps: Log the training loss every this many steps.
@@ -113,7 +114,7 @@ def get_estimator(epochs: int = 1,
                                save_dir=resolve_save_dir(save_dir, "finetune"),
                                cfg=cfg, recipe=recipe, lr=lr, weight_decay=weight_decay,
                                warmup_epochs=warmup_epochs, weight_init=weight_init, strong_augment=strong_augment,
-                               augment_policy=augment_policy, mix_prob=mix_prob,
+                               augment_policy=augment_policy, mix_prob=mix_prob, repeated_aug=repeated_aug,
                                device_augment=device_augment, precision=precision, compile=compile,
                                cuda_graph=cuda_graph, overwrite=overwrite, init_model=init, num_process=num_process,
                                log_steps=log_steps, synthetic_size=synthetic_size)

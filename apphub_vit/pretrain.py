@@ -40,6 +40,7 @@ def get_estimator(epochs: int = 100,
                   strong_augment: Optional[bool] = None,
                   augment_policy: Optional[str] = None,
                   mix_prob: Optional[float] = None,
+                  repeated_aug: int = 1,
                   device_augment: Optional[bool] = None,
                   precision: Optional[str] = None,
                   compile: Optional[bool] = None,
@@ -74,6 +75,8 @@ def get_estimator(epochs: int = 100,
             (AutoAugment's CIFAR-10 policy, recipe "vit"'s), "trivialaugment" (TrivialAugmentWide),
             "trivialaugment_ra" (TrivialAugment in RandAugment's milder ranges) or "affine" (affine + colour jitter).
         mix_prob: The share of strongly augmented batches mixed by MixUp or CutMix (None: the recipe's).
+        repeated_aug: Repeated augmentation, as DeiT (3): each epoch keeps its length but holds a random third of the
+            images, each three times in one batch, augmented differently (1: off). Needs device_augment.
         device_augment: Run the six ops batched where the model runs (default) instead of per sample in the pipeline.
         precision: "fp32", "bf16" or "fp16" (None: bf16 on a GPU, fp32 on a CPU).
         compile: torch.compile the model (None: on a GPU only).
@@ -92,7 +95,7 @@ def get_estimator(epochs: int = 100,
                                save_dir=resolve_save_dir(save_dir, "pretrain"),
                                cfg=cfg, recipe=recipe, lr=lr, weight_decay=weight_decay,
                                warmup_epochs=warmup_epochs, weight_init=weight_init, strong_augment=strong_augment,
-                               augment_policy=augment_policy, mix_prob=mix_prob,
+                               augment_policy=augment_policy, mix_prob=mix_prob, repeated_aug=repeated_aug,
                                device_augment=device_augment, precision=precision, compile=compile,
                                cuda_graph=cuda_graph, overwrite=overwrite, save_encoder=True, num_process=num_process,
                                log_steps=log_steps, synthetic_size=synthetic_size)

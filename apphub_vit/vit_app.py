@@ -39,7 +39,7 @@ from apphub_vit.encoder_io import ENCODER_FILE, EncoderSaver
 from apphub_vit.prediction_grid import GRID_FILE, PredictionGrid
 from apphub_vit.records import RECORD_FILE, RunRecorder
 from networks.vit import ViTConfig, ViTModel, init_trunc_normal_
-from pipelines.batched import POLICIES, BatchLoader, batched_cifar_ops, smooth_one_hot
+from pipelines.batched import POLICIES, BatchLoader, batched_cifar_ops, check_repeats, smooth_one_hot
 from pipelines.cifar import CIFAR_MEAN, CIFAR_STD, cifar_pipeline
 
 
@@ -161,7 +161,7 @@ def build_vit_estimator(*, model_name: str, num_classes: int, dataset: str, data
                         compile: Optional[bool] = None, cuda_graph: Optional[bool] = None, overwrite: bool = False,
                         init_model: Optional[Callable[[torch.nn.Module], None]] = None, save_encoder: bool = False,
                         num_process: Optional[int] = None, log_steps: int = 100,
-                        synthetic_size: Optional[List[int]] = None) -> fe.Estimator:
+                        synthetic_size: Optional[List[int]] = None, repeated_aug: int = 1) -> fe.Estimator:
     """A FastEstimator Estimator training a `ViTModel` on a CIFAR-shaped task. `cfg` should already carry the
     recipe's norm_first / drop / drop_path (see `model_config`)."""
     if recipe not in RECIPES:
@@ -176,6 +176,10 @@ def build_vit_estimator(*, model_name: str, num_classes: int, dataset: str, data
             raise ValueError(f"weight_init must be one of {WEIGHT_INITS} (None: the recipe's), got {weight_init!r}")
         rec = replace(rec, weight_init=weight_init)
     hw = resolve_hardware(batch_size, device_augment, precision, compile, num_process, cuda_graph)
+    check_repeats(repeated_aug, "repeated_aug")
+    if repeated_aug > 1 and not hw.device_augment:
+        raise ValueError("repeated_aug runs in the batch loader of the batched ops: use device_augment=True with it, "
+                         "or repeated_aug=1 for the per-sample pipeline")
     outputs = [f"{model_name}_best_accuracy.pt", GRID_FILE, RECORD_FILE] + ([ENCODER_FILE] if save_encoder else [])
     ensure_outputs_free(save_dir, outputs, overwrite)
     strong = rec.strong_augment if strong_augment is None else bool(strong_augment)
@@ -194,7 +198,7 @@ def build_vit_estimator(*, model_name: str, num_classes: int, dataset: str, data
     train_data, eval_data = load_cifar(num_classes, dataset, data_dir, **sizes)
     if hw.device_augment:
         pipeline = fe.Pipeline(train_data=BatchLoader(dataset_arrays(train_data), hw.batch_size, shuffle=True,
-                                                      drop_last=True),
+                                                      drop_last=True, repeats=repeated_aug),
                                eval_data=BatchLoader(dataset_arrays(eval_data), hw.batch_size, shuffle=False))
         augment_ops = batched_cifar_ops(CIFAR_MEAN, CIFAR_STD, strong=strong, num_classes=num_classes,
                                         label_smoothing=rec.label_smoothing, fuse=True, compile=hw.compile,
@@ -249,7 +253,7 @@ def build_vit_estimator(*, model_name: str, num_classes: int, dataset: str, data
     config = {"model": asdict(cfg), "num_classes": num_classes, "dataset": dataset, "data_dir": data_dir,
               "recipe": asdict(rec), "hardware": asdict(hw), "lr": peak_lr, "strong_augment": strong,
               "augment_policy": policy if strong else None,
-              "mix_prob": mix_prob if strong else None, "epochs": epochs,
+              "mix_prob": mix_prob if strong else None, "repeated_aug": repeated_aug, "epochs": epochs,
               "synthetic_size": synthetic_size}
     traces += [
         # eval images as the model sees them: normalised, channels first, in both pipeline paths

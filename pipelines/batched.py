@@ -415,6 +415,12 @@ class _Arrays(Dataset):
         return {key: value[index] for key, value in self.arrays.items()}
 
 
+def check_repeats(repeats: int, name: str) -> None:
+    """Repeated augmentation's count: a positive integer, 1 meaning off."""
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+        raise ValueError(f"{name} must be a positive integer (1: no repeated augmentation, 3: DeiT's), got {repeats!r}")
+
+
 class BatchLoader(DataLoader):
     """Whole batches of raw arrays (uint8 images, labels) kept where the model runs, for `fe.Pipeline(train_data=...)`.
 
@@ -423,12 +429,20 @@ class BatchLoader(DataLoader):
     device there is nothing left to do per sample, so this loader keeps the whole data set on the device (CIFAR's
     50,000 uint8 images are 150 MB) and makes each batch with one gather there: no workers, no per-step copy from the
     host. On a CPU the same happens in host memory.
+
+    `repeats` > 1 is repeated augmentation as DeiT's `RASampler` does it on one GPU (Hoffer et al. 2020, "Augment your
+    batch"; Touvron et al. 2021): an epoch keeps its length, but holds a random 1/`repeats` of the images, each
+    `repeats` times in a row, so that the copies share a batch and the batched ops augment each one differently.
     """
     def __init__(self, arrays: Dict[str, np.ndarray], batch_size: int, shuffle: bool, drop_last: bool = False,
-                 device: Optional[torch.device] = None) -> None:
+                 device: Optional[torch.device] = None, repeats: int = 1) -> None:
+        check_repeats(repeats, "repeats")
+        if repeats > 1 and not shuffle:
+            raise ValueError("repeats is for training (shuffle=True): evaluation reads every image once")
         device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         super().__init__(_Arrays(arrays, device), batch_size=None)
-        self.images_per_batch, self.shuffle, self.full_batches_only, self.device = batch_size, shuffle, drop_last, device
+        self.images_per_batch, self.shuffle, self.full_batches_only = batch_size, shuffle, drop_last
+        self.device, self.repeats = device, repeats
 
     def __len__(self) -> int:
         n, b = len(self.dataset), self.images_per_batch
@@ -437,6 +451,8 @@ class BatchLoader(DataLoader):
     def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
         n, b = len(self.dataset), self.images_per_batch
         order = torch.randperm(n, device=self.device) if self.shuffle else torch.arange(n, device=self.device)
+        if self.repeats > 1:  # the first ceil(n / repeats) of the shuffled images, each `repeats` times: n in all
+            order = order[:-(-n // self.repeats)].repeat_interleave(self.repeats)[:n]
         for start in range(0, len(self) * b, b):
             yield self.dataset[order[start:start + b]]
 

@@ -230,3 +230,20 @@ def test_stochastic_depth_is_off_by_default_and_drop_path_turns_it_back_on(tmp_p
     assert [b.drop_path.p for b in deep.vit_encoder.encoder.layers] == [0.0, 0.1]  # timm's linear rule per block
     torch.manual_seed(0)
     assert not all(torch.equal(deep(x), deep(x)) for _ in range(5))  # a branch dropped in some pass
+
+
+def test_repeated_aug_reaches_the_training_loader_and_is_checked(tmp_path):
+    est = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "a"), from_scratch=True,
+                                     repeated_aug=3, **TINY_RUN, **TINY_VIT)
+    xs = torch.cat([batch["x"] for batch in est.pipeline.data["train"][""]])  # one epoch of raw uint8 images
+    n = len(xs) - len(xs) % 3
+    assert torch.equal(xs[0:n:3], xs[1:n:3]) and torch.equal(xs[0:n:3], xs[2:n:3])  # three copies side by side
+    assert len(torch.unique(xs.flatten(1), dim=0)) == -(-len(xs) // 3)  # of a third of the images
+    assert est.config["repeated_aug"] == 3  # recorded in run_record.json
+    assert est.pipeline.data["eval"][""].repeats == 1
+    with pytest.raises(ValueError, match="repeated_aug must be a positive integer"):
+        finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "b"), from_scratch=True,
+                                   repeated_aug=0, **TINY_RUN, **TINY_VIT)
+    with pytest.raises(ValueError, match="use device_augment=True with it"):
+        finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "c"), from_scratch=True,
+                                   repeated_aug=3, device_augment=False, strong_augment=False, **TINY_RUN, **TINY_VIT)

@@ -138,6 +138,24 @@ def test_batch_loader_yields_whole_shuffled_batches_of_every_sample():
     assert len(dropped) == 2 and [len(b["y"]) for b in dropped] == [4, 4]
 
 
+def test_repeated_augmentation_keeps_the_epoch_length_and_puts_copies_side_by_side():
+    arrays = {"x": np.arange(300)[:, None].repeat(3, 1).astype(np.uint8), "y": np.arange(300)}
+    loader = BatchLoader(arrays, batch_size=30, shuffle=True, drop_last=True, device=torch.device("cpu"), repeats=3)
+    epochs = [torch.cat([b["y"] for b in loader]) for _ in range(2)]
+    for ys in epochs:
+        assert len(ys) == 300 and len(loader) == 10  # an epoch is still the data set's length
+        assert torch.equal(ys[0::3], ys[1::3]) and torch.equal(ys[0::3], ys[2::3])  # three copies in a row
+        assert len(set(ys.tolist())) == 100  # a third of the images
+    assert set(epochs[0].tolist()) != set(epochs[1].tolist())  # a different third each epoch
+    odd = torch.cat([b["y"] for b in BatchLoader({"y": np.arange(10)}, 5, shuffle=True, repeats=3)])
+    assert len(odd) == 10 and len(set(odd.tolist())) == 4  # 10 = 3 + 3 + 3 + 1 copies of 4 images
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="repeats must be a positive integer"):
+            BatchLoader(arrays, 30, shuffle=True, repeats=bad)
+    with pytest.raises(ValueError, match="evaluation reads every image once"):
+        BatchLoader(arrays, 30, shuffle=False, repeats=3)
+
+
 def _apply(ops, batch, mode):
     batch = dict(batch)
     for op in ops:

@@ -15,6 +15,9 @@ originals. A recipe whose figure on the originals is well known, trained on our 
 It is plain PyTorch on purpose, with its own augmentation: it checks the data, so it shares no code with the apps'
 pipelines or network beyond the CIFAR reader and mean / std.
 
+Measured (one H100, 2026-11-23, `--seed 0` / `--seed 1`): 90.99% / 91.07% after 24 epochs, in 23.7 / 18.7 s of
+training, 3.0 points below the 94.06% on the originals. So the JPEG copy costs this recipe 3 points.
+
 On a GPU it runs in bf16 autocast with channels-last memory; on a CPU in fp32 (--width and the step limits are for
 smoke tests: at width 16, 1/16 of the work, an epoch took 95 s on 2 cores, so a full run there would take hours).
 """

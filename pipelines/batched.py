@@ -433,6 +433,7 @@ class BatchLoader(DataLoader):
     `repeats` > 1 is repeated augmentation as DeiT's `RASampler` does it on one GPU (Hoffer et al. 2020, "Augment your
     batch"; Touvron et al. 2021): an epoch keeps its length, but holds a random 1/`repeats` of the images, each
     `repeats` times in a row, so that the copies share a batch and the batched ops augment each one differently.
+    On real CIFAR-10 in 100 epochs, 3 scored 1.2-1.6 points below 1 (README: Results), so the apps default to 1.
     """
     def __init__(self, arrays: Dict[str, np.ndarray], batch_size: int, shuffle: bool, drop_last: bool = False,
                  device: Optional[torch.device] = None, repeats: int = 1) -> None:

@@ -35,6 +35,7 @@ def get_estimator(epochs: int = 100,
                   patch_size: int = 4,
                   norm_first: Optional[bool] = None,
                   pool: Optional[str] = None,
+                  lsa: bool = False,
                   drop: Optional[float] = None,
                   drop_path: Optional[float] = None,
                   strong_augment: Optional[bool] = None,
@@ -69,6 +70,8 @@ def get_estimator(epochs: int = 100,
         num_layers, em_dim, num_heads, ff_dim, patch_size: The ViT (defaults: the apphub's, 3.2M parameters).
         pool: What the head reads: "cls" (the CLS token) or "mean" (the patch tokens' average); None: the recipe's
             ("mean" for "vit", "cls" for "apphub", as the seed).
+        lsa: Locality Self-Attention (Lee et al. 2021): a learnt temperature per head and no attention to self. Off
+            by default; an LSA encoder finetunes as one (the setting travels in the encoder file).
         norm_first, drop, drop_path: Pre-norm, dropout, stochastic depth (None: the recipe's).
         strong_augment: A per-image augmentation policy plus MixUp/CutMix around the six ops (None: the recipe's).
         augment_policy: The strong augmentation's per-image policy (None: the recipe's): "autoaugment"
@@ -88,7 +91,7 @@ def get_estimator(epochs: int = 100,
         synthetic_size: [train, eval] image counts for dataset="synthetic" (default 50,000 / 10,000).
     """
     cfg = model_config(recipe, norm_first, drop, drop_path, num_layers=num_layers, patch_size=patch_size,
-                       em_dim=em_dim, num_heads=num_heads, ff_dim=ff_dim, pool=pool)
+                       em_dim=em_dim, num_heads=num_heads, ff_dim=ff_dim, pool=pool, lsa=lsa)
     return build_vit_estimator(model_name="vit_pretrain", num_classes=100, dataset=dataset, data_dir=data_dir,
                                epochs=epochs, batch_size=batch_size, train_steps_per_epoch=train_steps_per_epoch,
                                eval_steps_per_epoch=eval_steps_per_epoch,

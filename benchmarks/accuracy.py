@@ -108,6 +108,8 @@ def main(argv: List[str] = None) -> None:
     parser.add_argument("--strong_augment", type=int, default=None, choices=[0, 1], help="default: the recipe's")
     parser.add_argument("--pool", default=None, choices=["cls", "mean"], help="default: the recipe's (vit: mean)")
     parser.add_argument("--num_heads", type=int, default=None, help="default: 8, the apphub's")
+    parser.add_argument("--lsa", type=int, default=0, choices=[0, 1],
+                        help="Locality Self-Attention, Lee et al. 2021 (default: 0, off)")
     parser.add_argument("--drop_path", type=float, default=None, help="stochastic depth (default: the recipe's)")
     parser.add_argument("--cuda_graph", type=int, default=None, choices=[0, 1],
                         help="replay each train step as a CUDA graph (default: on a GPU where the recipe allows)")
@@ -130,7 +132,8 @@ def main(argv: List[str] = None) -> None:
     est = finetune.get_estimator(from_scratch=True, data_dir=args.data_dir, dataset="cifair10", epochs=args.epochs,
                                  batch_size=args.batch_size, lr=args.lr, recipe=args.recipe, save_dir=save_dir,
                                  log_steps=500, train_steps_per_epoch=args.train_steps_per_epoch,
-                                 eval_steps_per_epoch=args.eval_steps_per_epoch, em_dim=args.em_dim, **extra)
+                                 eval_steps_per_epoch=args.eval_steps_per_epoch, em_dim=args.em_dim,
+                                 lsa=bool(args.lsa), **extra)
     resume = Resume(args.restore_dir, est.model) if args.restore_dir else None
     if resume:
         est.traces.append(resume)

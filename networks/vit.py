@@ -8,6 +8,9 @@ checkpoints:
 * batch-first attention throughout (the apphub transposes to sequence-first and back);
 * `norm_first=True` gives the pre-norm block of the paper and timm (the apphub, and our default, is post-norm);
 * `drop_path` adds stochastic depth (Huang et al. 2016) for longer training recipes;
+* `lsa=True` gives Locality Self-Attention (Lee et al. 2021, "Vision Transformer for Small-Size Datasets";
+  aanna0701/SPT_LSA_ViT): a learnt softmax temperature per head, and no token attends to itself. Off by default, so
+  the apphub's checkpoints keep loading; on, each block has one more parameter, `attn_scale`;
 * invalid configurations raise `ValueError` instead of an `assert`.
 
 Layout (timm `vision_transformer.py`): `ViTEmbeddings` -> `ViTEncoder.forward` (CLS embedding) -> `linear_classifier`.
@@ -34,6 +37,7 @@ class ViTConfig:
     norm_first: bool = False
     drop_path: float = 0.0
     pool: str = "cls"  # what the head reads: the CLS token's output ("cls") or the mean of the patch tokens ("mean")
+    lsa: bool = False  # Locality Self-Attention (Lee et al. 2021): learnt temperature per head, no attention to self
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "image_size", "patch_size", "num_channels", "em_dim", "num_heads", "ff_dim"):
@@ -49,6 +53,8 @@ class ViTConfig:
         if self.pool not in ("cls", "mean"):
             raise ValueError(f"ViT pool must be 'cls' (the CLS token) or 'mean' (average of the patch tokens), "
                              f"got {self.pool!r}")
+        if not isinstance(self.lsa, bool):
+            raise ValueError(f"ViT lsa must be True or False (Locality Self-Attention on or off), got {self.lsa!r}")
         for name in ("drop", "drop_path"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"ViT {name} must be in [0, 1), got {getattr(self, name)!r}")
@@ -104,9 +110,11 @@ class EncoderBlock(nn.Module):
     can carry stochastic depth and stays one readable, compile-friendly function.
     """
     def __init__(self, em_dim: int, num_heads: int, ff_dim: int, drop: float, norm_first: bool,
-                 drop_path: float = 0.0) -> None:
+                 drop_path: float = 0.0, lsa: bool = False) -> None:
         super().__init__()
         self.self_attn = nn.MultiheadAttention(em_dim, num_heads, dropout=drop, batch_first=True)
+        # LSA's temperature: one learnt scale per head, starting at the usual 1 / sqrt(head size) (Lee et al. 2021)
+        self.attn_scale = nn.Parameter(torch.full((num_heads, ), (em_dim // num_heads)**-0.5)) if lsa else None
         self.linear1 = nn.Linear(em_dim, ff_dim)
         self.linear2 = nn.Linear(ff_dim, em_dim)
         self.norm1 = nn.LayerNorm(em_dim, eps=1e-5)  # torch's TransformerEncoderLayer default eps
@@ -124,7 +132,13 @@ class EncoderBlock(nn.Module):
         heads = self.self_attn.num_heads
         qkv = F.linear(x, self.self_attn.in_proj_weight, self.self_attn.in_proj_bias)  # [B, L, 3 * D]
         q, k, v = qkv.view(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)  # 3 x [B, heads, L, D / heads]
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.self_attn.dropout if self.training else 0.0)
+        dropout_p = self.self_attn.dropout if self.training else 0.0
+        if self.attn_scale is None:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        else:  # LSA: the learnt scale goes into q (in q's dtype, bf16 under autocast), the mask hides the diagonal
+            q = q * self.attn_scale.to(q.dtype).view(1, heads, 1, 1)
+            others = ~torch.eye(n, dtype=torch.bool, device=x.device)  # [L, L], True where attention is allowed
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=others, dropout_p=dropout_p, scale=1.0)
         out = out.transpose(1, 2).reshape(b, n, d)  # [B, heads, L, D / heads] -> [B, L, D]
         return self.dropout1(self.self_attn.out_proj(out))
 
@@ -146,7 +160,8 @@ class TransformerStack(nn.Module):
         # Stochastic depth grows linearly with depth, as in timm and DeiT.
         rates = [cfg.drop_path * i / max(cfg.num_layers - 1, 1) for i in range(cfg.num_layers)]
         self.layers = nn.ModuleList([
-            EncoderBlock(cfg.em_dim, cfg.num_heads, cfg.ff_dim, cfg.drop, cfg.norm_first, rate) for rate in rates
+            EncoderBlock(cfg.em_dim, cfg.num_heads, cfg.ff_dim, cfg.drop, cfg.norm_first, rate, cfg.lsa)
+            for rate in rates
         ])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -159,11 +174,11 @@ class ViTEncoder(nn.Module):
     """Embeddings, transformer layers and a final LayerNorm; the output is the CLS token's embedding [B, em_dim]."""
     def __init__(self, num_layers: int = 12, image_size: int = 224, patch_size: int = 16, num_channels: int = 3,
                  em_dim: int = 768, drop: float = 0.1, num_heads: int = 12, ff_dim: int = 3072,
-                 norm_first: bool = False, drop_path: float = 0.0, pool: str = "cls") -> None:
+                 norm_first: bool = False, drop_path: float = 0.0, pool: str = "cls", lsa: bool = False) -> None:
         super().__init__()
         self.config = ViTConfig(num_layers=num_layers, image_size=image_size, patch_size=patch_size,
                                 num_channels=num_channels, em_dim=em_dim, num_heads=num_heads, ff_dim=ff_dim, drop=drop,
-                                norm_first=norm_first, drop_path=drop_path, pool=pool)
+                                norm_first=norm_first, drop_path=drop_path, pool=pool, lsa=lsa)
         self.embedding = ViTEmbeddings(image_size, patch_size, num_channels, em_dim, drop)
         self.encoder = TransformerStack(self.config)
         self.layernorm = nn.LayerNorm(em_dim, eps=1e-6)
@@ -195,13 +210,13 @@ class ViTModel(nn.Module):
     """`ViTEncoder` followed by a linear head. Arguments and defaults as the apphub's `ViTModel` (ViT-B/16 sizes)."""
     def __init__(self, num_classes: int, num_layers: int = 12, image_size: int = 224, patch_size: int = 16,
                  num_channels: int = 3, em_dim: int = 768, drop: float = 0.1, num_heads: int = 12, ff_dim: int = 3072,
-                 norm_first: bool = False, drop_path: float = 0.0, pool: str = "cls") -> None:
+                 norm_first: bool = False, drop_path: float = 0.0, pool: str = "cls", lsa: bool = False) -> None:
         super().__init__()
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
             raise ValueError(f"ViTModel num_classes must be a positive integer, got {num_classes!r}")
         self.vit_encoder = ViTEncoder(num_layers=num_layers, image_size=image_size, patch_size=patch_size,
                                       num_channels=num_channels, em_dim=em_dim, drop=drop, num_heads=num_heads,
-                                      ff_dim=ff_dim, norm_first=norm_first, drop_path=drop_path, pool=pool)
+                                      ff_dim=ff_dim, norm_first=norm_first, drop_path=drop_path, pool=pool, lsa=lsa)
         self.linear_classifier = nn.Linear(em_dim, num_classes)
 
     @classmethod

@@ -94,12 +94,37 @@ def test_finetune_from_scratch_is_explicit(tmp_path):
 
 @pytest.mark.parametrize("change,named", [({"em_dim": 64}, "em_dim: pretrained 32 vs model 64"),
                                           ({"num_layers": 3}, "num_layers: pretrained 2 vs model 3"),
-                                          ({"patch_size": 4}, "patch_size: pretrained 8 vs model 4")])
+                                          ({"patch_size": 4}, "patch_size: pretrained 8 vs model 4"),
+                                          ({"lsa": True}, "lsa: pretrained False vs model True")])
 def test_other_architecture_is_an_error_naming_the_mismatch(pretrained, tmp_path, change, named):
     _, save_dir = pretrained
     with pytest.raises(EncoderMismatchError, match=named):
         finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path),
                                    encoder_weights=str(save_dir / ENCODER_FILE), **TINY_RUN, **change)
+
+
+def test_lsa_encoder_transfers_as_lsa_and_old_encoder_files_load_without_it(pretrained, tmp_path):
+    lsa_model = pretrain_app.pretrain(dataset="synthetic", save_dir=str(tmp_path / "pre"), lsa=True, **TINY_RUN,
+                                      **TINY_VIT)
+    assert lsa_model.config.lsa
+    encoder = str(tmp_path / "pre" / ENCODER_FILE)
+    assert load_encoder_state(encoder)["config"]["lsa"] is True
+    est = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "fine"), encoder_weights=encoder,
+                                     **TINY_RUN)  # lsa read from the file, as the sizes are
+    assert est.model.config.lsa
+    for i, layer in enumerate(est.model.vit_encoder.encoder.layers):
+        assert torch.equal(layer.attn_scale, lsa_model.vit_encoder.encoder.layers[i].attn_scale.cpu())
+    with pytest.raises(EncoderMismatchError, match="lsa: pretrained True vs model False"):
+        finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "plain"), encoder_weights=encoder,
+                                   lsa=False, **TINY_RUN)
+    # an encoder file from before the option: no "lsa" in its config, and standard attention
+    _, save_dir = pretrained
+    saved = torch.load(save_dir / ENCODER_FILE, map_location="cpu", weights_only=False)
+    del saved["config"]["lsa"]
+    torch.save(saved, tmp_path / "old.pt")
+    old = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "old"),
+                                     encoder_weights=str(tmp_path / "old.pt"), **TINY_RUN)
+    assert not old.model.config.lsa
 
 
 def test_bare_state_dict_of_other_shape_names_the_tensors(pretrained, tmp_path):

@@ -33,10 +33,11 @@ class ApphubViT(nn.Module):
         return self.linear_classifier(self.vit_encoder.layernorm(x[0]))
 
 
-@pytest.mark.parametrize("norm_first,drop_path", [(False, 0.0), (True, 0.0), (True, 0.2)])
-def test_shapes_finite_and_every_parameter_gets_a_gradient(norm_first, drop_path):
+@pytest.mark.parametrize("norm_first,drop_path,lsa", [(False, 0.0, False), (True, 0.0, False), (True, 0.2, False),
+                                                    (True, 0.0, True)])
+def test_shapes_finite_and_every_parameter_gets_a_gradient(norm_first, drop_path, lsa):
     torch.manual_seed(0)
-    model = ViTModel(num_classes=10, norm_first=norm_first, drop_path=drop_path, **TINY)
+    model = ViTModel(num_classes=10, norm_first=norm_first, drop_path=drop_path, lsa=lsa, **TINY)
     x = torch.randn(3, 3, 32, 32)
     assert model.forward_features(x).shape == (3, 32)
     logits = model(x)
@@ -79,6 +80,7 @@ def test_apphub_checkpoint_loads_and_computes_the_same_function():
     (dict(em_dim=30, num_heads=4), "not divisible by num_heads"),
     (dict(num_layers=0), "num_layers must be a positive integer"),
     (dict(drop=1.5), "drop must be in"),
+    (dict(lsa="yes"), "lsa must be True or False"),
 ])
 def test_invalid_configurations_raise_clear_value_errors(bad, message):
     with pytest.raises(ValueError, match=message):
@@ -132,3 +134,51 @@ def test_trunc_normal_init_draws_every_linear_weight_with_std_002_and_zeroes_bia
     torch.manual_seed(0)
     default = ViTModel(10, **dict(TINY, em_dim=64, ff_dim=256))  # PyTorch's: uniform, std 1 / sqrt(3 * fan_in)
     assert float(default.linear_classifier.weight.std()) > 0.06
+
+
+def lsa_reference(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Locality Self-Attention written out as Lee et al.'s `Attention` (aanna0701/SPT_LSA_ViT) computes it: scores
+    times a learnt scale per head, the diagonal set to a large negative number, softmax, then the values."""
+    b, n, d = x.shape
+    heads = block.self_attn.num_heads
+    q, k, v = (x @ block.self_attn.in_proj_weight.T + block.self_attn.in_proj_bias).chunk(3, dim=-1)
+    q, k, v = (t.reshape(b, n, heads, d // heads).transpose(1, 2) for t in (q, k, v))  # [B, heads, L, D / heads]
+    dots = (q @ k.transpose(-1, -2)) * block.attn_scale.view(1, heads, 1, 1)
+    dots[:, :, torch.arange(n), torch.arange(n)] = -987654321.0
+    out = (dots.softmax(-1) @ v).transpose(1, 2).reshape(b, n, d)
+    return block.self_attn.out_proj(out)
+
+
+def test_lsa_computes_lee_et_al_attention_with_a_learnt_scale_per_head_and_no_attention_to_self():
+    torch.manual_seed(0)
+    model = ViTModel(num_classes=10, norm_first=True, lsa=True, **TINY).eval()
+    block = model.vit_encoder.encoder.layers[0]
+    head_size = TINY["em_dim"] // TINY["num_heads"]
+    torch.testing.assert_close(block.attn_scale.detach(), torch.full((4, ), head_size**-0.5))  # starts as usual
+    with torch.no_grad():
+        block.attn_scale.copy_(torch.tensor([0.1, 0.5, 1.0, 2.0]))  # a different temperature in every head
+    x = torch.randn(2, 17, TINY["em_dim"])  # [B, 1 + 16 patches, D]
+    with torch.no_grad():
+        torch.testing.assert_close(block._attention(x), lsa_reference(block, x), rtol=1e-4, atol=1e-5)
+        # standard attention (a token attends to itself too, fixed scale) gives a different answer on the same weights
+        plain = ViTModel(num_classes=10, norm_first=True, **TINY).eval()
+        plain.load_state_dict(model.state_dict(), strict=False)
+        assert not torch.allclose(plain.vit_encoder.encoder.layers[0]._attention(x), block._attention(x), atol=1e-3)
+
+
+def test_lsa_adds_one_scale_per_block_to_the_state_dict_and_to_the_encoder_signature():
+    plain = ViTModel(num_classes=10, **TINY)
+    lsa = ViTModel(num_classes=10, lsa=True, **TINY)
+    extra = set(lsa.state_dict()) - set(plain.state_dict())
+    assert extra == {f"vit_encoder.encoder.layers.{i}.attn_scale" for i in range(TINY["num_layers"])}
+    assert set(plain.state_dict()) <= set(lsa.state_dict())
+    assert plain.config.encoder_signature() != lsa.config.encoder_signature()  # an LSA encoder is another function
+    assert sum(p.numel() for p in lsa.parameters()) == sum(p.numel() for p in plain.parameters()) + 2 * 4
+
+
+def test_lsa_runs_under_bf16_autocast():
+    torch.manual_seed(0)
+    model = ViTModel(num_classes=10, norm_first=True, lsa=True, **TINY)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(torch.randn(2, 3, 32, 32))
+    assert logits.shape == (2, 10) and torch.isfinite(logits.float()).all()

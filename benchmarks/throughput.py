@@ -2,6 +2,7 @@
 
     python benchmarks/throughput.py                    # full-size ViT (6 layers, dim 256, patch 4), this machine
     python benchmarks/throughput.py --size tiny        # a 2-layer dim-32 ViT: a smoke test for CI-sized machines
+    python benchmarks/throughput.py --batch_size 256   # our path at another batch (the apphub's stays 128)
 
 Rows (images per second; end-to-end rows are `Estimator.fit` on CIFAR-shaped synthetic data, training steps only:
 eval is excluded and so are the first `--skip` steps of the timed epoch, where compilation and worker start-up land):
@@ -123,6 +124,8 @@ def main(argv: List[str] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="full")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement")
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help="our path's batch (default: the app's, 512 on a GPU, 128 on a CPU); the apphub's stays 128")
     parser.add_argument("--skip", type=int, default=None, help="untimed steps before timing (compile, start-up)")
     parser.add_argument("--profile", action="store_true", help="cProfile our end-to-end run (host time per function)")
     parser.add_argument("--sync_debug", action="store_true", help="report every host-device sync in our timed steps")
@@ -133,7 +136,9 @@ def main(argv: List[str] = None) -> None:
     arch = SIZES[args.size]
     apphub = dict(recipe="apphub", device_augment=False, precision="fp32", compile=False, **arch)
     ours = dict(**arch)  # the app's defaults for this machine
-    ours_batch = 512 if gpu else 128
+    if args.batch_size is not None and args.batch_size < 1:
+        parser.error(f"--batch_size must be a positive number of images, got {args.batch_size}")
+    ours_batch = args.batch_size or (512 if gpu else 128)
     device = torch.cuda.get_device_name() if gpu else f"CPU ({os.cpu_count()} cores)"
     print(f"device: {device}; model: {args.size} {arch}; torch {torch.__version__}")
 

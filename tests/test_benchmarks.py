@@ -2,6 +2,8 @@
 import re
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -9,7 +11,7 @@ import throughput  # noqa: E402
 
 
 def test_throughput_prints_every_row_with_its_ratio(capsys):
-    throughput.main(["--size", "tiny", "--steps", "3", "--skip", "1"])
+    throughput.main(["--size", "tiny", "--steps", "3", "--skip", "1", "--batch_size", "24"])
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| ") and "images/s" not in line and "---" not in line]
     assert len(rows) == 7, out[-3000:]
@@ -18,6 +20,13 @@ def test_throughput_prints_every_row_with_its_ratio(capsys):
     assert all(rate > 0 for rate in rates)
     assert ratios[0] == 1.0 and all(abs(r - rate / rates[0]) < 0.01 + 0.01 * r for r, rate in zip(ratios, rates))
     assert re.search(r"without our FastEstimator sampler fix", out)
+    assert "our path, end to end (batch 24," in out and "apphub recipe, end to end (batch 128," in out  # --batch_size
+
+
+def test_throughput_refuses_a_batch_size_below_one(capsys):
+    with pytest.raises(SystemExit):
+        throughput.main(["--size", "tiny", "--batch_size", "0"])
+    assert "--batch_size must be a positive number of images, got 0" in capsys.readouterr().err
 
 
 def test_sampler_as_shipped_is_only_inside_the_block():

@@ -18,7 +18,7 @@ from apphub_vit.encoder_io import load_encoder, load_encoder_state
 from apphub_vit.vit_app import build_vit_estimator, model_config
 from networks.vit import ViTConfig, ViTModel
 
-_ARCH = ("num_layers", "em_dim", "num_heads", "ff_dim", "patch_size", "norm_first", "pool", "lsa")
+_ARCH = ("num_layers", "em_dim", "num_heads", "ff_dim", "patch_size", "norm_first", "pool", "lsa", "spt")
 
 
 def get_estimator(epochs: int = 1,
@@ -43,6 +43,7 @@ def get_estimator(epochs: int = 1,
                   norm_first: Optional[bool] = None,
                   pool: Optional[str] = None,
                   lsa: Optional[bool] = None,
+                  spt: Optional[bool] = None,
                   drop: Optional[float] = None,
                   drop_path: Optional[float] = None,
                   strong_augment: Optional[bool] = None,
@@ -76,9 +77,10 @@ def get_estimator(epochs: int = 1,
             of the run).
         weight_init: "torch" (PyTorch's per-layer defaults) or "trunc_normal" (timm's and CCT's: linear weights from
             a normal of std 0.02, zero biases); None: the recipe's ("torch"), which scored higher on CIFAR-10.
-        num_layers, em_dim, num_heads, ff_dim, patch_size, norm_first, pool, lsa: The ViT; None takes the pretrained
-            one's (or the apphub's size, the recipe's norm placement and no LSA when from scratch). `lsa`: Locality
-            Self-Attention, as in `apphub_vit.pretrain.get_estimator`.
+        num_layers, em_dim, num_heads, ff_dim, patch_size, norm_first, pool, lsa, spt: The ViT; None takes the
+            pretrained one's (or the apphub's size, the recipe's norm placement, no LSA and no SPT when from scratch).
+            `lsa`, `spt`: Lee et al.'s Locality Self-Attention and Shifted Patch Tokenization, as in
+            `apphub_vit.pretrain.get_estimator`.
         drop, drop_path: Dropout and stochastic depth while finetuning (None: the recipe's).
         strong_augment, augment_policy, mix_prob, repeated_aug, device_augment, precision, compile, cuda_graph: As
             in `apphub_vit.pretrain.get_estimator`.
@@ -95,7 +97,8 @@ def get_estimator(epochs: int = 1,
                          "vit_encoder.pt (--encoder_weights PATH), or from_scratch=True (--from_scratch True) to train "
                          "without them.")
     given = {k: v for k, v in dict(num_layers=num_layers, em_dim=em_dim, num_heads=num_heads, ff_dim=ff_dim,
-                                   patch_size=patch_size, norm_first=norm_first, pool=pool, lsa=lsa).items()
+                                   patch_size=patch_size, norm_first=norm_first, pool=pool, lsa=lsa,
+                                   spt=spt).items()
              if v is not None}
     # the apphub's size; norm placement and pooling come from the recipe (see model_config) unless given or pretrained
     arch = {k: v for k, v in asdict(ViTConfig()).items() if k in _ARCH and k not in ("norm_first", "pool")}

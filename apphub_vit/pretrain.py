@@ -36,6 +36,7 @@ def get_estimator(epochs: int = 100,
                   norm_first: Optional[bool] = None,
                   pool: Optional[str] = None,
                   lsa: bool = False,
+                  spt: bool = False,
                   drop: Optional[float] = None,
                   drop_path: Optional[float] = None,
                   strong_augment: Optional[bool] = None,
@@ -72,6 +73,8 @@ def get_estimator(epochs: int = 100,
             ("mean" for "vit", "cls" for "apphub", as the seed).
         lsa: Locality Self-Attention (Lee et al. 2021): a learnt temperature per head and no attention to self. Off
             by default; an LSA encoder finetunes as one (the setting travels in the encoder file).
+        spt: Shifted Patch Tokenization (Lee et al. 2021): four half-patch diagonal shifts of the image as extra
+            channels of the patch embedding, each patch layer-normalised. Off by default; travels like `lsa`.
         norm_first, drop, drop_path: Pre-norm, dropout, stochastic depth (None: the recipe's).
         strong_augment: A per-image augmentation policy plus MixUp/CutMix around the six ops (None: the recipe's).
         augment_policy: The strong augmentation's per-image policy (None: the recipe's): "autoaugment"
@@ -91,7 +94,8 @@ def get_estimator(epochs: int = 100,
         synthetic_size: [train, eval] image counts for dataset="synthetic" (default 50,000 / 10,000).
     """
     cfg = model_config(recipe, norm_first, drop, drop_path, num_layers=num_layers, patch_size=patch_size,
-                       em_dim=em_dim, num_heads=num_heads, ff_dim=ff_dim, pool=pool, lsa=lsa)
+                       em_dim=em_dim, num_heads=num_heads, ff_dim=ff_dim, pool=pool, lsa=lsa,
+                       spt=spt)
     return build_vit_estimator(model_name="vit_pretrain", num_classes=100, dataset=dataset, data_dir=data_dir,
                                epochs=epochs, batch_size=batch_size, train_steps_per_epoch=train_steps_per_epoch,
                                eval_steps_per_epoch=eval_steps_per_epoch,

@@ -110,6 +110,8 @@ def main(argv: List[str] = None) -> None:
     parser.add_argument("--num_heads", type=int, default=None, help="default: 8, the apphub's")
     parser.add_argument("--lsa", type=int, default=0, choices=[0, 1],
                         help="Locality Self-Attention, Lee et al. 2021 (default: 0, off)")
+    parser.add_argument("--spt", type=int, default=0, choices=[0, 1],
+                        help="Shifted Patch Tokenization, Lee et al. 2021 (default: 0, off)")
     parser.add_argument("--drop_path", type=float, default=None, help="stochastic depth (default: the recipe's)")
     parser.add_argument("--cuda_graph", type=int, default=None, choices=[0, 1],
                         help="replay each train step as a CUDA graph (default: on a GPU where the recipe allows)")
@@ -133,7 +135,7 @@ def main(argv: List[str] = None) -> None:
                                  batch_size=args.batch_size, lr=args.lr, recipe=args.recipe, save_dir=save_dir,
                                  log_steps=500, train_steps_per_epoch=args.train_steps_per_epoch,
                                  eval_steps_per_epoch=args.eval_steps_per_epoch, em_dim=args.em_dim,
-                                 lsa=bool(args.lsa), **extra)
+                                 lsa=bool(args.lsa), spt=bool(args.spt), **extra)
     resume = Resume(args.restore_dir, est.model) if args.restore_dir else None
     if resume:
         est.traces.append(resume)

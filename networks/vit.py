@@ -11,6 +11,8 @@ checkpoints:
 * `lsa=True` gives Locality Self-Attention (Lee et al. 2021, "Vision Transformer for Small-Size Datasets";
   aanna0701/SPT_LSA_ViT): a learnt softmax temperature per head, and no token attends to itself. Off by default, so
   the apphub's checkpoints keep loading; on, each block has one more parameter, `attn_scale`;
+* `spt=True` gives their Shifted Patch Tokenization: the image and four copies shifted diagonally by half a patch,
+  stacked as channels, each patch layer-normalised, then the same Conv2d patch embedding (on 5x the channels);
 * invalid configurations raise `ValueError` instead of an `assert`.
 
 Layout (timm `vision_transformer.py`): `ViTEmbeddings` -> `ViTEncoder.forward` (CLS embedding) -> `linear_classifier`.
@@ -38,6 +40,7 @@ class ViTConfig:
     drop_path: float = 0.0
     pool: str = "cls"  # what the head reads: the CLS token's output ("cls") or the mean of the patch tokens ("mean")
     lsa: bool = False  # Locality Self-Attention (Lee et al. 2021): learnt temperature per head, no attention to self
+    spt: bool = False  # Shifted Patch Tokenization (Lee et al. 2021): diagonal half-patch shifts as extra channels
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "image_size", "patch_size", "num_channels", "em_dim", "num_heads", "ff_dim"):
@@ -55,6 +58,10 @@ class ViTConfig:
                              f"got {self.pool!r}")
         if not isinstance(self.lsa, bool):
             raise ValueError(f"ViT lsa must be True or False (Locality Self-Attention on or off), got {self.lsa!r}")
+        if not isinstance(self.spt, bool):
+            raise ValueError(f"ViT spt must be True or False (Shifted Patch Tokenization on or off), got {self.spt!r}")
+        if self.spt and self.patch_size < 2:
+            raise ValueError(f"ViT spt shifts by half a patch, so it needs patch_size >= 2, got {self.patch_size}")
         for name in ("drop", "drop_path"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"ViT {name} must be in [0, 1), got {getattr(self, name)!r}")
@@ -71,11 +78,19 @@ class ViTConfig:
 
 
 class ViTEmbeddings(nn.Module):
-    """Patch embedding (Conv2d with kernel = stride = patch), a learnable CLS token and position embedding."""
+    """Patch embedding (Conv2d with kernel = stride = patch), a learnable CLS token and position embedding.
+
+    With `spt`, Shifted Patch Tokenization (Lee et al. 2021) feeds the Conv2d: the image and four copies shifted by
+    half a patch towards each corner (zero padded) as 5x the channels, each patch layer-normalised over its
+    5 * C * patch * patch values. That is Lee et al.'s patch flatten -> LayerNorm -> Linear, with the Linear as the
+    Conv2d (no bias: the position embedding adds a learnt vector to every token anyway)."""
     def __init__(self, image_size: int = 224, patch_size: int = 16, num_channels: int = 3, em_dim: int = 768,
-                 drop: float = 0.1) -> None:
+                 drop: float = 0.1, spt: bool = False) -> None:
         super().__init__()
-        self.patch_embedding = nn.Conv2d(num_channels, em_dim, kernel_size=patch_size, stride=patch_size, bias=False)
+        in_channels = 5 * num_channels if spt else num_channels
+        self.patch_size = patch_size
+        self.patch_norm = nn.LayerNorm([in_channels, patch_size, patch_size]) if spt else None
+        self.patch_embedding = nn.Conv2d(in_channels, em_dim, kernel_size=patch_size, stride=patch_size, bias=False)
         self.position_embedding = nn.Parameter(torch.zeros(1, (image_size // patch_size)**2 + 1, em_dim))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, em_dim))
         self.dropout = nn.Dropout(drop)
@@ -83,7 +98,22 @@ class ViTEmbeddings(nn.Module):
         nn.init.trunc_normal_(self.position_embedding, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 
+    def _shifted_patches(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> [B, 5C, H, W]
+        p = self.patch_size
+        s = p // 2
+        b, _, h, w = x.shape
+        padded = F.pad(x, (s, s, s, s))  # [B, C, H + 2s, W + 2s]; zero is the mean colour after Normalize
+        # Lee et al.'s PatchShifting, four diagonal shifts: the image moves s down-right, down-left, up-right, up-left
+        shifted = [padded[:, :, dy:dy + h, dx:dx + w] for dy, dx in ((0, 0), (0, 2 * s), (2 * s, 0), (2 * s, 2 * s))]
+        x = torch.cat([x, *shifted], dim=1)  # [B, 5C, H, W]
+        c = x.shape[1]
+        patches = x.view(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)  # [B, H/p, W/p, 5C, p, p]
+        patches = self.patch_norm(patches)  # over each patch's 5C * p * p values
+        return patches.permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)  # back to [B, 5C, H, W] for the Conv2d
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.patch_norm is not None:
+            x = self._shifted_patches(x)  # [B, 5C, H, W]
         x = self.patch_embedding(x).flatten(2).transpose(1, 2)  # NCHW -> NLC: [B, num_patches, em_dim]
         x = torch.cat([self.cls_token.expand(x.size(0), -1, -1), x], dim=1)  # [B, num_patches + 1, em_dim]
         return self.dropout(x + self.position_embedding)
@@ -174,12 +204,13 @@ class ViTEncoder(nn.Module):
     """Embeddings, transformer layers and a final LayerNorm; the output is the CLS token's embedding [B, em_dim]."""
     def __init__(self, num_layers: int = 12, image_size: int = 224, patch_size: int = 16, num_channels: int = 3,
                  em_dim: int = 768, drop: float = 0.1, num_heads: int = 12, ff_dim: int = 3072,
-                 norm_first: bool = False, drop_path: float = 0.0, pool: str = "cls", lsa: bool = False) -> None:
+                 norm_first: bool = False, drop_path: float = 0.0, pool: str = "cls", lsa: bool = False,
+                 spt: bool = False) -> None:
         super().__init__()
         self.config = ViTConfig(num_layers=num_layers, image_size=image_size, patch_size=patch_size,
                                 num_channels=num_channels, em_dim=em_dim, num_heads=num_heads, ff_dim=ff_dim, drop=drop,
-                                norm_first=norm_first, drop_path=drop_path, pool=pool, lsa=lsa)
-        self.embedding = ViTEmbeddings(image_size, patch_size, num_channels, em_dim, drop)
+                                norm_first=norm_first, drop_path=drop_path, pool=pool, lsa=lsa, spt=spt)
+        self.embedding = ViTEmbeddings(image_size, patch_size, num_channels, em_dim, drop, spt)
         self.encoder = TransformerStack(self.config)
         self.layernorm = nn.LayerNorm(em_dim, eps=1e-6)
 
@@ -210,13 +241,15 @@ class ViTModel(nn.Module):
     """`ViTEncoder` followed by a linear head. Arguments and defaults as the apphub's `ViTModel` (ViT-B/16 sizes)."""
     def __init__(self, num_classes: int, num_layers: int = 12, image_size: int = 224, patch_size: int = 16,
                  num_channels: int = 3, em_dim: int = 768, drop: float = 0.1, num_heads: int = 12, ff_dim: int = 3072,
-                 norm_first: bool = False, drop_path: float = 0.0, pool: str = "cls", lsa: bool = False) -> None:
+                 norm_first: bool = False, drop_path: float = 0.0, pool: str = "cls", lsa: bool = False,
+                 spt: bool = False) -> None:
         super().__init__()
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
             raise ValueError(f"ViTModel num_classes must be a positive integer, got {num_classes!r}")
         self.vit_encoder = ViTEncoder(num_layers=num_layers, image_size=image_size, patch_size=patch_size,
                                       num_channels=num_channels, em_dim=em_dim, drop=drop, num_heads=num_heads,
-                                      ff_dim=ff_dim, norm_first=norm_first, drop_path=drop_path, pool=pool, lsa=lsa)
+                                      ff_dim=ff_dim, norm_first=norm_first, drop_path=drop_path, pool=pool, lsa=lsa,
+                                      spt=spt)
         self.linear_classifier = nn.Linear(em_dim, num_classes)
 
     @classmethod

@@ -95,7 +95,8 @@ def test_finetune_from_scratch_is_explicit(tmp_path):
 @pytest.mark.parametrize("change,named", [({"em_dim": 64}, "em_dim: pretrained 32 vs model 64"),
                                           ({"num_layers": 3}, "num_layers: pretrained 2 vs model 3"),
                                           ({"patch_size": 4}, "patch_size: pretrained 8 vs model 4"),
-                                          ({"lsa": True}, "lsa: pretrained False vs model True")])
+                                          ({"lsa": True}, "lsa: pretrained False vs model True"),
+                                          ({"spt": True}, "spt: pretrained False vs model True")])
 def test_other_architecture_is_an_error_naming_the_mismatch(pretrained, tmp_path, change, named):
     _, save_dir = pretrained
     with pytest.raises(EncoderMismatchError, match=named):
@@ -103,28 +104,31 @@ def test_other_architecture_is_an_error_naming_the_mismatch(pretrained, tmp_path
                                    encoder_weights=str(save_dir / ENCODER_FILE), **TINY_RUN, **change)
 
 
-def test_lsa_encoder_transfers_as_lsa_and_old_encoder_files_load_without_it(pretrained, tmp_path):
-    lsa_model = pretrain_app.pretrain(dataset="synthetic", save_dir=str(tmp_path / "pre"), lsa=True, **TINY_RUN,
-                                      **TINY_VIT)
-    assert lsa_model.config.lsa
+def test_lsa_spt_encoder_transfers_as_such_and_old_encoder_files_load_without_them(pretrained, tmp_path):
+    sl_model = pretrain_app.pretrain(dataset="synthetic", save_dir=str(tmp_path / "pre"), lsa=True, spt=True,
+                                     **TINY_RUN, **TINY_VIT)
+    assert sl_model.config.lsa and sl_model.config.spt
     encoder = str(tmp_path / "pre" / ENCODER_FILE)
-    assert load_encoder_state(encoder)["config"]["lsa"] is True
+    assert load_encoder_state(encoder)["config"]["lsa"] is True and load_encoder_state(encoder)["config"]["spt"] is True
     est = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "fine"), encoder_weights=encoder,
-                                     **TINY_RUN)  # lsa read from the file, as the sizes are
-    assert est.model.config.lsa
+                                     **TINY_RUN)  # lsa and spt read from the file, as the sizes are
+    assert est.model.config.lsa and est.model.config.spt
     for i, layer in enumerate(est.model.vit_encoder.encoder.layers):
-        assert torch.equal(layer.attn_scale, lsa_model.vit_encoder.encoder.layers[i].attn_scale.cpu())
-    with pytest.raises(EncoderMismatchError, match="lsa: pretrained True vs model False"):
-        finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "plain"), encoder_weights=encoder,
-                                   lsa=False, **TINY_RUN)
-    # an encoder file from before the option: no "lsa" in its config, and standard attention
+        assert torch.equal(layer.attn_scale, sl_model.vit_encoder.encoder.layers[i].attn_scale.cpu())
+    assert torch.equal(est.model.vit_encoder.embedding.patch_norm.weight,
+                       sl_model.vit_encoder.embedding.patch_norm.weight.cpu())
+    for option in ("lsa", "spt"):
+        with pytest.raises(EncoderMismatchError, match=f"{option}: pretrained True vs model False"):
+            finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "plain"), encoder_weights=encoder,
+                                       **{option: False}, **TINY_RUN)
+    # an encoder file from before the options: no "lsa" / "spt" in its config, and a plain ViT
     _, save_dir = pretrained
     saved = torch.load(save_dir / ENCODER_FILE, map_location="cpu", weights_only=False)
-    del saved["config"]["lsa"]
+    del saved["config"]["lsa"], saved["config"]["spt"]
     torch.save(saved, tmp_path / "old.pt")
     old = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "old"),
                                      encoder_weights=str(tmp_path / "old.pt"), **TINY_RUN)
-    assert not old.model.config.lsa
+    assert not old.model.config.lsa and not old.model.config.spt
 
 
 def test_bare_state_dict_of_other_shape_names_the_tensors(pretrained, tmp_path):

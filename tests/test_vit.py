@@ -33,11 +33,12 @@ class ApphubViT(nn.Module):
         return self.linear_classifier(self.vit_encoder.layernorm(x[0]))
 
 
-@pytest.mark.parametrize("norm_first,drop_path,lsa", [(False, 0.0, False), (True, 0.0, False), (True, 0.2, False),
-                                                    (True, 0.0, True)])
-def test_shapes_finite_and_every_parameter_gets_a_gradient(norm_first, drop_path, lsa):
+@pytest.mark.parametrize("norm_first,drop_path,lsa,spt", [(False, 0.0, False, False), (True, 0.0, False, False),
+                                                        (True, 0.2, False, False), (True, 0.0, True, False),
+                                                        (True, 0.0, False, True), (True, 0.0, True, True)])
+def test_shapes_finite_and_every_parameter_gets_a_gradient(norm_first, drop_path, lsa, spt):
     torch.manual_seed(0)
-    model = ViTModel(num_classes=10, norm_first=norm_first, drop_path=drop_path, lsa=lsa, **TINY)
+    model = ViTModel(num_classes=10, norm_first=norm_first, drop_path=drop_path, lsa=lsa, spt=spt, **TINY)
     x = torch.randn(3, 3, 32, 32)
     assert model.forward_features(x).shape == (3, 32)
     logits = model(x)
@@ -81,6 +82,8 @@ def test_apphub_checkpoint_loads_and_computes_the_same_function():
     (dict(num_layers=0), "num_layers must be a positive integer"),
     (dict(drop=1.5), "drop must be in"),
     (dict(lsa="yes"), "lsa must be True or False"),
+    (dict(spt=1), "spt must be True or False"),
+    (dict(spt=True, patch_size=1), "spt shifts by half a patch, so it needs patch_size >= 2"),
 ])
 def test_invalid_configurations_raise_clear_value_errors(bad, message):
     with pytest.raises(ValueError, match=message):
@@ -176,9 +179,54 @@ def test_lsa_adds_one_scale_per_block_to_the_state_dict_and_to_the_encoder_signa
     assert sum(p.numel() for p in lsa.parameters()) == sum(p.numel() for p in plain.parameters()) + 2 * 4
 
 
-def test_lsa_runs_under_bf16_autocast():
+def test_lsa_and_spt_run_under_bf16_autocast():
     torch.manual_seed(0)
-    model = ViTModel(num_classes=10, norm_first=True, lsa=True, **TINY)
+    model = ViTModel(num_classes=10, norm_first=True, lsa=True, spt=True, **TINY)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(torch.randn(2, 3, 32, 32))
     assert logits.shape == (2, 10) and torch.isfinite(logits.float()).all()
+
+
+def spt_reference(embedding: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Shifted Patch Tokenization as Lee et al.'s `ShiftedPatchTokenization` computes it (aanna0701/SPT_LSA_ViT):
+    pad by half a patch, the four corner slices, concatenate, flatten each patch into a vector, LayerNorm, Linear.
+    The vector is flattened in our Conv2d's (channel, row, column) order so the same weights serve both."""
+    p = embedding.patch_size
+    s = p // 2
+    pad = torch.nn.functional.pad(x, (s, s, s, s))
+    x5 = torch.cat([x, pad[:, :, :-2 * s, :-2 * s], pad[:, :, :-2 * s, 2 * s:], pad[:, :, 2 * s:, :-2 * s],
+                    pad[:, :, 2 * s:, 2 * s:]], dim=1)  # Lee et al.'s x_lu, x_ru, x_lb, x_rb
+    b, c, h, w = x5.shape
+    vectors = torch.stack([x5[:, :, i:i + p, j:j + p].reshape(b, -1) for i in range(0, h, p) for j in range(0, w, p)],
+                          dim=1)  # [B, patches, 5C * p * p], row-major over the patch grid
+    norm = embedding.patch_norm
+    vectors = torch.nn.functional.layer_norm(vectors, vectors.shape[-1:], norm.weight.flatten(), norm.bias.flatten(),
+                                             norm.eps)
+    return vectors @ embedding.patch_embedding.weight.flatten(1).T  # [B, patches, em_dim]
+
+
+def test_spt_embeds_lee_et_al_shifted_patches_with_the_conv2d():
+    torch.manual_seed(0)
+    model = ViTModel(num_classes=10, spt=True, **dict(TINY, patch_size=4)).eval()
+    embedding = model.vit_encoder.embedding
+    with torch.no_grad():  # a LayerNorm that is not the identity, so its place in the computation matters
+        embedding.patch_norm.weight.uniform_(0.5, 1.5), embedding.patch_norm.bias.uniform_(-0.5, 0.5)
+    assert embedding.patch_embedding.weight.shape == (32, 15, 4, 4)  # 5 x 3 channels
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = embedding(x)  # [B, 1 + 64, D]: CLS, patches, plus position embeddings
+        expected = spt_reference(embedding, x) + embedding.position_embedding[:, 1:]
+        torch.testing.assert_close(tokens[:, 1:], expected, rtol=1e-4, atol=1e-4)
+        # the shifted copies matter: the same weights on the image alone, with zeros in their place, differ
+        shifted_only = torch.cat([x, torch.zeros(2, 12, 32, 32)], 1)
+        embedding.patch_norm = None  # the plain path, fed the 15 channels directly
+        assert not torch.allclose(embedding(shifted_only)[:, 1:], expected, atol=1e-2)
+
+
+def test_spt_changes_the_embedding_and_the_encoder_signature_but_not_the_blocks():
+    plain = ViTModel(num_classes=10, **TINY)
+    spt = ViTModel(num_classes=10, spt=True, **TINY)
+    extra = set(spt.state_dict()) - set(plain.state_dict())
+    assert extra == {"vit_encoder.embedding.patch_norm.weight", "vit_encoder.embedding.patch_norm.bias"}
+    assert spt.state_dict()["vit_encoder.embedding.patch_embedding.weight"].shape == (32, 15, 8, 8)
+    assert plain.config.encoder_signature() != spt.config.encoder_signature()

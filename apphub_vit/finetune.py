@@ -98,8 +98,7 @@ def get_estimator(epochs: int = 1,
                          "without them.")
     given = {k: v for k, v in dict(num_layers=num_layers, em_dim=em_dim, num_heads=num_heads, ff_dim=ff_dim,
                                    patch_size=patch_size, norm_first=norm_first, pool=pool, lsa=lsa,
-                                   spt=spt).items()
-             if v is not None}
+                                   spt=spt).items() if v is not None}
     # the apphub's size; norm placement and pooling come from the recipe (see model_config) unless given or pretrained
     arch = {k: v for k, v in asdict(ViTConfig()).items() if k in _ARCH and k not in ("norm_first", "pool")}
     if encoder_weights is not None:

@@ -94,8 +94,7 @@ def get_estimator(epochs: int = 100,
         synthetic_size: [train, eval] image counts for dataset="synthetic" (default 50,000 / 10,000).
     """
     cfg = model_config(recipe, norm_first, drop, drop_path, num_layers=num_layers, patch_size=patch_size,
-                       em_dim=em_dim, num_heads=num_heads, ff_dim=ff_dim, pool=pool, lsa=lsa,
-                       spt=spt)
+                       em_dim=em_dim, num_heads=num_heads, ff_dim=ff_dim, pool=pool, lsa=lsa, spt=spt)
     return build_vit_estimator(model_name="vit_pretrain", num_classes=100, dataset=dataset, data_dir=data_dir,
                                epochs=epochs, batch_size=batch_size, train_steps_per_epoch=train_steps_per_epoch,
                                eval_steps_per_epoch=eval_steps_per_epoch,

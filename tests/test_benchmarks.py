@@ -10,11 +10,21 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import throughput  # noqa: E402
 
 
-def test_throughput_prints_every_row_with_its_ratio(capsys):
+def test_throughput_prints_every_row_with_its_ratio(capsys, monkeypatch):
+    built = []  # the options of every estimator the benchmark builds
+
+    def spy(**kwargs):
+        built.append(kwargs)
+        return get_estimator(**kwargs)
+
+    get_estimator = throughput.pretrain.get_estimator
+    monkeypatch.setattr(throughput.pretrain, "get_estimator", spy)
     throughput.main(["--size", "tiny", "--steps", "3", "--skip", "1", "--batch_size", "24"])
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| ") and "images/s" not in line and "---" not in line]
-    assert len(rows) == 7, out[-3000:]
+    assert len(rows) == 8, out[-3000:]
+    assert "our path with SPT + LSA" in out
+    assert [k["batch_size"] for k in built if k.get("spt") and k.get("lsa")] == [24]  # that row, and only it, uses them
     rates = [float(row.split("|")[2].replace(",", "")) for row in rows]
     ratios = [float(row.split("|")[3].strip().rstrip("x")) for row in rows]
     assert all(rate > 0 for rate in rates)

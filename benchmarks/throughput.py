@@ -12,8 +12,8 @@ eval is excluded and so are the first `--skip` steps of the timed epoch, where c
    reshuffles the sampler at every batch: what the apphub app costs as FastEstimator 1.7.0 ships it;
 2. our path end to end: the app's defaults for this machine (on a GPU: recipe "vit" with strong augmentation,
    batched device-side ops, bf16, torch.compile, batch 512, each train step replayed as a CUDA graph; on a CPU: the
-   same at batch 128 in fp32, no compile, no graph); on a GPU also without the CUDA graph; without strong
-   augmentation; and with Shifted Patch Tokenization + Locality Self-Attention (`spt=True, lsa=True`);
+   same at batch 128 in fp32, no compile, no graph); then the same without strong augmentation, and with Shifted
+   Patch Tokenization + Locality Self-Attention (`spt=True, lsa=True`); on a GPU also without the CUDA graph;
 3. the apphub pipeline alone (six per-sample ops, its batch), and ours (uint8 batching only, its batch);
 4. the model's training step alone (forward, backward, optimizer step) at our path's settings, with our batched
    augmentation ops included, data already on the device.

@@ -50,6 +50,7 @@ def get_estimator(epochs: int = 1,
                   augment_policy: Optional[str] = None,
                   mix_prob: Optional[float] = None,
                   repeated_aug: int = 1,
+                  refine_epochs: int = 0,
                   device_augment: Optional[bool] = None,
                   precision: Optional[str] = None,
                   compile: Optional[bool] = None,
@@ -82,8 +83,8 @@ def get_estimator(epochs: int = 1,
             `lsa`, `spt`: Lee et al.'s Locality Self-Attention and Shifted Patch Tokenization, as in
             `apphub_vit.pretrain.get_estimator`.
         drop, drop_path: Dropout and stochastic depth while finetuning (None: the recipe's).
-        strong_augment, augment_policy, mix_prob, repeated_aug, device_augment, precision, compile, cuda_graph: As
-            in `apphub_vit.pretrain.get_estimator`.
+        strong_augment, augment_policy, mix_prob, repeated_aug, refine_epochs, device_augment, precision, compile,
+            cuda_graph: As in `apphub_vit.pretrain.get_estimator`.
         overwrite: Replace weights an earlier run left in save_dir (otherwise the run refuses to start).
         num_process: Pipeline worker processes (None: 8 on a GPU host, else FastEstimator's default).
         log_steps: Log the training loss every this many steps.
@@ -120,6 +121,7 @@ def get_estimator(epochs: int = 1,
                                cfg=cfg, recipe=recipe, lr=lr, weight_decay=weight_decay,
                                warmup_epochs=warmup_epochs, weight_init=weight_init, strong_augment=strong_augment,
                                augment_policy=augment_policy, mix_prob=mix_prob, repeated_aug=repeated_aug,
+                               refine_epochs=refine_epochs,
                                device_augment=device_augment, precision=precision, compile=compile,
                                cuda_graph=cuda_graph, overwrite=overwrite, init_model=init, num_process=num_process,
                                log_steps=log_steps, synthetic_size=synthetic_size)

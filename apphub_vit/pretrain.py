@@ -43,6 +43,7 @@ def get_estimator(epochs: int = 100,
                   augment_policy: Optional[str] = None,
                   mix_prob: Optional[float] = None,
                   repeated_aug: int = 1,
+                  refine_epochs: int = 0,
                   device_augment: Optional[bool] = None,
                   precision: Optional[str] = None,
                   compile: Optional[bool] = None,
@@ -86,6 +87,9 @@ def get_estimator(epochs: int = 100,
         mix_prob: The share of strongly augmented batches mixed by MixUp or CutMix (None: the recipe's).
         repeated_aug: Repeated augmentation, as DeiT (3): each epoch keeps its length but holds a random third of the
             images, each three times in one batch, augmented differently (1: off). Needs device_augment.
+        refine_epochs: Train the last this many epochs without the strong augmentation (the six ops stay): He et al.
+            2019's "refined data augmentation", to close the gap between the augmented images the model learns from
+            and the plain ones it is tested on (0: off, the default). Needs strong_augment.
         device_augment: Run the six ops batched where the model runs (default) instead of per sample in the pipeline.
         precision: "fp32", "bf16" or "fp16" (None: bf16 on a GPU, fp32 on a CPU).
         compile: torch.compile the model (None: on a GPU only).
@@ -105,6 +109,7 @@ def get_estimator(epochs: int = 100,
                                cfg=cfg, recipe=recipe, lr=lr, weight_decay=weight_decay,
                                warmup_epochs=warmup_epochs, weight_init=weight_init, strong_augment=strong_augment,
                                augment_policy=augment_policy, mix_prob=mix_prob, repeated_aug=repeated_aug,
+                               refine_epochs=refine_epochs,
                                device_augment=device_augment, precision=precision, compile=compile,
                                cuda_graph=cuda_graph, overwrite=overwrite, save_encoder=True, num_process=num_process,
                                log_steps=log_steps, synthetic_size=synthetic_size)

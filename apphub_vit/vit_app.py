@@ -26,7 +26,8 @@ import fastestimator as fe
 import torch
 from fastestimator.op.tensorop.loss import CrossEntropy
 from fastestimator.op.tensorop.model import ModelOp, UpdateOp
-from fastestimator.schedule import cosine_decay
+from fastestimator.op.tensorop import TensorOp
+from fastestimator.schedule import EpochScheduler, cosine_decay
 from fastestimator.trace import Trace
 from fastestimator.trace.adapt import LRScheduler
 from fastestimator.trace.io import BestModelSaver
@@ -39,7 +40,8 @@ from apphub_vit.encoder_io import ENCODER_FILE, EncoderSaver
 from apphub_vit.prediction_grid import GRID_FILE, PredictionGrid
 from apphub_vit.records import RECORD_FILE, RunRecorder
 from networks.vit import ViTConfig, ViTModel, init_trunc_normal_
-from pipelines.batched import POLICIES, BatchLoader, batched_cifar_ops, check_repeats, smooth_one_hot
+from pipelines.batched import (POLICIES, BatchLoader, FusedImageOps, MixUpCutMix, batched_cifar_ops, check_repeats,
+                               smooth_one_hot)
 from pipelines.cifar import CIFAR_MEAN, CIFAR_STD, cifar_pipeline
 
 
@@ -161,9 +163,10 @@ def build_vit_estimator(*, model_name: str, num_classes: int, dataset: str, data
                         compile: Optional[bool] = None, cuda_graph: Optional[bool] = None, overwrite: bool = False,
                         init_model: Optional[Callable[[torch.nn.Module], None]] = None, save_encoder: bool = False,
                         num_process: Optional[int] = None, log_steps: int = 100,
-                        synthetic_size: Optional[List[int]] = None, repeated_aug: int = 1) -> fe.Estimator:
+                        synthetic_size: Optional[List[int]] = None, repeated_aug: int = 1,
+                        refine_epochs: int = 0) -> fe.Estimator:
     """A FastEstimator Estimator training a `ViTModel` on a CIFAR-shaped task. `cfg` should already carry the
-    recipe's norm_first / drop / drop_path (see `model_config`)."""
+    recipe's norm_first / drop / drop_path (see `model_config`). `refine_epochs`: see `refine_schedule`."""
     if recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {recipe!r}")
     rec = RECIPES[recipe]
@@ -189,6 +192,7 @@ def build_vit_estimator(*, model_name: str, num_classes: int, dataset: str, data
     mix_prob = rec.mix_prob if mix_prob is None else float(mix_prob)
     if not 0 <= mix_prob <= 1:
         raise ValueError(f"mix_prob is the share of batches mixed, between 0 and 1; got {mix_prob}")
+    check_refine_epochs(refine_epochs, epochs, strong)
     hw = settle_cuda_graph(hw, cuda_graph_blockers(rec, strong, mix_prob, hw.precision))
     peak_lr = lr if lr is not None else rec.lr * hw.batch_size / rec.base_batch  # linear scaling rule
     sizes = {} if synthetic_size is None else {"num_train": synthetic_size[0], "num_eval": synthetic_size[1]}
@@ -203,6 +207,10 @@ def build_vit_estimator(*, model_name: str, num_classes: int, dataset: str, data
         augment_ops = batched_cifar_ops(CIFAR_MEAN, CIFAR_STD, strong=strong, num_classes=num_classes,
                                         label_smoothing=rec.label_smoothing, fuse=True, compile=hw.compile,
                                         policy=policy, mix_prob=mix_prob)
+        if refine_epochs:
+            plain_ops = batched_cifar_ops(CIFAR_MEAN, CIFAR_STD, fuse=True, compile=hw.compile)
+            augment_ops = refine_schedule(augment_ops, plain_ops, epochs - refine_epochs + 1,
+                                          _LabelSmoothing(num_classes, rec.label_smoothing))
     else:
         if strong:
             raise ValueError("strong_augment runs as batched ops: use device_augment=True with it, or "
@@ -253,7 +261,8 @@ def build_vit_estimator(*, model_name: str, num_classes: int, dataset: str, data
     config = {"model": asdict(cfg), "num_classes": num_classes, "dataset": dataset, "data_dir": data_dir,
               "recipe": asdict(rec), "hardware": asdict(hw), "lr": peak_lr, "strong_augment": strong,
               "augment_policy": policy if strong else None,
-              "mix_prob": mix_prob if strong else None, "repeated_aug": repeated_aug, "epochs": epochs,
+              "mix_prob": mix_prob if strong else None, "repeated_aug": repeated_aug, "refine_epochs": refine_epochs,
+              "epochs": epochs,
               "synthetic_size": synthetic_size}
     traces += [
         # eval images as the model sees them: normalised, channels first, in both pipeline paths
@@ -294,6 +303,34 @@ def model_config(recipe: str, norm_first: Optional[bool], drop: Optional[float],
     return ViTConfig(image_size=32, num_channels=3, norm_first=rec.norm_first if norm_first is None else norm_first,
                      drop=rec.drop if drop is None else drop,
                      drop_path=rec.drop_path if drop_path is None else drop_path, **arch)
+
+
+def check_refine_epochs(refine_epochs: Any, epochs: int, strong: bool) -> None:
+    """Fail fast on a `refine_epochs` that cannot work, saying what to pass instead."""
+    if not isinstance(refine_epochs, int) or isinstance(refine_epochs, bool) or not 0 <= refine_epochs < epochs:
+        raise ValueError(f"refine_epochs is how many of the last epochs train without the strong augmentation: a whole "
+                         f"number from 0 (off) to epochs - 1 = {epochs - 1}; got {refine_epochs!r}")
+    if refine_epochs and not strong:
+        raise ValueError("refine_epochs turns the strong augmentation off for the last epochs, but strong_augment is "
+                         "off: leave refine_epochs at 0, or turn strong_augment on")
+
+
+def refine_schedule(strong_ops: List[TensorOp], plain_ops: List[TensorOp], first_plain_epoch: int,
+                    label_op: TensorOp) -> List[Any]:
+    """The last epochs on lightly augmented images: "refined data augmentation" (He et al. 2019, "Data Augmentation
+    Revisited: Rethinking the Distribution Gap between Clean and Augmented Data"), with the six ops kept.
+
+    A model trained on strongly augmented images fits them, not the plain images it is tested on; training its last
+    epochs (where the cosine schedule's learning rate is small) without the per-image policy and MixUp / CutMix closes
+    that gap. `strong_ops` and `plain_ops` come from `batched_cifar_ops(fuse=True)` (a fused train op first, then the
+    eval ops, then MixUpCutMix if any): the fused train op is swapped by an `EpochScheduler` from
+    `first_plain_epoch` on, MixUpCutMix by `label_op` (which writes the smoothed labels it wrote)."""
+    if not (isinstance(strong_ops[0], FusedImageOps) and isinstance(plain_ops[0], FusedImageOps)):
+        raise ValueError("refine_schedule needs batched_cifar_ops(fuse=True) lists (a FusedImageOps first)")
+    scheduled: List[Any] = [EpochScheduler({1: strong_ops[0], first_plain_epoch: plain_ops[0]})]
+    for op in strong_ops[1:]:
+        scheduled.append(EpochScheduler({1: op, first_plain_epoch: label_op}) if isinstance(op, MixUpCutMix) else op)
+    return scheduled
 
 
 class _LabelSmoothing(fe.op.tensorop.TensorOp):

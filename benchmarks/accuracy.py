@@ -111,6 +111,8 @@ def main(argv: List[str] = None) -> None:
     parser.add_argument("--mix_prob", type=float, default=None, help="share of batches mixed (default: the recipe's)")
     parser.add_argument("--repeated_aug", type=int, default=None, help="repeated augmentation, DeiT's: 3 (default: 1, "
                         "off); each epoch keeps its length, so 100 epochs stay 100 epochs of compute")
+    parser.add_argument("--refine_epochs", type=int, default=None, help="the last N epochs without the strong "
+                        "augmentation, He et al. 2019's refinement (default: 0, off)")
     parser.add_argument("--strong_augment", type=int, default=None, choices=[0, 1], help="default: the recipe's")
     parser.add_argument("--pool", default=None, choices=["cls", "mean"], help="default: the recipe's (vit: mean)")
     parser.add_argument("--num_heads", type=int, default=None, help="default: 8, the apphub's")
@@ -135,6 +137,7 @@ def main(argv: List[str] = None) -> None:
     options = dict(augment_policy=args.augment_policy, drop_path=args.drop_path, mix_prob=args.mix_prob, pool=args.pool,
                    num_heads=args.num_heads, strong_augment=strong, weight_decay=args.weight_decay,
                    warmup_epochs=args.warmup_epochs, weight_init=args.weight_init, repeated_aug=args.repeated_aug,
+                   refine_epochs=args.refine_epochs,
                    cuda_graph=None if args.cuda_graph is None else bool(args.cuda_graph))
     extra.update({k: v for k, v in options.items() if v is not None})
     est = finetune.get_estimator(from_scratch=True, data_dir=args.data_dir, dataset="cifair10", epochs=args.epochs,

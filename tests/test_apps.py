@@ -12,6 +12,7 @@ from apphub_vit.encoder_io import ENCODER_FILE, EncoderMismatchError, load_encod
 from apphub_vit.prediction_grid import GRID_FILE
 from apphub_vit.records import RECORD_FILE, read_record
 from networks.vit import ViTModel
+from pipelines import batched
 from tests.conftest import REPO, TINY_RUN, TINY_VIT, cli_env, fastestimator_cmd, shared_path
 
 CLI_TINY = ["--epochs", "1", "--batch_size", "16", "--train_steps_per_epoch", "3", "--eval_steps_per_epoch", "2",
@@ -276,3 +277,24 @@ def test_repeated_aug_reaches_the_training_loader_and_is_checked(tmp_path):
     with pytest.raises(ValueError, match="use device_augment=True with it"):
         finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "c"), from_scratch=True,
                                    repeated_aug=3, device_augment=False, strong_augment=False, **TINY_RUN, **TINY_VIT)
+
+
+def test_refine_epochs_turn_the_strong_augmentation_off_for_the_last_epochs_and_are_checked(tmp_path, monkeypatch):
+    calls = {"AutoAugment": [], "MixUpCutMix": []}
+    for name in calls:
+        cls = getattr(batched, name)
+        monkeypatch.setattr(cls, "forward", lambda self, data, state, _f=cls.forward, _n=name: (
+            calls[_n].append(1), _f(self, data, state))[1])
+    run = {**TINY_RUN, "epochs": 3, "train_steps_per_epoch": 2}
+    est = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "a"), from_scratch=True,
+                                     augment_policy="autoaugment", mix_prob=0.5, refine_epochs=1, **run, **TINY_VIT)
+    est.fit(warmup=False)  # epoch 3 trains on the smoothed labels that MixUpCutMix wrote in epochs 1-2
+    assert len(calls["AutoAugment"]) == len(calls["MixUpCutMix"]) == 2 * 2  # epochs 1 and 2 only, two steps each
+    assert est.config["refine_epochs"] == 1  # recorded in run_record.json
+    for bad, why in ((3, "from 0 \\(off\\) to epochs - 1 = 2"), (-1, "whole number"), (1.5, "whole number")):
+        with pytest.raises(ValueError, match=why):
+            finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "b"), from_scratch=True,
+                                       refine_epochs=bad, **run, **TINY_VIT)
+    with pytest.raises(ValueError, match="strong_augment is off"):
+        finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "c"), from_scratch=True,
+                                   refine_epochs=1, strong_augment=False, **run, **TINY_VIT)

@@ -15,6 +15,7 @@ from fastestimator.backend import set_lr  # noqa: E402
 from fastestimator.op.tensorop import TensorOp  # noqa: E402
 from fastestimator.op.tensorop.loss import CrossEntropy  # noqa: E402
 from fastestimator.op.tensorop.model import ModelOp, UpdateOp  # noqa: E402
+from fastestimator.schedule import EpochScheduler  # noqa: E402
 
 from apphub_vit.device_network import DeviceNetwork  # noqa: E402
 from apphub_vit.vit_app import RECIPES, cuda_graph_blockers, resolve_hardware, settle_cuda_graph  # noqa: E402
@@ -39,6 +40,17 @@ class _HostSync(TensorOp):
 
     def forward(self, data: torch.Tensor, state):
         return data * 1.0 if data.abs().max().item() >= 0 else data
+
+
+class _Recorder(TensorOp):
+    """x unchanged; notes whether each call ran inside a CUDA-graph capture (where a first call that compiles fails)."""
+    def __init__(self) -> None:
+        super().__init__(inputs="x", outputs="x", mode="train")
+        self.capturing = []
+
+    def forward(self, data: torch.Tensor, state):
+        self.capturing.append(torch.cuda.is_current_stream_capturing())
+        return data * 1.0
 
 
 def _network(cuda_graph: bool, noise: float = 0.0, seed: int = 0, first_ops=()):
@@ -141,6 +153,17 @@ def test_a_step_that_cannot_be_captured_trains_on_without_the_graph():
     assert network.graph_failure is not None  # also printed, with what to do
     assert network.graph_captures == 0 and network.cuda_graph is False and network.eager_train_steps == 8
     torch.testing.assert_close(torch.tensor(graph_losses), torch.tensor(eager_losses), rtol=1e-4, atol=1e-5)
+
+
+@needs_cuda
+def test_an_op_an_epoch_scheduler_swaps_in_runs_eagerly_before_its_first_capture():
+    # refine_epochs swaps the augmentation op for a new compiled one; compiling inside a capture would fail it
+    first, second = _Recorder(), _Recorder()
+    network, model = _network(cuda_graph=True, first_ops=[EpochScheduler({1: first, 2: second})])
+    _train(network, model, epochs=2, steps=4, lrs=[1e-2] * 8)
+    assert network.graph_failure is None and network.graph_captures == 2
+    assert second.capturing == [False, False, True]  # two warm-up steps, then the capture (replays run no Python)
+    assert network.eager_train_steps == 4  # the warm-up steps of both op sets
 
 
 def test_cuda_graph_without_a_gpu_is_refused_clearly():

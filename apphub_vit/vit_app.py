@@ -10,8 +10,9 @@ differ only in the arguments they pass here. Two training recipes:
   decay per step, label smoothing 0.1, AutoAugment's CIFAR-10 policy (Cubuk et al. 2019, as the ≥90% recipes of CCT
   and Lee et al. use it) per image before the six ops, and a head on the mean of the patch tokens.
   TrivialAugment (Müller & Hutter 2021), MixUp / CutMix, the older affine + colour jitter policy, stochastic depth
-  (both papers use 0.1) and DeiT's repeated augmentation stay available (`augment_policy`, `mix_prob`, `drop_path`,
-  `repeated_aug`): on real CIFAR-10 in 100 epochs they scored lower (benchmarks/accuracy.py).
+  (both papers use 0.1), DeiT's repeated augmentation and He et al. 2019's refinement without the strong augmentation
+  in the last epochs stay available (`augment_policy`, `mix_prob`, `drop_path`, `repeated_aug`, `refine_epochs`): on
+  real CIFAR-10 in 100 epochs they scored lower (benchmarks/accuracy.py).
 
 And the GPU path (each a flag, all on by default when a GPU is present): the six ops run batched on the GPU
 (`pipelines/batched.py`), bf16 autocast, `torch.compile`, batch 512 with the learning rate scaled to it, fewer pipeline

@@ -77,6 +77,14 @@ class DeviceNetwork(TorchNetwork):
         self._graph_out: Dict[str, Any] = {}
         self._graph_lr: List[Tuple[Dict[str, Any], torch.Tensor]] = []
 
+    def __call__(self, *args: Any, **kwargs: Any) -> "DeviceNetwork":
+        super().__call__(*args, **kwargs)  # picks this epoch's ops
+        if self.ctx_state["mode"] == "train" and not self.ctx_state["warmup"]:
+            ops_key = tuple(map(id, self.ctx_ops))
+            if ops_key != self._ops_key:
+                self._ops_key, self._eager_with_ops = ops_key, 0
+        return self
+
     def __exit__(self, *exc: Any) -> None:
         self._drop_graph()  # FastEstimator moves the models to the CPU here: the graph's addresses go stale
         super().__exit__(*exc)
@@ -97,10 +105,6 @@ class DeviceNetwork(TorchNetwork):
         self.ctx_state["tape"] = NonContext()
         train = self.ctx_state["mode"] == "train" and not self.ctx_state["warmup"]
         captured = None
-        if train:
-            ops_key = tuple(map(id, self.ctx_ops))
-            if ops_key != self._ops_key:
-                self._ops_key, self._eager_with_ops = ops_key, 0
         if self.cuda_graph and train:  # the batch's shapes pick the graph (only then: eval steps need no key)
             key = tuple((k, v.shape, v.dtype) if isinstance(v, torch.Tensor) else (k, v) for k, v in batch_in.items())
             if key == self._graph_key:

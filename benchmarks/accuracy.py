@@ -50,8 +50,8 @@ trivialaugment_ra 88.80%; --refine_epochs 10 / 20 / 30 89.26% / 89.20% / 88.79%.
 --lr 2e-3 --weight_decay 0.1 --spt 1 --lsa 1.
 The 90% target is reached by one run in four at lr 2e-3 and the recipe's weight decay, 0.05 (last epoch: 90.02%, mean
 89.47%), not on average; weight decay 0.1 ends at 89.7% in every run; the default recipe lands at 85.1-86.0% in 100
-epochs. The data is a JPEG copy on which Page's ResNet-9 scores 3 points below its
-published figure (resnet9_reference.py; README: Results).
+epochs. The data is a JPEG copy on which Page's ResNet-9 scores 3 points below its published figure
+(resnet9_reference.py; README: Results).
 """
 import argparse
 import os

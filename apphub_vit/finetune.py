@@ -35,6 +35,8 @@ def get_estimator(epochs: int = 1,
                   weight_decay: Optional[float] = None,
                   warmup_epochs: Optional[float] = None,
                   weight_init: Optional[str] = None,
+                  label_smoothing: Optional[float] = None,
+                  decay_all: Optional[bool] = None,
                   num_layers: Optional[int] = None,
                   em_dim: Optional[int] = None,
                   num_heads: Optional[int] = None,
@@ -78,6 +80,7 @@ def get_estimator(epochs: int = 1,
             of the run).
         weight_init: "torch" (PyTorch's per-layer defaults) or "trunc_normal" (timm's and CCT's: linear weights from
             a normal of std 0.02, zero biases); None: the recipe's ("torch"), which scored higher on CIFAR-10.
+        label_smoothing, decay_all: As in `apphub_vit.pretrain.get_estimator`.
         num_layers, em_dim, num_heads, ff_dim, patch_size, norm_first, pool, lsa, spt: The ViT; None takes the
             pretrained one's (or the apphub's size, the recipe's norm placement, no LSA and no SPT when from scratch).
             `lsa`, `spt`: Lee et al.'s Locality Self-Attention and Shifted Patch Tokenization, as in
@@ -119,7 +122,8 @@ def get_estimator(epochs: int = 1,
                                eval_steps_per_epoch=eval_steps_per_epoch,
                                save_dir=resolve_save_dir(save_dir, "finetune"),
                                cfg=cfg, recipe=recipe, lr=lr, weight_decay=weight_decay,
-                               warmup_epochs=warmup_epochs, weight_init=weight_init, strong_augment=strong_augment,
+                               warmup_epochs=warmup_epochs, weight_init=weight_init,
+                               label_smoothing=label_smoothing, decay_all=decay_all, strong_augment=strong_augment,
                                augment_policy=augment_policy, mix_prob=mix_prob, repeated_aug=repeated_aug,
                                refine_epochs=refine_epochs,
                                device_augment=device_augment, precision=precision, compile=compile,

@@ -28,6 +28,8 @@ def get_estimator(epochs: int = 100,
                   weight_decay: Optional[float] = None,
                   warmup_epochs: Optional[float] = None,
                   weight_init: Optional[str] = None,
+                  label_smoothing: Optional[float] = None,
+                  decay_all: Optional[bool] = None,
                   num_layers: int = 6,
                   em_dim: int = 256,
                   num_heads: int = 8,
@@ -69,6 +71,11 @@ def get_estimator(epochs: int = 100,
             of the run).
         weight_init: "torch" (PyTorch's per-layer defaults) or "trunc_normal" (timm's and CCT's: linear weights from
             a normal of std 0.02, zero biases); None: the recipe's ("torch"), which scored higher on CIFAR-10.
+        label_smoothing: The share of each training label spread over all classes, 0 to below 1 (None: the recipe's,
+            0.1 for "vit", 0 for "apphub").
+        decay_all: Weight decay on every parameter (True) or, as timm and DeiT, not on biases, norms, the position
+            embedding, the CLS token and LSA's temperatures (False; `ViTModel.no_weight_decay`). None: the recipe's
+            (True for both).
         num_layers, em_dim, num_heads, ff_dim, patch_size: The ViT (defaults: the apphub's, 3.2M parameters).
         pool: What the head reads: "cls" (the CLS token) or "mean" (the patch tokens' average); None: the recipe's
             ("mean" for "vit", "cls" for "apphub", as the seed).
@@ -108,7 +115,8 @@ def get_estimator(epochs: int = 100,
                                eval_steps_per_epoch=eval_steps_per_epoch,
                                save_dir=resolve_save_dir(save_dir, "pretrain"),
                                cfg=cfg, recipe=recipe, lr=lr, weight_decay=weight_decay,
-                               warmup_epochs=warmup_epochs, weight_init=weight_init, strong_augment=strong_augment,
+                               warmup_epochs=warmup_epochs, weight_init=weight_init,
+                               label_smoothing=label_smoothing, decay_all=decay_all, strong_augment=strong_augment,
                                augment_policy=augment_policy, mix_prob=mix_prob, repeated_aug=repeated_aug,
                                refine_epochs=refine_epochs,
                                device_augment=device_augment, precision=precision, compile=compile,

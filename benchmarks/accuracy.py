@@ -109,6 +109,10 @@ def main(argv: List[str] = None) -> None:
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--weight_decay", type=float, default=None, help="default: the recipe's (vit: 0.05)")
     parser.add_argument("--warmup_epochs", type=float, default=None, help="default: the recipe's (vit: 10)")
+    parser.add_argument("--label_smoothing", type=float, default=None, help="default: the recipe's (vit: 0.1)")
+    parser.add_argument("--decay_all", type=int, default=None, choices=[0, 1], help="weight decay on every parameter "
+                        "(1) or not on biases, norms, position embedding, CLS token and LSA temperatures (0, timm's); "
+                        "default: the recipe's (1)")
     parser.add_argument("--weight_init", default=None, choices=WEIGHT_INITS, help="default: the recipe's (torch)")
     parser.add_argument("--augment_policy", default=None, choices=POLICIES,
                         help="recipe vit's per-image policy (default: the recipe's, autoaugment)")
@@ -141,7 +145,8 @@ def main(argv: List[str] = None) -> None:
     options = dict(augment_policy=args.augment_policy, drop_path=args.drop_path, mix_prob=args.mix_prob, pool=args.pool,
                    num_heads=args.num_heads, strong_augment=strong, weight_decay=args.weight_decay,
                    warmup_epochs=args.warmup_epochs, weight_init=args.weight_init, repeated_aug=args.repeated_aug,
-                   refine_epochs=args.refine_epochs,
+                   refine_epochs=args.refine_epochs, label_smoothing=args.label_smoothing,
+                   decay_all=None if args.decay_all is None else bool(args.decay_all),
                    cuda_graph=None if args.cuda_graph is None else bool(args.cuda_graph))
     extra.update({k: v for k, v in options.items() if v is not None})
     est = finetune.get_estimator(from_scratch=True, data_dir=args.data_dir, dataset="cifair10", epochs=args.epochs,

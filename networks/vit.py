@@ -18,7 +18,7 @@ checkpoints:
 Layout (timm `vision_transformer.py`): `ViTEmbeddings` -> `ViTEncoder.forward` (CLS embedding) -> `linear_classifier`.
 """
 from dataclasses import asdict, dataclass
-from typing import Any, Dict
+from typing import Any, Dict, Set
 
 import torch
 import torch.nn as nn
@@ -259,6 +259,17 @@ class ViTModel(nn.Module):
     @property
     def config(self) -> ViTConfig:
         return self.vit_encoder.config
+
+    def no_weight_decay(self) -> Set[str]:
+        """Names of the parameters that timm and DeiT leave out of weight decay: biases, every LayerNorm's scale and
+        shift (SPT's patch norm too), the position embedding, the CLS token and LSA's temperatures. Decay pulls each
+        towards 0, which for these is not a simpler model but a different one (a norm that scales its input down, an
+        attention that flattens)."""
+        names = {f"{m}.{n}" if m else n for m, module in self.named_modules() if isinstance(module, nn.LayerNorm)
+                 for n, _ in module.named_parameters(recurse=False)}
+        names |= {n for n, _ in self.named_parameters()
+                  if n.endswith(("bias", "position_embedding", "cls_token", "attn_scale"))}
+        return names
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.vit_encoder(x)

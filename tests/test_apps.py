@@ -204,7 +204,7 @@ def test_weight_decay_and_warmup_override_the_recipe_and_are_checked(tmp_path):
     default = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "a"), from_scratch=True,
                                          **run, **TINY_VIT)
     peak = default.config["lr"]
-    assert default.model.optimizer.param_groups[0]["weight_decay"] == 0.05  # recipe "vit"
+    assert default.model.optimizer.param_groups[0]["weight_decay"] == 0.2  # recipe "vit", on the weight matrices
     assert schedule(default)[:8] == pytest.approx([peak * s / 8 for s in range(1, 9)])  # 10 epochs, capped
     est = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "b"), from_scratch=True,
                                      weight_decay=0.03, warmup_epochs=0.5, **run, **TINY_VIT)
@@ -298,3 +298,58 @@ def test_refine_epochs_turn_the_strong_augmentation_off_for_the_last_epochs_and_
     with pytest.raises(ValueError, match="strong_augment is off"):
         finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "c"), from_scratch=True,
                                    refine_epochs=1, strong_augment=False, **run, **TINY_VIT)
+
+
+def test_weight_decay_spares_biases_norms_and_embeddings_unless_decay_all(tmp_path):
+    def build(folder, **kw):
+        return finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / folder), from_scratch=True,
+                                          lsa=True, spt=True, **kw, **TINY_RUN, **TINY_VIT).model
+
+    def decayed_by_a_step(model):
+        """Names of the parameters that one optimizer step with zero gradients changes: only weight decay acts."""
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        for p in model.parameters():
+            p.data.fill_(0.5)  # away from 0, so that decay shows
+            p.grad = torch.zeros_like(p)
+        model.optimizer.step()
+        return {n for n, p in model.named_parameters() if not torch.equal(p, torch.full_like(before[n], 0.5))}
+
+    default = build("a")  # recipe "vit": decay_all=False
+    names = {n for n, _ in default.named_parameters()}
+    skip = default.no_weight_decay()
+    assert decayed_by_a_step(default) == names - skip and skip
+    assert [g["weight_decay"] for g in default.optimizer.param_groups] == [0.2, 0.0]
+    assert default_config(tmp_path, "b")["recipe"]["decay_all"] is False  # recorded in run_record.json
+    everything = build("c", decay_all=True, weight_decay=0.1)
+    assert decayed_by_a_step(everything) == names
+    assert [g["weight_decay"] for g in everything.optimizer.param_groups] == [0.1]
+    apphub = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "d"), from_scratch=True,
+                                        recipe="apphub", **TINY_RUN, **TINY_VIT).model
+    assert len(apphub.optimizer.param_groups) == 1  # the seed decays every parameter, as the apphub's SGD
+
+
+def default_config(tmp_path, folder):
+    return finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / folder), from_scratch=True,
+                                      **TINY_RUN, **TINY_VIT).config
+
+
+def test_label_smoothing_overrides_the_recipe_and_is_checked(tmp_path):
+    def smoothing_ops(est):
+        return [op for op in est.network.ops if type(op).__name__ == "_LabelSmoothing"]
+
+    assert [op.smoothing for op in smoothing_ops(finetune_app.get_estimator(
+        dataset="synthetic", save_dir=str(tmp_path / "a"), from_scratch=True, **TINY_RUN, **TINY_VIT))] == [0.1]
+    est = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "b"), from_scratch=True,
+                                     label_smoothing=0.25, **TINY_RUN, **TINY_VIT)
+    assert [op.smoothing for op in smoothing_ops(est)] == [0.25] and est.config["recipe"]["label_smoothing"] == 0.25
+    off = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "c"), from_scratch=True,
+                                     label_smoothing=0, **TINY_RUN, **TINY_VIT)
+    assert not smoothing_ops(off)  # hard labels: the loss reads "y"
+    assert [op.inputs for op in off.network.ops if type(op).__name__ == "CrossEntropy"][0] == ["y_pred", "y"]
+    mixed = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "d"), from_scratch=True,
+                                       label_smoothing=0.3, mix_prob=0.5, **TINY_RUN, **TINY_VIT)
+    assert [op.label_smoothing for op in mixed.network.ops if type(op).__name__ == "MixUpCutMix"] == [0.3]
+    for bad in (1.0, -0.1, "0.1"):
+        with pytest.raises(ValueError, match="label_smoothing"):
+            finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "e"), from_scratch=True,
+                                       label_smoothing=bad, **TINY_RUN, **TINY_VIT)

@@ -230,3 +230,18 @@ def test_spt_changes_the_embedding_and_the_encoder_signature_but_not_the_blocks(
     assert extra == {"vit_encoder.embedding.patch_norm.weight", "vit_encoder.embedding.patch_norm.bias"}
     assert spt.state_dict()["vit_encoder.embedding.patch_embedding.weight"].shape == (32, 15, 8, 8)
     assert plain.config.encoder_signature() != spt.config.encoder_signature()
+
+
+def test_no_weight_decay_names_biases_norms_embeddings_and_lsa_scales_but_no_weight_matrix():
+    model = ViTModel(10, **TINY, norm_first=True, lsa=True, spt=True)
+    named = dict(model.named_parameters())
+    skip = model.no_weight_decay()
+    assert skip <= set(named)
+    emb = "vit_encoder.embedding."
+    expected = {n for n, p in named.items() if p.ndim <= 1}  # biases, LayerNorms, LSA's attn_scale
+    expected |= {emb + "position_embedding", emb + "cls_token", emb + "patch_norm.weight", emb + "patch_norm.bias"}
+    assert skip == expected
+    assert any(n.endswith("attn_scale") for n in skip) and any(n.endswith("norm1.weight") for n in skip)
+    matrices = {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    assert not any(n.rsplit(".", 1)[0] in matrices and n.endswith("weight") for n in skip)
+    assert not any(n.endswith("in_proj_weight") for n in skip)

@@ -75,7 +75,7 @@ def get_estimator(epochs: int = 1,
         from_scratch: Train without pretrained weights (for comparison); excludes encoder_weights.
         recipe: "vit" or "apphub", as in pretraining (see `apphub_vit.vit_app`).
         lr: Peak learning rate (None: the recipe's, scaled linearly with batch_size).
-        weight_decay: The optimizer's weight decay (None: the recipe's, 0.05 for "vit", 1e-4 for "apphub").
+        weight_decay: The optimizer's weight decay (None: the recipe's, 0.2 for "vit", 1e-4 for "apphub").
         warmup_epochs: Epochs of linear warmup before the cosine decay, recipe "vit" only (None: 10; at most a fifth
             of the run).
         weight_init: "torch" (PyTorch's per-layer defaults) or "trunc_normal" (timm's and CCT's: linear weights from

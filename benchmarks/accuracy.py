@@ -46,11 +46,16 @@ at batch 512 88.50%, with --drop_path 0.1 88.63%. Tuning --spt 1 --lsa 1 at batc
 runs), 89.45%, 89.68% and 89.03% (mean 89.56%); --lr 2.5e-3 89.09%; --weight_decay 0.02 89.22%; --num_heads 16 88.83%;
 batch 128 88.60%. Second round (last epoch, lr 2e-3): --weight_decay 0.1 89.67%, 89.75%, 89.69% and 89.71% (mean
 89.71%, 355 s with three runs sharing the H200), 0.15 89.63%, 0.2 89.28%; --warmup_epochs 20 89.28%; --augment_policy
-trivialaugment_ra 88.80%; --refine_epochs 10 / 20 / 30 89.26% / 89.20% / 88.79%. For accuracy, pass --batch_size 256
---lr 2e-3 --weight_decay 0.1 --spt 1 --lsa 1.
-The 90% target is reached by one run in four at lr 2e-3 and the recipe's weight decay, 0.05 (last epoch: 90.02%, mean
-89.47%), not on average; weight decay 0.1 ends at 89.7% in every run; the default recipe lands at 85.1-86.0% in 100
-epochs. The data is a JPEG copy on which Page's ResNet-9 scores 3 points below its published figure
+trivialaugment_ra 88.80%; --refine_epochs 10 / 20 / 30 89.26% / 89.20% / 88.79%.
+Every figure above decayed every parameter (--decay_all 1; --weight_decay 0.05 unless named, the recipe's then).
+Third round (last epoch, lr 2e-3, two H200s, two or three runs sharing each, 272-474 s): weight decay on the weight
+matrices only (--decay_all 0, timm's split) at 0.2, the recipe's default now: 90.26%, 90.10%, 90.52%, 90.35%, 90.20%,
+89.81%, 89.88% and 90.55% (mean 90.21%, six of eight at or above 90%); at 0.1 89.96% and 89.39%, 0.15 90.03%, 0.25
+89.81%, 0.3 89.59%, 0.05 89.18%; at 0.1 with --label_smoothing 0 89.63% (with --decay_all 1: 89.49%). The
+default recipe (batch 512, no SPT/LSA) with this weight decay: 86.10% and 86.24%, against 85.26% for the old one in
+the same call. For accuracy, pass --batch_size 256 --lr 2e-3 --spt 1 --lsa 1.
+The 90% target is met on average with that setting, in 100 epochs; the default recipe lands at 86.1-86.2%. The data
+is a JPEG copy on which Page's ResNet-9 scores 3 points below its published figure
 (resnet9_reference.py; README: Results).
 """
 import argparse
@@ -107,12 +112,12 @@ def main(argv: List[str] = None) -> None:
     parser.add_argument("--recipe", default="vit", choices=["vit", "apphub"])
     parser.add_argument("--batch_size", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--weight_decay", type=float, default=None, help="default: the recipe's (vit: 0.05)")
+    parser.add_argument("--weight_decay", type=float, default=None, help="default: the recipe's (vit: 0.2)")
     parser.add_argument("--warmup_epochs", type=float, default=None, help="default: the recipe's (vit: 10)")
     parser.add_argument("--label_smoothing", type=float, default=None, help="default: the recipe's (vit: 0.1)")
     parser.add_argument("--decay_all", type=int, default=None, choices=[0, 1], help="weight decay on every parameter "
                         "(1) or not on biases, norms, position embedding, CLS token and LSA temperatures (0, timm's); "
-                        "default: the recipe's (1)")
+                        "default: the recipe's (vit: 0)")
     parser.add_argument("--weight_init", default=None, choices=WEIGHT_INITS, help="default: the recipe's (torch)")
     parser.add_argument("--augment_policy", default=None, choices=POLICIES,
                         help="recipe vit's per-image policy (default: the recipe's, autoaugment)")

@@ -191,6 +191,9 @@ def build_vit_estimator(*, model_name: str, num_classes: int, dataset: str, data
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     rec = _override(rec, weight_decay=weight_decay, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing)
     if decay_all is not None:
+        if decay_all not in (True, False):  # 0 and 1 pass; a string such as "false" would be truthy
+            raise ValueError(f"decay_all must be True (weight decay on every parameter) or False (not on biases, norms "
+                             f"and embeddings); got {decay_all!r}")
         rec = replace(rec, decay_all=bool(decay_all))
     if weight_init is not None:
         if weight_init not in WEIGHT_INITS:

@@ -326,6 +326,8 @@ def test_weight_decay_spares_biases_norms_and_embeddings_unless_decay_all(tmp_pa
     apphub = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "d"), from_scratch=True,
                                         recipe="apphub", **TINY_RUN, **TINY_VIT).model
     assert len(apphub.optimizer.param_groups) == 1  # the seed decays every parameter, as the apphub's SGD
+    with pytest.raises(ValueError, match="decay_all must be True .* or False"):
+        build("e", decay_all="false")
 
 
 def default_config(tmp_path, folder):

@@ -16,16 +16,16 @@ from typing import List, Optional
 
 import fastestimator as fe
 import numpy as np
+import torch
 from fastestimator.op.tensorop.loss import MeanSquaredError
 from fastestimator.op.tensorop.model import ModelOp, UpdateOp
 from fastestimator.trace import Trace
-from fastestimator.trace.io import BestModelSaver
 from fastestimator.util.data import Data
 from fastestimator.util.util import to_number
 
-from apphub_vit.common import ensure_outputs_free, resolve_save_dir
+from apphub_vit import options
+from apphub_vit.common import best_model_file, finish_estimator, load_weights, run_options, start_run, synthetic_sizes
 from apphub_vit.mnist_data import load_mnist
-from apphub_vit.records import RECORD_FILE, RunRecorder
 from networks.baselines import MnistDecoder, MnistEncoder
 from pipelines.mnist import mnist_pipeline
 
@@ -64,6 +64,7 @@ def get_estimator(epochs: int = 10,
                   lr: float = 1e-3,
                   code_dim: int = 3,
                   hidden: int = 128,
+                  weights_path: Optional[str] = None,
                   overwrite: bool = False,
                   num_process: Optional[int] = None,
                   log_steps: int = 100,
@@ -81,28 +82,42 @@ def get_estimator(epochs: int = 10,
         lr: Adam learning rate (for both models).
         code_dim: Size of the code (the embedding); 3 in the recipe.
         hidden: Width of the hidden layers; 128 in the recipe.
+        weights_path: A run folder holding `mnist_encoder_best_mse.pt` and `mnist_decoder_best_mse.pt` (or either
+            file) to start from, e.g. for `fastestimator test`.
         overwrite: Replace outputs an earlier run left in save_dir (otherwise the run refuses to start).
         num_process: Pipeline worker processes (None: FastEstimator's default, one per CPU; 0: in the main process).
         log_steps: Log the training loss every this many steps.
         synthetic_size: [train, eval] image counts for dataset="synthetic" (default 8,000 / 2,000).
     """
-    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("code_dim", code_dim), ("hidden", hidden)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    save_dir = resolve_save_dir(save_dir, "autoencoder")
-    ensure_outputs_free(save_dir, ["mnist_encoder_best_mse.pt", "mnist_decoder_best_mse.pt", CODES_FILE, RECORD_FILE],
-                        overwrite)
-    sizes = {} if synthetic_size is None else {"num_train": synthetic_size[0], "num_eval": synthetic_size[1]}
+    run = run_options(epochs, batch_size, train_steps_per_epoch, eval_steps_per_epoch, log_steps, synthetic_size)
+    lr = options.number("lr", lr, low_open=True)
+    code_dim, hidden = options.positive_int("code_dim", code_dim), options.positive_int("hidden", hidden)
+    names = {"mnist_encoder": lambda: MnistEncoder(code_dim, hidden),
+             "mnist_decoder": lambda: MnistDecoder(code_dim, hidden)}
+    save_dir, overwrite = start_run("autoencoder", save_dir, [best_model_file(n, "mse") for n in names] + [CODES_FILE],
+                                    overwrite)
+    saved = weights_path  # the folder of both best-model files
+    if saved is not None and not os.path.isdir(saved):
+        saved = os.path.dirname(os.path.abspath(saved))
 
-    # 1. pipeline: x is [784] floats in [0, 1], both the input and the reconstruction target
-    train_data, eval_data = load_mnist(dataset, data_dir, **sizes)
-    pipeline = mnist_pipeline(train_data, eval_data, batch_size=batch_size, flat=True, num_process=num_process)
+    def builder(name: str):
+        def model_fn() -> torch.nn.Module:
+            model = names[name]()
+            if saved is not None:
+                load_weights(model, os.path.join(saved, best_model_file(name, "mse")))
+            return model
+        return model_fn
+
+    encoder, decoder = (fe.build(model_fn=builder(n), optimizer_fn=lambda p: torch.optim.Adam(p, lr=lr), model_name=n)
+                        for n in names)
+
+    # 1. pipeline: x is [784] floats in [0, 1], both the input and the reconstruction target; the held-out digits are
+    #    both the eval and the test data
+    train_data, eval_data = load_mnist(dataset, data_dir, **synthetic_sizes(run["synthetic_size"]))
+    pipeline = mnist_pipeline(train_data, eval_data, batch_size=run["batch_size"], flat=True, num_process=num_process,
+                              test_data=eval_data)
 
     # 2. network
-    encoder = fe.build(model_fn=lambda: MnistEncoder(code_dim, hidden), optimizer_fn=lambda p: _adam(p, lr),
-                       model_name="mnist_encoder")
-    decoder = fe.build(model_fn=lambda: MnistDecoder(code_dim, hidden), optimizer_fn=lambda p: _adam(p, lr),
-                       model_name="mnist_decoder")
     network = fe.Network(ops=[
         ModelOp(model=encoder, inputs="x", outputs="code"),
         ModelOp(model=decoder, inputs="code", outputs="x_hat"),
@@ -114,25 +129,16 @@ def get_estimator(epochs: int = 10,
     ])
 
     # 3. estimator
-    traces = [
-        BestModelSaver(model=encoder, save_dir=save_dir, metric="mse", save_best_mode="min"),
-        BestModelSaver(model=decoder, save_dir=save_dir, metric="mse", save_best_mode="min"),
-        CodeRecorder("code", "y", save_dir),
-        RunRecorder("mnist_autoencoder", save_dir, "MNIST" if dataset == "mnist" else "synthetic digits",
-                    hparams=dict(data_dir=data_dir, epochs=epochs, batch_size=batch_size, lr=lr, code_dim=code_dim,
-                                 hidden=hidden, synthetic_size=synthetic_size),
-                    models=[encoder, decoder], overwrite=overwrite)
-    ]
-    estimator = fe.Estimator(pipeline=pipeline, network=network, epochs=epochs, traces=traces,
-                             train_steps_per_epoch=train_steps_per_epoch, eval_steps_per_epoch=eval_steps_per_epoch,
-                             log_steps=log_steps)
+    config = dict(data_dir=data_dir, epochs=run["epochs"], batch_size=run["batch_size"], lr=lr, code_dim=code_dim,
+                  hidden=hidden, synthetic_size=run["synthetic_size"], weights_path=weights_path)
+    estimator = finish_estimator(
+        pipeline=pipeline, network=network, models=[encoder, decoder], app="mnist_autoencoder", save_dir=save_dir,
+        dataset="MNIST" if dataset == "mnist" else "synthetic digits", hparams=config, epochs=run["epochs"],
+        train_steps_per_epoch=run["train_steps_per_epoch"], eval_steps_per_epoch=run["eval_steps_per_epoch"],
+        log_steps=run["log_steps"], overwrite=overwrite, best=("mse", "min"),
+        traces=[CodeRecorder("code", "y", save_dir)])
     estimator.encoder, estimator.decoder = encoder, decoder
     return estimator
-
-
-def _adam(params, lr: float):
-    import torch
-    return torch.optim.Adam(params, lr=lr)
 
 
 if __name__ == "__main__":

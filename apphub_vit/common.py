@@ -1,7 +1,18 @@
-"""Pieces every app shares: where a run writes, and refusing to overwrite what a user already has there."""
+"""What every app shares: where a run writes (never over a user's files), the checks of the run options, loading a
+saved model, and the estimator's tail (best-model saving, prediction grid, run record)."""
 import os
 import time
-from typing import Iterable, Optional
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import fastestimator as fe
+import torch
+from fastestimator.trace import Trace
+from fastestimator.trace.io import BestModelSaver
+
+from apphub_vit import options
+from apphub_vit.encoder_io import unwrap
+from apphub_vit.records import RECORD_FILE, RunRecorder
+from networks.util import state_dict_mismatches
 
 
 def resolve_save_dir(save_dir: Optional[str], app: str) -> str:
@@ -27,3 +38,69 @@ def ensure_outputs_free(save_dir: str, names: Iterable[str], overwrite: bool) ->
         raise FileExistsError(f"save_dir '{save_dir}' already holds {', '.join(taken)} from an earlier run; not "
                               f"overwriting saved weights. Choose another save_dir, or pass overwrite=True "
                               f"(--overwrite True) to replace them.")
+
+
+def best_model_file(model_name: str, metric: str) -> str:
+    """The file name FastEstimator's BestModelSaver writes."""
+    return f"{model_name}_best_{metric}.pt"
+
+
+def start_run(app: str, save_dir: Optional[str], outputs: Sequence[str], overwrite: Any) -> Tuple[str, bool]:
+    """(save_dir, overwrite): the output folder made, and checked to hold none of `outputs` unless overwrite."""
+    overwrite = options.boolean("overwrite", overwrite)
+    save_dir = resolve_save_dir(save_dir, app)
+    ensure_outputs_free(save_dir, [*outputs, RECORD_FILE], overwrite)
+    return save_dir, overwrite
+
+
+def run_options(epochs: Any, batch_size: Any, train_steps_per_epoch: Any, eval_steps_per_epoch: Any, log_steps: Any,
+                synthetic_size: Any) -> Dict[str, Any]:
+    """The run options every app takes, checked; `epochs` and `batch_size` left at None are the recipe's."""
+    return dict(epochs=options.optional_positive_int("epochs", epochs),
+                batch_size=options.optional_positive_int("batch_size", batch_size),
+                train_steps_per_epoch=options.optional_positive_int("train_steps_per_epoch", train_steps_per_epoch),
+                eval_steps_per_epoch=options.optional_positive_int("eval_steps_per_epoch", eval_steps_per_epoch),
+                log_steps=None if log_steps is None else options.whole_number("log_steps", log_steps),
+                synthetic_size=options.int_list("synthetic_size", synthetic_size, 2))
+
+
+def synthetic_sizes(synthetic_size: Optional[List[int]]) -> Dict[str, int]:
+    """The keyword arguments of the data loaders for `synthetic_size` ([train, eval] image counts)."""
+    return {} if synthetic_size is None else {"num_train": synthetic_size[0], "num_eval": synthetic_size[1]}
+
+
+def load_weights(model: torch.nn.Module, path: str) -> None:
+    """Load a whole saved model (FastEstimator's BestModelSaver `.pt`, a state_dict) into `model`, for
+    `fastestimator test`; a file that does not fit says what differs."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights_path '{path}' is not a file: pass a model saved by a run, e.g. "
+                                f"<save_dir>/<model>_best_accuracy.pt")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # not a torch file, truncated, or pickled objects we refuse to execute
+        raise ValueError(f"Cannot read weights_path '{path}' as saved model weights ({type(err).__name__}). Pass a "
+                         f"model saved by a run, e.g. <save_dir>/<model>_best_accuracy.pt") from None
+    target = unwrap(model)
+    problems = state_dict_mismatches(target.state_dict(), state) if isinstance(state, dict) else ["not a state_dict"]
+    if problems:
+        raise ValueError(f"weights_path '{path}' does not fit this model: {'; '.join(problems)}. Pass the architecture "
+                         f"it was trained with (its run_record.json's hparams.recipe.model).")
+    target.load_state_dict(state)
+
+
+def finish_estimator(*, pipeline: fe.Pipeline, network: fe.Network, models: Sequence[torch.nn.Module], app: str,
+                     save_dir: str, dataset: str, hparams: Dict[str, Any], epochs: int,
+                     train_steps_per_epoch: Optional[int], eval_steps_per_epoch: Optional[int], log_steps: int,
+                     overwrite: bool, metrics: Sequence[Trace] = (), best: Tuple[str, str] = ("accuracy", "max"),
+                     traces: Sequence[Trace] = (), **recorder: Any) -> fe.Estimator:
+    """The estimator of an app: `metrics` first, then a BestModelSaver per model on `best` (metric, "max" / "min"),
+    the app's other `traces`, and the RunRecorder (last, so it sees every metric). `estimator.model` is the first model
+    (what `pretrain()` / `finetune()` return), `estimator.config` the hparams."""
+    savers = [BestModelSaver(model=m, save_dir=save_dir, metric=best[0], save_best_mode=best[1]) for m in models]
+    record = RunRecorder(app, save_dir, dataset, hparams=hparams, models=list(models), overwrite=overwrite, **recorder)
+    estimator = fe.Estimator(pipeline=pipeline, network=network, epochs=epochs,
+                             traces=[*metrics, *savers, *traces, record], train_steps_per_epoch=train_steps_per_epoch,
+                             eval_steps_per_epoch=eval_steps_per_epoch, log_steps=log_steps)
+    estimator.model = models[0]
+    estimator.config = hparams
+    return estimator

@@ -6,9 +6,10 @@ FastEstimator 1.7.0's `fastestimator.dataset.dataloader.InfiniteSampler.__init__
 `TypeError: object.__init__() takes exactly one argument` (seen with torch 2.11 and 2.14.1).
 
 The fix slides a tiny base class between `InfiniteSampler` and `Sampler` that accepts (and ignores, as old torch did)
-the `data_source` argument, so FastEstimator's own code runs unchanged. It is applied on import of any of our packages,
-which covers both `fastestimator train apphub_vit/...` and Python calls, and is a no-op on a torch whose `Sampler`
-still takes `data_source`. Remove it once FastEstimator drops that call.
+the `data_source` argument, so FastEstimator's own code runs unchanged. It is applied on import of `apphub_vit` (any
+of its modules), which covers both `fastestimator train apphub_vit/...` and Python calls, and is a no-op on a torch
+whose `Sampler` still takes `data_source`. `networks` and `pipelines` do not apply it: code that trains through
+FastEstimator with them alone imports `apphub_vit` first. Remove it once FastEstimator drops that call.
 """
 import contextlib
 import inspect

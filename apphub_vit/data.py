@@ -11,9 +11,7 @@
 Offline with no local copy, loading fails within seconds with a `DataNotFoundError` saying what to put where, instead
 of FastEstimator's retry loop and download traceback.
 """
-import os
 import pickle
-import socket
 from functools import lru_cache
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -22,7 +20,9 @@ import numpy as np
 from fastestimator.dataset.numpy_dataset import NumpyDataset
 
 from apphub_vit.synthetic import SYNTHETIC_10_CLASSES, SYNTHETIC_100_CLASSES, make_synthetic
+from networks.online import online
 
+CIFAIR_HOST = "drive.google.com"  # where FastEstimator's ciFAIR loaders download from
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 # The 100 CIFAR-100 fine labels in label order (as in the dataset's `meta` file).
 CIFAR100_CLASSES = (
@@ -111,20 +111,12 @@ def read_cifar_folder(folder: Path, num_classes: int) -> Tuple[Dict[str, np.ndar
     return {"x": train[0], "y": train[1]}, {"x": test[0], "y": test[1]}
 
 
-def _online(host: str = "drive.google.com", port: int = 443, timeout: float = 3.0) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def _load_cifair(num_classes: int) -> Tuple[NumpyDataset, NumpyDataset]:
     """FastEstimator's own ciFAIR loader (downloading to ~/fastestimator_data), guarded against being offline."""
     from fastestimator.dataset.data import cifair10, cifair100
     name = f"ciFAIR{num_classes}"
     cached = Path.home() / "fastestimator_data" / name / f"ciFAIR-{num_classes}"
-    if not cached.is_dir() and not _online():
+    if not cached.is_dir() and not online(CIFAIR_HOST):
         raise DataNotFoundError(
             f"{name} is not in {cached} and cannot be downloaded (no connection to Google Drive, where FastEstimator "
             f"keeps it). Either put a copy there, or pass data_dir=<folder> holding {_layout_hint(num_classes)}, or "

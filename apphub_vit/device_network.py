@@ -51,8 +51,7 @@ class DeviceNetwork(TorchNetwork):
     """`fe.Network` for torch models with asynchronous training steps; `autocast_dtype` e.g. torch.bfloat16.
 
     cuda_graph: replay each train step as a CUDA graph (see the module docstring), after `graph_warmup` ordinary steps
-    (where torch.compile compiles and the optimizer creates its state), and again after an `EpochScheduler` changes
-    the train ops (the new op compiles in those steps, not during a capture)."""
+    (where torch.compile compiles and the optimizer creates its state)."""
     _capture_stream: Optional[torch.cuda.Stream] = None
 
     def __init__(self, ops: Sequence[Any], autocast_dtype: Optional[torch.dtype] = None, cuda_graph: bool = False,
@@ -62,10 +61,6 @@ class DeviceNetwork(TorchNetwork):
             raise ValueError("cuda_graph=True needs a CUDA GPU; none is visible. Use cuda_graph=False on a CPU.")
         self.autocast_dtype, self.cuda_graph, self.graph_warmup = autocast_dtype, cuda_graph, graph_warmup
         self.eager_train_steps = 0  # train steps run without a graph (warm-up, other shapes)
-        # eager steps since the train ops last changed (an EpochScheduler swapping an op): a new op may compile at its
-        # first call, which must not happen inside a capture
-        self._ops_key: Tuple = ()
-        self._eager_with_ops = 0
         self.graph_captures = 0
         self.graph_failure: Optional[str] = None  # why capturing failed, if it did (the run then goes on without)
         self._drop_graph()
@@ -76,14 +71,6 @@ class DeviceNetwork(TorchNetwork):
         self._graph_in: Dict[str, torch.Tensor] = {}
         self._graph_out: Dict[str, Any] = {}
         self._graph_lr: List[Tuple[Dict[str, Any], torch.Tensor]] = []
-
-    def __call__(self, *args: Any, **kwargs: Any) -> "DeviceNetwork":
-        super().__call__(*args, **kwargs)  # picks this epoch's ops
-        if self.ctx_state["mode"] == "train" and not self.ctx_state["warmup"]:
-            ops_key = tuple(map(id, self.ctx_ops))
-            if ops_key != self._ops_key:
-                self._ops_key, self._eager_with_ops = ops_key, 0
-        return self
 
     def __exit__(self, *exc: Any) -> None:
         self._drop_graph()  # FastEstimator moves the models to the CPU here: the graph's addresses go stale
@@ -109,13 +96,12 @@ class DeviceNetwork(TorchNetwork):
             key = tuple((k, v.shape, v.dtype) if isinstance(v, torch.Tensor) else (k, v) for k, v in batch_in.items())
             if key == self._graph_key:
                 captured = self._replay(batch_in)
-            elif self._graph is None and self._eager_with_ops >= self.graph_warmup and self.ctx_state["req_grad"]:
+            elif self._graph is None and self.eager_train_steps >= self.graph_warmup and self.ctx_state["req_grad"]:
                 captured = self._capture(batch_in, key)
         if captured is not None:
             batch_in = captured
         else:
             self.eager_train_steps += train
-            self._eager_with_ops += train
             with torch.no_grad() if not self.ctx_state["req_grad"] else NonContext():
                 with self._autocast():
                     self._forward_batch(batch_in, self.ctx_state, self.ctx_ops)

@@ -6,13 +6,14 @@ The file (``vit_encoder.pt`` in the pretraining run's save_dir) is a `torch.save
 `.pt`, keys `vit_encoder.*`, from this project or the FastEstimator apphub) or a bare encoder `state_dict`.
 """
 import os
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
 from fastestimator.trace import Trace
 from fastestimator.util.data import Data
 
+from networks.util import state_dict_mismatches
 from networks.vit import ViTConfig, ViTEncoder, ViTModel
 
 ENCODER_FORMAT = "apphub_vit.vit_encoder/1"
@@ -91,6 +92,21 @@ def load_encoder_state(source: Union[str, torch.nn.Module, Mapping[str, Any]]) -
     return _loaded(dict(data), None, name)
 
 
+# the model fields an encoder fixes for finetuning; `pool` (what the head reads) is the encoder's only by default
+ARCHITECTURE = ("num_layers", "em_dim", "num_heads", "ff_dim", "patch_size", "norm_first", "lsa", "spt", "pool")
+
+
+def pretrained_architecture(loaded: Mapping[str, Any]) -> Dict[str, Any]:
+    """The model fields of a loaded encoder ({} when its file has no config, e.g. a bare state_dict: then the weights'
+    shapes are checked against the model at load). Fields an older file lacks take `ViTConfig`'s defaults, which is
+    what such files held: CLS-token encoders without LSA or SPT."""
+    if loaded["config"] is None:
+        return {}
+    known = {f.name for f in fields(ViTConfig)}
+    config = ViTConfig(**{k: v for k, v in loaded["config"].items() if k in known})
+    return {k: getattr(config, k) for k in ARCHITECTURE}
+
+
 def load_encoder(model: torch.nn.Module, source: Union[str, torch.nn.Module, Mapping[str, Any]]) -> None:
     """Copy pretrained encoder weights into `model.vit_encoder`; an architecture mismatch raises a named error."""
     target = unwrap(model)
@@ -104,14 +120,8 @@ def load_encoder(model: torch.nn.Module, source: Union[str, torch.nn.Module, Map
             raise EncoderMismatchError(f"Encoder weights from '{loaded['source']}' were trained with a different "
                                        f"architecture ({'; '.join(diff)}). Build the finetuning model with the "
                                        f"pretraining configuration.")
-    own = target.state_dict()
-    missing = sorted(set(own) - set(loaded["state_dict"]))
-    unexpected = sorted(set(loaded["state_dict"]) - set(own))
-    shapes = [f"{k}: pretrained {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-              for k, v in loaded["state_dict"].items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        parts = ([f"missing {missing[:5]}"] if missing else []) + ([f"unexpected {unexpected[:5]}"] if unexpected else
-                                                                   []) + shapes[:5]
+    parts = state_dict_mismatches(target.state_dict(), loaded["state_dict"], loaded_name="pretrained")
+    if parts:
         raise EncoderMismatchError(f"Encoder weights from '{loaded['source']}' do not fit this model (other em_dim, "
                                    f"depth or patch size?): {'; '.join(parts)}")
     target.load_state_dict(loaded["state_dict"])

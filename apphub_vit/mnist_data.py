@@ -24,12 +24,11 @@ import cv2
 import numpy as np
 from fastestimator.dataset.numpy_dataset import NumpyDataset
 
-from apphub_vit.data import DataNotFoundError, _online
+from apphub_vit.data import DataNotFoundError
+from networks.online import online
+from pipelines.mnist import MNIST_MEAN, MNIST_STD  # noqa: F401  (importable from here too, as the apps do)
 
 MNIST_CLASSES = tuple(str(d) for d in range(10))
-# Mean / std of the 60,000 MNIST training images in [0, 1] (the values torchvision's MNIST examples use).
-MNIST_MEAN = 0.1307
-MNIST_STD = 0.3081
 
 _IMAGE_MAGIC, _LABEL_MAGIC = 2051, 2049  # IDX magic numbers: uint8 data with 3 (images) or 1 (labels) dimensions
 _SPLITS = {"train": "train", "t10k": "test"}  # file prefix -> split
@@ -143,7 +142,7 @@ def _keras_cache() -> Path:
 def _load_fe_mnist() -> Tuple[NumpyDataset, NumpyDataset]:
     """FastEstimator's own MNIST loader (downloading through Keras), guarded against being offline."""
     cached = _keras_cache()
-    if not cached.is_file() and not _online("storage.googleapis.com"):
+    if not cached.is_file() and not online("storage.googleapis.com"):
         raise DataNotFoundError(
             f"MNIST is not in {cached} and cannot be downloaded (no connection to storage.googleapis.com, where "
             f"FastEstimator's loader fetches it). Either put Keras' mnist.npz there, or pass data_dir=<folder> holding "

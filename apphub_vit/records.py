@@ -37,28 +37,12 @@ from fastestimator.summary.summary import ValWithError
 from fastestimator.trace import Trace
 from fastestimator.util.data import Data
 
+from networks.util import count_parameters
+
 RECORD_FORMAT = "apphub_vit.run_record/1"
 RECORD_FILE = "run_record.json"
 
 ModelArg = Union[None, torch.nn.Module, Iterable[torch.nn.Module]]
-
-
-def count_parameters(models: Iterable[torch.nn.Module]) -> Dict[str, Any]:
-    """{"total", "trainable", "per_model": {name: {"total", "trainable"}}}; a parameter shared between models (or tied
-    within one) counts once in the totals."""
-    seen, total, trainable, per_model = set(), 0, 0, {}
-    for index, model in enumerate(models):
-        name = getattr(model, "model_name", None) or f"{type(model).__name__}_{index}"
-        own_total = own_trainable = 0
-        for param in model.parameters():  # parameters() already yields a tied tensor once per module
-            own_total += param.numel()
-            own_trainable += param.numel() if param.requires_grad else 0
-            if id(param) not in seen:
-                seen.add(id(param))
-                total += param.numel()
-                trainable += param.numel() if param.requires_grad else 0
-        per_model[name] = {"total": own_total, "trainable": own_trainable}
-    return {"total": total, "trainable": trainable, "per_model": per_model}
 
 
 def library_versions() -> Dict[str, Optional[str]]:

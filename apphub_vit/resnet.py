@@ -18,7 +18,6 @@ from typing import List, Optional
 import fastestimator as fe
 
 from apphub_vit.baseline_app import build_classifier_estimator
-from apphub_vit.common import resolve_save_dir
 from networks.baselines import resnet18_classifier
 
 
@@ -37,7 +36,8 @@ def get_estimator(epochs: int = 10,
                   overwrite: bool = False,
                   num_process: Optional[int] = None,
                   log_steps: int = 100,
-                  synthetic_size: Optional[List[int]] = None) -> fe.Estimator:
+                  synthetic_size: Optional[List[int]] = None,
+                  weights_path: Optional[str] = None) -> fe.Estimator:
     """The ResNet-18 baseline Estimator.
 
     Args:
@@ -45,7 +45,7 @@ def get_estimator(epochs: int = 10,
         batch_size: Images per step.
         train_steps_per_epoch: Cap on steps per epoch (None: the whole training set).
         eval_steps_per_epoch: Cap on eval steps (None: the whole eval set).
-        save_dir: Output folder (None: a new `runs/resnet-<time>`).
+        save_dir: Output folder (None: a new `runs/resnet18-<time>`).
         data_dir: A local folder with CIFAR-10 / ciFAIR-10 (see `apphub_vit.data`).
         dataset: "cifair10" (real) or "synthetic" (generated, no download).
         weights: "imagenet" (torchvision IMAGENET1K_V1 from the torch hub cache), a path to that file, or None (from
@@ -58,14 +58,15 @@ def get_estimator(epochs: int = 10,
         num_process: Pipeline worker processes (None: FastEstimator's default, one per CPU; 0: in the main process).
         log_steps: Log the training loss every this many steps.
         synthetic_size: [train, eval] image counts for dataset="synthetic" (default 50,000 / 10,000).
+        weights_path: A model this app saved (its `*_best_accuracy.pt`) to start from, e.g. for `fastestimator test`.
     """
     return build_classifier_estimator(
         model_name="resnet18", model_fn=lambda: resnet18_classifier(10, weights, freeze_backbone), num_classes=10,
         dataset=dataset, data_dir=data_dir, epochs=epochs, batch_size=batch_size,
         train_steps_per_epoch=train_steps_per_epoch, eval_steps_per_epoch=eval_steps_per_epoch,
-        save_dir=resolve_save_dir(save_dir, "resnet"), image_size=image_size, augment=False, lr=lr,
+        save_dir=save_dir, image_size=image_size, augment=False, lr=lr,
         overwrite=overwrite, grid_size=grid_size, num_process=num_process, log_steps=log_steps,
-        synthetic_size=synthetic_size)
+        synthetic_size=synthetic_size, weights_path=weights_path)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from typing import List, Optional
 import fastestimator as fe
 
 from apphub_vit.baseline_app import build_classifier_estimator
-from apphub_vit.common import resolve_save_dir
 from networks.baselines import vit_b16_classifier
 
 
@@ -43,7 +42,8 @@ def get_estimator(epochs: int = 5,
                   overwrite: bool = False,
                   num_process: Optional[int] = None,
                   log_steps: int = 100,
-                  synthetic_size: Optional[List[int]] = None) -> fe.Estimator:
+                  synthetic_size: Optional[List[int]] = None,
+                  weights_path: Optional[str] = None) -> fe.Estimator:
     """The ViT-B/16 baseline Estimator.
 
     Args:
@@ -64,6 +64,7 @@ def get_estimator(epochs: int = 5,
         num_process: Pipeline worker processes (None: FastEstimator's default, one per CPU; 0: in the main process).
         log_steps: Log the training loss every this many steps.
         synthetic_size: [train, eval] image counts for dataset="synthetic" (default 50,000 / 10,000).
+        weights_path: A model this app saved (its `*_best_accuracy.pt`) to start from, e.g. for `fastestimator test`.
     """
     def model_fn():
         return vit_b16_classifier(100, weights, trainable_blocks=trainable_blocks, image_size=image_size,
@@ -73,9 +74,9 @@ def get_estimator(epochs: int = 5,
     return build_classifier_estimator(
         model_name="vit_b16", model_fn=model_fn, num_classes=100, dataset=dataset, data_dir=data_dir, epochs=epochs,
         batch_size=batch_size, train_steps_per_epoch=train_steps_per_epoch,
-        eval_steps_per_epoch=eval_steps_per_epoch, save_dir=resolve_save_dir(save_dir, "vit_b16"),
+        eval_steps_per_epoch=eval_steps_per_epoch, save_dir=save_dir,
         image_size=image_size, augment=True, lr=lr, overwrite=overwrite, grid_size=grid_size,
-        num_process=num_process, log_steps=log_steps, synthetic_size=synthetic_size)
+        num_process=num_process, log_steps=log_steps, synthetic_size=synthetic_size, weights_path=weights_path)
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def main() -> int:
             pred = torch.cat([model(chunk).argmax(-1) for chunk in x.split(500)]).numpy()
     accuracy = float((pred == eval_set["y"]).mean())
     seconds = time.perf_counter() - start
-    epochs = estimator.config["hparams"]["epochs"]
+    epochs = estimator.config["recipe"]["epochs"]
     print(f"MNIST ViT: recipe {args.recipe}, epochs {epochs}, batch {args.batch_size}, train "
           f"{estimator.config['num_train']} / eval {len(pred)} images, torch threads {torch.get_num_threads()}, "
           f"CPU cores {os.cpu_count()}, load average at start {load_start:.2f}, at end {os.getloadavg()[0]:.2f} "

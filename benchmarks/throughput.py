@@ -2,7 +2,7 @@
 
     python benchmarks/throughput.py                    # full-size ViT (6 layers, dim 256, patch 4), this machine
     python benchmarks/throughput.py --size tiny        # a 2-layer dim-32 ViT: a smoke test for CI-sized machines
-    python benchmarks/throughput.py --batch_size 256   # our path at another batch (the apphub's stays 128)
+    python benchmarks/throughput.py --batch_size 512   # our path at another batch (the apphub's stays 128)
 
 Rows (images per second; end-to-end rows are `Estimator.fit` on CIFAR-shaped synthetic data, training steps only:
 eval is excluded and so are the first `--skip` steps of the timed epoch, where compilation and worker start-up land):
@@ -10,10 +10,10 @@ eval is excluded and so are the first `--skip` steps of the timed epoch, where c
 1. the apphub recipe end to end: post-norm ViT, SGD, fp32, batch 128, the six per-sample pipeline ops; and the same
    without our fix of FastEstimator's InfiniteSampler (`apphub_vit/compat.py`), which on current torch restarts and
    reshuffles the sampler at every batch: what the apphub app costs as FastEstimator 1.7.0 ships it;
-2. our path end to end: the app's defaults for this machine (on a GPU: recipe "vit" with strong augmentation,
-   batched device-side ops, bf16, torch.compile, batch 512, each train step replayed as a CUDA graph; on a CPU: the
-   same at batch 128 in fp32, no compile, no graph); then the same without strong augmentation, and with Shifted
-   Patch Tokenization + Locality Self-Attention (`spt=True, lsa=True`); on a GPU also without the CUDA graph;
+2. our path end to end: the app's defaults for this machine (recipe "vit" at its batch of 256: AutoAugment and the
+   six ops batched on the device, Shifted Patch Tokenization + Locality Self-Attention; on a GPU bf16,
+   torch.compile and each train step replayed as a CUDA graph; on a CPU fp32, no compile, no graph); then the same
+   without the per-image policy (`augment="apphub"`), and without SPT + LSA; on a GPU also without the CUDA graph;
 3. the apphub pipeline alone (six per-sample ops, its batch), and ours (uint8 batching only, its batch);
 4. the model's training step alone (forward, backward, optimizer step) at our path's settings, with our batched
    augmentation ops included, data already on the device.
@@ -33,6 +33,7 @@ from apphub_vit.compat import fastestimator_sampler_as_shipped  # noqa: E402
 from fastestimator.trace import Trace  # noqa: E402
 
 from apphub_vit import pretrain  # noqa: E402
+from apphub_vit.recipes import VIT_RECIPES  # noqa: E402
 
 SIZES = {"full": dict(num_layers=6, em_dim=256, num_heads=8, ff_dim=512, patch_size=4),
          "tiny": dict(num_layers=2, em_dim=32, num_heads=2, ff_dim=64, patch_size=8)}
@@ -126,7 +127,7 @@ def main(argv: List[str] = None) -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="full")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement")
     parser.add_argument("--batch_size", type=int, default=None,
-                        help="our path's batch (default: the app's, 512 on a GPU, 128 on a CPU); the apphub's stays 128")
+                        help="our path's batch (default: the recipe's, 256); the apphub's stays 128")
     parser.add_argument("--skip", type=int, default=None, help="untimed steps before timing (compile, start-up)")
     parser.add_argument("--profile", action="store_true", help="cProfile our end-to-end run (host time per function)")
     parser.add_argument("--sync_debug", action="store_true", help="report every host-device sync in our timed steps")
@@ -139,7 +140,7 @@ def main(argv: List[str] = None) -> None:
     ours = dict(**arch)  # the app's defaults for this machine
     if args.batch_size is not None and args.batch_size < 1:
         parser.error(f"--batch_size must be a positive number of images, got {args.batch_size}")
-    ours_batch = args.batch_size or (512 if gpu else 128)
+    ours_batch = args.batch_size or VIT_RECIPES["vit"].batch_size
     device = torch.cuda.get_device_name() if gpu else f"CPU ({os.cpu_count()} cores)"
     print(f"device: {device}; model: {args.size} {arch}; torch {torch.__version__}")
 
@@ -157,12 +158,12 @@ def main(argv: List[str] = None) -> None:
                             sync_debug=args.sync_debug)),
         *([(f"our path without the CUDA graph step, end to end (batch {ours_batch})",
             lambda: end_to_end(dict(ours, cuda_graph=False), ours_batch, steps, skip, epochs=2))] if gpu else []),
-        (f"our path without strong augmentation, end to end (batch {ours_batch})",
-         lambda: end_to_end(dict(ours, strong_augment=False), ours_batch, steps, skip, epochs=2 if gpu else 1)),
-        # Shifted Patch Tokenization + Locality Self-Attention (Lee et al. 2021), off by default: 3 points more
-        # accuracy on CIFAR-10 (README: Results); this row weighs what they cost in speed.
-        (f"our path with SPT + LSA (--spt/--lsa), end to end (batch {ours_batch})",
-         lambda: end_to_end(dict(ours, spt=True, lsa=True), ours_batch, steps, skip, epochs=2 if gpu else 1)),
+        (f"our path without the per-image policy (--augment apphub), end to end (batch {ours_batch})",
+         lambda: end_to_end(dict(ours, augment="apphub"), ours_batch, steps, skip, epochs=2 if gpu else 1)),
+        # Shifted Patch Tokenization + Locality Self-Attention (Lee et al. 2021), on in the default recipe for 4 points
+        # of accuracy on CIFAR-10 (docs/results-cifar10.md); this row weighs what they cost in speed.
+        (f"our path without SPT + LSA (--spt False --lsa False), end to end (batch {ours_batch})",
+         lambda: end_to_end(dict(ours, spt=False, lsa=False), ours_batch, steps, skip, epochs=2 if gpu else 1)),
         ("apphub pipeline alone (six per-sample ops, batch 128)", lambda: pipeline_alone(apphub, 128, steps)),
         (f"our pipeline alone (uint8 batches gathered on the device, batch {ours_batch})",
          lambda: pipeline_alone(ours, ours_batch, steps)),

@@ -11,7 +11,7 @@ ResNet also keeps its BatchNorm layers in eval mode (`ResNet18.train`), so that 
 pretrained feature extractor, are not re-estimated on the new data: the frozen backbone then computes a fixed function.
 """
 import os
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 import torch.nn as nn
@@ -19,7 +19,8 @@ from torchvision.models import ResNet, ResNet18_Weights, ViT_B_16_Weights, Visio
 from torchvision.models.resnet import BasicBlock
 from torchvision.models.vision_transformer import interpolate_embeddings
 
-from apphub_vit.data import _online
+from networks.online import online
+from networks.util import state_dict_mismatches
 
 IMAGENET_WEIGHTS = {"resnet18": ResNet18_Weights.IMAGENET1K_V1, "vit_b_16": ViT_B_16_Weights.IMAGENET1K_V1}
 
@@ -39,7 +40,7 @@ def load_pretrained_state(arch: str, weights: str) -> Dict[str, torch.Tensor]:
     if weights == "imagenet":
         path, url = imagenet_weights_path(arch), IMAGENET_WEIGHTS[arch].url
         if not os.path.isfile(path):
-            if not _online(url.split("/")[2]):
+            if not online(url.split("/")[2]):
                 raise WeightsNotFoundError(
                     f"The ImageNet weights of {arch} (torchvision IMAGENET1K_V1) are not in the torch hub cache and "
                     f"cannot be downloaded (no connection to {url.split('/')[2]}). Download {url} on a machine with "
@@ -64,13 +65,8 @@ def load_pretrained_state(arch: str, weights: str) -> Dict[str, torch.Tensor]:
 
 
 def _load_into(model: nn.Module, state: Dict[str, torch.Tensor], arch: str, source: str) -> None:
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    shapes = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
-              if k in own and tuple(v.shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        parts = ([f"missing {missing[:4]}"] if missing else []) + ([f"unexpected {unexpected[:4]}"] if unexpected
-                                                                   else []) + shapes[:4]
+    parts = state_dict_mismatches(model.state_dict(), state, loaded_name="file")
+    if parts:
         raise ValueError(f"Weights '{source}' are not torchvision {arch} ImageNet weights for this model: "
                          f"{'; '.join(parts)}")
     model.load_state_dict(state)
@@ -83,12 +79,6 @@ def freeze(module: nn.Module) -> None:
 
 def trainable_parameters(params: Iterable[nn.Parameter]) -> List[nn.Parameter]:
     return [p for p in params if p.requires_grad]
-
-
-def count_parameters(model: nn.Module) -> Tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
 def adam_on_trainable(lr: float, weight_decay: float = 0.0) -> Callable[[Iterable[nn.Parameter]], torch.optim.Adam]:

@@ -2,11 +2,14 @@
 
 Follows Dosovitskiy et al., "An Image is Worth 16x16 Words" (ICLR 2021), in the shape of FastEstimator's apphub
 `image_classification/vit/vit_torch.py`: the parameter names (and so `state_dict` keys) are the apphub's, so a
-checkpoint trained with that app loads into this model. Differences from the apphub, all optional or invisible to
-checkpoints:
+checkpoint trained with that app loads into this model. The `ViTConfig` defaults are the apphub's architecture
+(post-norm blocks, the head reading the CLS token, dropout 0.1); the options below change it, and the apps' recipes
+choose norm placement, pooling, SPT and LSA (see apphub_vit/recipes.py). Differences from the apphub, all optional or
+invisible to checkpoints:
 
 * batch-first attention throughout (the apphub transposes to sequence-first and back);
-* `norm_first=True` gives the pre-norm block of the paper and timm (the apphub, and our default, is post-norm);
+* `norm_first=True` gives the pre-norm block of the paper and timm (the apphub's is post-norm);
+* `pool="mean"` has the head read the mean of the patch tokens instead of the CLS token (same parameters);
 * `drop_path` adds stochastic depth (Huang et al. 2016) for longer training recipes;
 * `lsa=True` gives Locality Self-Attention (Lee et al. 2021, "Vision Transformer for Small-Size Datasets";
   aanna0701/SPT_LSA_ViT): a learnt softmax temperature per head, and no token attends to itself. Off by default, so
@@ -15,7 +18,8 @@ checkpoints:
   stacked as channels, each patch layer-normalised, then the same Conv2d patch embedding (on 5x the channels);
 * invalid configurations raise `ValueError` instead of an `assert`.
 
-Layout (timm `vision_transformer.py`): `ViTEmbeddings` -> `ViTEncoder.forward` (CLS embedding) -> `linear_classifier`.
+Layout (timm `vision_transformer.py`): `ViTEmbeddings` -> `ViTEncoder.forward` (the pooled, layer-normalised
+embedding) -> `linear_classifier`.
 """
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Set
@@ -218,23 +222,6 @@ class ViTEncoder(nn.Module):
         x = self.encoder(self.embedding(x))  # [B, num_patches + 1, em_dim]
         # the CLS token, or the average of the patch tokens (the CLS token stays in the sequence either way)
         return self.layernorm(x[:, 0] if self.config.pool == "cls" else x[:, 1:].mean(1))  # [B, em_dim]
-
-
-def init_trunc_normal_(model: nn.Module, std: float = 0.02) -> nn.Module:
-    """timm's ViT weight initialisation (`init_weights_vit_timm`), which CCT's ViT-Lite uses too: every linear weight,
-    attention's input projection included, drawn from a normal of std `std` (truncated at +-2, as timm's), and zero
-    biases. PyTorch's own default draws a linear weight uniformly with std 1 / sqrt(3 * fan_in) (0.036 at dim 256) and
-    its bias likewise. LayerNorms, the Conv2d patch embedding, the CLS token and the position embedding keep their own
-    initialisation. In place; returns `model`."""
-    for module in model.modules():
-        if isinstance(module, nn.Linear):  # attention's out_proj included
-            nn.init.trunc_normal_(module.weight, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.MultiheadAttention):  # q, k, v as one [3 * D, D] parameter, not an nn.Linear
-            nn.init.trunc_normal_(module.in_proj_weight, std=std)
-            nn.init.zeros_(module.in_proj_bias)
-    return model
 
 
 class ViTModel(nn.Module):

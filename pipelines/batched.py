@@ -1,32 +1,39 @@
-"""The apphub CIFAR ops as batched FastEstimator TensorOps, run where the model runs (the GPU when there is one).
+"""The apphub CIFAR ops as batched FastEstimator TensorOps, run where the model runs (the GPU when there is one), and
+the strong augmentation of the apps' "vit" recipe, batched the same way.
 
-Per-sample NumpyOps in pipeline workers cap the apphub recipe at the CPU's speed (about 7,000 images/s at batch 128 on
-16 cores, see ../shared/gpu/README.md). These ops do the same transformations on a whole uint8 batch in a few GPU
-kernels, with per-sample randomness identical in distribution to the albumentations versions FastEstimator wraps:
+Per-sample NumpyOps in pipeline workers hold the apphub recipe to the speed at which the CPU augments images. These ops
+do the same transformations on a whole uint8 batch in a few kernels, with per-sample randomness identical in
+distribution to the albumentations versions FastEstimator wraps (ranges a..b include both ends):
 
-| per-sample op (pipelines/cifar.py)         | here                                  | randomness per image                  |
-| ------------------------------------------ | ------------------------------------- | ------------------------------------- |
-| Normalize(mean, std)                       | Normalize                             | none                                  |
-| PadIfNeeded(40, 40) (cv2 BORDER_REFLECT_101) | PadIfNeeded (torch "reflect" = the same) | none                               |
-| RandomCrop(32, 32)                         | RandomCrop                            | offsets uniform in 0..8 (inclusive)   |
-| Sometimes(HorizontalFlip)                  | HorizontalFlip(prob=0.5)              | flip with probability 0.5             |
-| CoarseDropout(max_holes=1) (8x8, fill 0)   | CoarseDropout                         | top-left uniform in 0..24 (inclusive) |
-| ChannelTranspose (HWC -> CHW)              | ChannelTranspose (NHWC -> NCHW)       | none                                  |
+| per-sample op (pipelines/cifar.py)          | here                                | randomness per image      |
+| ------------------------------------------- | ----------------------------------- | ------------------------- |
+| Normalize(mean, std)                        | Normalize                           | none                      |
+| PadIfNeeded(40, 40), cv2 BORDER_REFLECT_101 | PadIfNeeded, torch "reflect" (same) | none                      |
+| RandomCrop(32, 32)                          | RandomCrop                          | offsets uniform in 0..8   |
+| Sometimes(HorizontalFlip)                   | HorizontalFlip(prob=0.5)            | flip with probability 0.5 |
+| CoarseDropout(max_holes=1), 8x8, fill 0     | CoarseDropout                       | top-left uniform in 0..24 |
+| ChannelTranspose (HWC -> CHW)               | ChannelTranspose (NHWC -> NCHW)     | none                      |
 
-ChannelTranspose runs first here (the ops commute with it) so the rest work on NCHW, torch's layout. `TrivialAugment`
-(Müller & Hutter 2021; torchvision's TrivialAugmentWide, one operation per image) is the "vit" recipe's stronger
-augmentation (`AutoAugment`, the CIFAR-10 policy of Cubuk et al. 2019, is an option); `RandomAffine` + `ColorJitter`
-(geometry and colour) and `MixUpCutMix` (Zhang et al. 2018 mixup, Yun et al. 2019 CutMix) are the alternatives it
-replaced, kept as options. All batched, random per image.
+ChannelTranspose runs first here (the ops commute with it) so the rest work on NCHW, torch's layout.
+
+The strong augmentation (`batched_cifar_ops(strong=True)`), random per image and batched like the rest:
+
+* `AutoAugment`: the CIFAR-10 policy of Cubuk et al. 2019, as torchvision's `AutoAugment(AutoAugmentPolicy.CIFAR10)`;
+  the default (policy "autoaugment"), the strong augmentation of the apps' "vit" recipe;
+* `TrivialAugment` (Müller & Hutter 2021; torchvision's `TrivialAugmentWide`, one operation per image): an alternative
+  (policy "trivialaugment");
+* `MixUpCutMix` (Zhang et al. 2018 mixup, Yun et al. 2019 CutMix) on top of either: an option, off by default
+  (`mix_prob=0`).
+
+For how these choices compare, see docs/results-cifar10.md. `pipelines.loader.BatchLoader` feeds these ops whole
+batches kept on the device.
 """
 import math
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from fastestimator.op.tensorop import TensorOp
-from torch.utils.data import DataLoader, Dataset
 
 Mode = Union[None, str, Iterable[str]]
 
@@ -122,63 +129,20 @@ class CoarseDropout(TensorOp):
         return data.masked_fill(hole[:, None], self.fill_value)
 
 
-class RandomAffine(TensorOp):
-    """Per-image random rotation, shear, scale and translation in one `grid_sample` (reflection padding)."""
-    def __init__(self, inputs: str, outputs: str, degrees: float = 15.0, shear: float = 10.0,
-                 scale: Tuple[float, float] = (0.9, 1.1), translate: float = 0.1, prob: float = 0.8,
-                 mode: Mode = None) -> None:
-        super().__init__(inputs=inputs, outputs=outputs, mode=mode)
-        self.degrees, self.shear, self.scale, self.translate, self.prob = degrees, shear, scale, translate, prob
-
-    def forward(self, data: torch.Tensor, state: Dict[str, Any]) -> torch.Tensor:
-        b, dev = data.shape[0], data.device
-
-        def uniform(low: float, high: float) -> torch.Tensor:
-            return torch.empty(b, device=dev).uniform_(low, high)
-
-        on = (torch.rand(b, device=dev) < self.prob).float()  # the rest keep the identity transform
-        angle = uniform(-self.degrees, self.degrees) * (math.pi / 180) * on
-        shear = uniform(-self.shear, self.shear) * (math.pi / 180) * on
-        scale = 1 + (uniform(*self.scale) - 1) * on
-        tx, ty = uniform(-self.translate, self.translate) * 2 * on, uniform(-self.translate, self.translate) * 2 * on
-        cos, sin, tan = torch.cos(angle), torch.sin(angle), torch.tan(shear)
-        theta = torch.stack([
-            torch.stack([cos / scale, (-sin + cos * tan) / scale, tx], -1),
-            torch.stack([sin / scale, (cos + sin * tan) / scale, ty], -1)
-        ], 1)  # [B, 2, 3]: output pixel -> input pixel, in [-1, 1] coordinates
-        grid = F.affine_grid(theta.to(data.dtype), list(data.shape), align_corners=False)
-        return F.grid_sample(data, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-
-
-class ColorJitter(TensorOp):
-    """Per-image random brightness, contrast and saturation on normalised [B, 3, H, W] images."""
-    def __init__(self, inputs: str, outputs: str, strength: float = 0.3, prob: float = 0.8,
-                 mode: Mode = None) -> None:
-        super().__init__(inputs=inputs, outputs=outputs, mode=mode)
-        self.strength, self.prob = strength, prob
-
-    def forward(self, data: torch.Tensor, state: Dict[str, Any]) -> torch.Tensor:
-        b, dev = data.shape[0], data.device
-        on = (torch.rand(b, 1, 1, 1, device=dev) < self.prob).to(data.dtype)
-
-        def factor() -> torch.Tensor:
-            return 1 + torch.empty(b, 1, 1, 1, device=dev).uniform_(-self.strength, self.strength) * on
-
-        grey = data.mean(1, keepdim=True)  # [B, 1, H, W]
-        data = grey + (data - grey) * factor()  # saturation
-        mean = data.mean((1, 2, 3), keepdim=True)
-        data = mean + (data - mean) * factor()  # contrast
-        return data + (factor() - 1)  # brightness (a shift, in normalised units)
+# Magnitude ranges of the per-image operations: the largest magnitude of each; translate as a share of the image side
+# (None: 32 pixels at any size). TrivialAugment's are torchvision's `TrivialAugmentWide` (shear 0.99, translation 32
+# pixels, rotation 135 degrees, enhance factors 0.01..1.99, posterize down to 2 bits); AutoAugment's are torchvision's
+# `RandAugment` ranges, on which its CIFAR-10 policy is defined (shear 0.3, translation 150/331 of the image side, 14
+# pixels at 32, rotation 30 degrees, enhance factors 0.1..1.9, posterize down to 4 bits).
+WIDE_RANGES = dict(shear=0.99, translate=None, rotate=135.0, enhance=0.99, posterize_bits=6)
+RANDAUGMENT_RANGES = dict(shear=0.3, translate=150.0 / 331.0, rotate=30.0, enhance=0.9, posterize_bits=4)
 
 
 class TrivialAugment(TensorOp):
     """TrivialAugment (Müller & Hutter 2021) per image on a batch: each image gets one operation drawn uniformly from
     torchvision's `TrivialAugmentWide` list, at a magnitude drawn uniformly from its 31 bins, with a random sign.
 
-    space: the magnitude ranges. "wide" (default): torchvision's `TrivialAugmentWide` (shear 0.99, translation 32
-    pixels, rotation 135 degrees, enhance factors 0.01..1.99, posterize down to 2 bits). "ra": the paper's "RA" space,
-    torchvision's `RandAugment` ranges (shear 0.3, translation 150/331 of the image side, 14 pixels at 32, rotation 30
-    degrees, enhance factors 0.1..1.9, posterize down to 4 bits): milder, for models that underfit.
+    The magnitudes are the paper's "wide" space, torchvision's `TrivialAugmentWide` (`WIDE_RANGES`).
 
     Input and output: [B, C, H, W] pixel values in 0..255 (uint8 or float); the output is float and integer-valued, as
     torchvision's uint8 results. Each operation follows torchvision's tensor functional of the same name (tested
@@ -189,18 +153,12 @@ class TrivialAugment(TensorOp):
     OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast",
            "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize")
     NUM_BINS = 31
-    # the largest magnitude of each range; translate as a share of the image side ("wide": 32 pixels at any size)
-    SPACES = {"wide": dict(shear=0.99, translate=None, rotate=135.0, enhance=0.99, posterize_bits=6),
-              "ra": dict(shear=0.3, translate=150.0 / 331.0, rotate=30.0, enhance=0.9, posterize_bits=4)}
 
-    def __init__(self, inputs: str, outputs: str, num_ops: int = 1, fill: float = 128.0, space: str = "wide",
-                 mode: Mode = None) -> None:
+    def __init__(self, inputs: str, outputs: str, num_ops: int = 1, fill: float = 128.0, mode: Mode = None) -> None:
         super().__init__(inputs=inputs, outputs=outputs, mode=mode)
         if not isinstance(num_ops, int) or num_ops < 1:
             raise ValueError(f"TrivialAugment num_ops must be a positive integer, got {num_ops!r}")
-        if space not in self.SPACES:
-            raise ValueError(f"TrivialAugment space must be one of {sorted(self.SPACES)}, got {space!r}")
-        self.num_ops, self.fill, self.space = num_ops, fill, space
+        self.num_ops, self.fill = num_ops, fill
 
     def forward(self, data: torch.Tensor, state: Dict[str, Any]) -> torch.Tensor:
         x = data.float()
@@ -212,8 +170,9 @@ class TrivialAugment(TensorOp):
             x = self.apply(x, op, level, sign)
         return x
 
-    def apply(self, x: torch.Tensor, op: torch.Tensor, level: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
-        """Image i gets operation OPS[op[i]] at bin level[i] (0..1 of the range) with sign sign[i] (+1 / -1)."""
+    def apply(self, x: torch.Tensor, op: torch.Tensor, level: torch.Tensor, sign: torch.Tensor,
+              ranges: Mapping[str, Any] = WIDE_RANGES) -> torch.Tensor:
+        """Image i gets operation OPS[op[i]] at bin level[i] (0..1 of `ranges`) with sign sign[i] (+1 / -1)."""
         def chosen(*names: str) -> torch.Tensor:  # [B, 1, 1, 1] mask: the image drew one of these
             mask = torch.zeros_like(op, dtype=torch.bool)
             for name in names:
@@ -223,7 +182,7 @@ class TrivialAugment(TensorOp):
         def per_image(value: torch.Tensor) -> torch.Tensor:
             return value.view(-1, 1, 1, 1)
 
-        signed, r = level * sign, self.SPACES[self.space]
+        signed, r = level * sign, ranges
         factor = per_image(1 + r["enhance"] * signed)  # Brightness, Color, Contrast, Sharpness ("wide": 0.01 .. 1.99)
         geometric = chosen("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
         h, w = x.shape[-2:]
@@ -247,10 +206,10 @@ class AutoAugment(TensorOp):
     """AutoAugment's CIFAR-10 policy (Cubuk et al. 2019) per image on a batch, as torchvision's
     `AutoAugment(AutoAugmentPolicy.CIFAR10)`, whose 25 sub-policies it reads: each image draws one sub-policy, and
     each of its two operations applies with the sub-policy's probability, at its fixed magnitude (10 bins over
-    RandAugment's ranges, i.e. `TrivialAugment`'s "ra" space), with a random sign where the operation has one.
+    RandAugment's ranges, `RANDAUGMENT_RANGES`), with a random sign where the operation has one.
 
     Input and output as `TrivialAugment`: [B, C, H, W] pixel values in 0..255, float output. The operations are
-    `TrivialAugment.apply`'s (tested against torchvision), plus Invert.
+    `TrivialAugment.apply`'s on those ranges (tested against torchvision), plus Invert.
     """
     NAMES = TrivialAugment.OPS + ("Invert", )
     MAGNITUDE_BINS = 10
@@ -259,7 +218,7 @@ class AutoAugment(TensorOp):
         super().__init__(inputs=inputs, outputs=outputs, mode=mode)
         from torchvision.transforms import autoaugment as tv
         self.policies = tv.AutoAugment(tv.AutoAugmentPolicy.CIFAR10).policies  # 25 x ((name, prob, bin or None) x 2)
-        self._ops = TrivialAugment(inputs, outputs, fill=fill, space="ra")
+        self._ops = TrivialAugment(inputs, outputs, fill=fill)
         self._tables: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def tables(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -288,10 +247,12 @@ class AutoAugment(TensorOp):
         invert = self.NAMES.index("Invert")
         for j in range(2):
             op, level = ops[pick, j], levels[pick, j]
-            out = self._ops.apply(x, torch.where(op == invert, 0, op), level, sign[:, j])  # 0: Identity
+            out = self._ops.apply(x, torch.where(op == invert, 0, op), level, sign[:, j],  # 0: Identity
+                                  RANDAUGMENT_RANGES)
             out = torch.where((op == invert).view(-1, 1, 1, 1), 255 - x, out)
             x = torch.where(applied[:, j].view(-1, 1, 1, 1), out, x)
         return x
+
 
 def _blend(image: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """torchvision's `_blend` for uint8 images: factor * image + (1 - factor) * other, clamped, truncated."""
@@ -402,74 +363,12 @@ class MixUpCutMix(TensorOp):
         return [x, lam * soft + (1 - lam) * soft.flip(0)]
 
 
-class _Arrays(Dataset):
-    """The arrays as torch tensors (on `device`); indexed by a tensor of sample indices, one gather per batch."""
-    def __init__(self, arrays: Dict[str, np.ndarray], device: torch.device) -> None:
-        self.arrays = {key: torch.from_numpy(np.ascontiguousarray(value)).to(device) for key, value in arrays.items()}
-        self.length = len(next(iter(self.arrays.values())))
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: torch.Tensor) -> Dict[str, torch.Tensor]:
-        return {key: value[index] for key, value in self.arrays.items()}
-
-
-def check_repeats(repeats: int, name: str) -> None:
-    """Repeated augmentation's count: a positive integer, 1 meaning off."""
-    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
-        raise ValueError(f"{name} must be a positive integer (1: no repeated augmentation, 3: DeiT's), got {repeats!r}")
-
-
-class BatchLoader(DataLoader):
-    """Whole batches of raw arrays (uint8 images, labels) kept where the model runs, for `fe.Pipeline(train_data=...)`.
-
-    FastEstimator's own loader builds each batch from per-sample dicts in worker processes: about 10,000 images/s with
-    8 workers on the GPU host even with no ops, a third of what the GPU trains at. When the ops run batched on the
-    device there is nothing left to do per sample, so this loader keeps the whole data set on the device (CIFAR's
-    50,000 uint8 images are 150 MB) and makes each batch with one gather there: no workers, no per-step copy from the
-    host. On a CPU the same happens in host memory.
-
-    `repeats` > 1 is repeated augmentation as DeiT's `RASampler` does it on one GPU (Hoffer et al. 2020, "Augment your
-    batch"; Touvron et al. 2021): an epoch keeps its length, but holds a random 1/`repeats` of the images, each
-    `repeats` times in a row, so that the copies share a batch and the batched ops augment each one differently.
-    On real CIFAR-10 in 100 epochs, 3 scored 1.2-1.6 points below 1 (README: Results), so the apps default to 1.
-    """
-    def __init__(self, arrays: Dict[str, np.ndarray], batch_size: int, shuffle: bool, drop_last: bool = False,
-                 device: Optional[torch.device] = None, repeats: int = 1) -> None:
-        check_repeats(repeats, "repeats")
-        if repeats > 1 and not shuffle:
-            raise ValueError("repeats is for training (shuffle=True): evaluation reads every image once")
-        device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        super().__init__(_Arrays(arrays, device), batch_size=None)
-        self.images_per_batch, self.shuffle, self.full_batches_only = batch_size, shuffle, drop_last
-        self.device, self.repeats = device, repeats
-
-    def __len__(self) -> int:
-        n, b = len(self.dataset), self.images_per_batch
-        return n // b if self.full_batches_only else -(-n // b)
-
-    def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
-        n, b = len(self.dataset), self.images_per_batch
-        order = torch.randperm(n, device=self.device) if self.shuffle else torch.arange(n, device=self.device)
-        if self.repeats > 1:  # the first ceil(n / repeats) of the shuffled images, each `repeats` times: n in all
-            order = order[:-(-n // self.repeats)].repeat_interleave(self.repeats)[:n]
-        for start in range(0, len(self) * b, b):
-            yield self.dataset[order[start:start + b]]
-
-    def get_batch_size(self) -> int:
-        """FastEstimator's Estimator counts eval steps as len(loader) / get_batch_size(); len() here already counts
-        batches, so this answers 1 (`images_per_batch` is the real size)."""
-        return 1
-
-
 class FusedImageOps(TensorOp):
     """Single-image-key TensorOps run as one function, optionally under `torch.compile`.
 
     Each batched op is a handful of small kernels on a 512 x 3 x 32 x 32 batch, so together they cost more in kernel
-    launches and Python than in arithmetic (on an H100 the strong augmentation took a fifth of the step). Compiled as
-    one graph they become a few fused kernels. The ops' own `forward`s run unchanged, in order; their modes are
-    replaced by this op's.
+    launches and Python than in arithmetic. Compiled as one graph they become a few fused kernels. The ops' own
+    `forward`s run unchanged, in order; their modes are replaced by this op's.
     """
     def __init__(self, ops: Sequence[TensorOp], inputs: str, outputs: str, compile: bool = False,
                  mode: Mode = None) -> None:
@@ -487,20 +386,20 @@ class FusedImageOps(TensorOp):
         return self._run(data)
 
 
-POLICIES = ("trivialaugment", "trivialaugment_ra", "autoaugment", "affine")
+POLICIES = ("autoaugment", "trivialaugment")
 
 
 def batched_cifar_ops(mean: Sequence[float], std: Sequence[float], image_key: str = "x", augment: bool = True,
                       strong: bool = False, label_key: str = "y", num_classes: Optional[int] = None,
                       label_smoothing: float = 0.0, fuse: bool = False, compile: bool = False,
-                      policy: str = "trivialaugment", mix_prob: float = 0.8) -> List[TensorOp]:
+                      policy: str = "autoaugment", mix_prob: float = 0.0) -> List[TensorOp]:
     """The six apphub ops as batched TensorOps (augmenting ops in train mode only), optionally with the strong
-    augmentation of the "vit" recipe, which writes soft labels to `<label_key>_soft` in train mode.
+    augmentation of the "vit" recipe.
 
-    strong: a per-image policy, then MixUp / CutMix on top of the six ops. policy "trivialaugment": `TrivialAugment` on
-    the raw pixels (before Normalize); "trivialaugment_ra": the same in its milder "RA" magnitude space; "autoaugment":
-    `AutoAugment`'s CIFAR-10 policy there; "affine": `RandomAffine` and `ColorJitter` after the crop. mix_prob: the
-    share of batches MixUpCutMix mixes (the others get the smoothed labels only); 0 leaves it out (no `_soft` labels).
+    strong: a per-image policy on the raw pixels (before Normalize) on top of the six ops: "autoaugment" (default):
+    `AutoAugment`'s CIFAR-10 policy; "trivialaugment": `TrivialAugment`. mix_prob: the share of batches
+    `MixUpCutMix` mixes (the others get the smoothed labels only), writing soft labels to `<label_key>_soft` in train
+    mode; 0 (default) leaves it out (no `_soft` labels). num_classes is needed with strong=True.
 
     fuse: run the train-mode image ops as one `FusedImageOps` (and `compile` it), evaluation keeping the two plain
     ops (ChannelTranspose, Normalize). Same results, same randomness per image."""
@@ -518,12 +417,8 @@ def batched_cifar_ops(mean: Sequence[float], std: Sequence[float], image_key: st
     if strong:
         if num_classes is None:
             raise ValueError("strong augmentation mixes labels: pass num_classes")
-        if policy.startswith("trivialaugment"):  # on pixel values 0..255, so before Normalize
-            ops[1:1] = [TrivialAugment(k, k, space="ra" if policy == "trivialaugment_ra" else "wide", mode="train")]
-        elif policy == "autoaugment":
-            ops[1:1] = [AutoAugment(k, k, mode="train")]
-        else:
-            ops[4:4] = [RandomAffine(k, k, mode="train"), ColorJitter(k, k, mode="train")]  # before flip and dropout
+        # on pixel values 0..255, so before Normalize
+        ops[1:1] = [AutoAugment(k, k, mode="train") if policy == "autoaugment" else TrivialAugment(k, k, mode="train")]
     mix = [MixUpCutMix((k, label_key), (k, f"{label_key}_soft"), num_classes=num_classes,
                        label_smoothing=label_smoothing, prob=mix_prob, mode="train")] if strong and mix_prob else []
     if fuse and augment:

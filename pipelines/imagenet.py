@@ -38,7 +38,7 @@ def imagenet_ops(image_key: str = "x", image_size: int = 224, augment: bool = Fa
 
 
 def imagenet_pipeline(train_data: Any, eval_data: Any, batch_size: int, image_size: int = 224, augment: bool = False,
-                      num_process: Optional[int] = None) -> fe.Pipeline:
+                      num_process: Optional[int] = None, test_data: Any = None) -> fe.Pipeline:
     """A `fe.Pipeline` over CIFAR-shaped data ({"x": HxWx3 uint8, "y": label}) for ImageNet-pretrained models."""
-    return fe.Pipeline(train_data=train_data, eval_data=eval_data, batch_size=batch_size,
+    return fe.Pipeline(train_data=train_data, eval_data=eval_data, test_data=test_data, batch_size=batch_size,
                        ops=imagenet_ops(image_size=image_size, augment=augment), num_process=num_process)

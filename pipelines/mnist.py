@@ -14,7 +14,9 @@ from fastestimator.op.numpyop import NumpyOp
 from fastestimator.op.numpyop.multivariate import ShiftScaleRotate
 from fastestimator.op.numpyop.univariate import ExpandDims, Normalize, Reshape
 
-from apphub_vit.mnist_data import MNIST_MEAN, MNIST_STD
+# Mean / std of the 60,000 MNIST training images in [0, 1] (the values torchvision's MNIST examples use).
+MNIST_MEAN = 0.1307
+MNIST_STD = 0.3081
 
 # The training augmentation of augment=True: small affine jitter, as handwriting varies (no flips: digits have a side).
 SHIFT_LIMIT, SCALE_LIMIT, ROTATE_LIMIT = 0.1, 0.1, 10
@@ -47,9 +49,9 @@ def mnist_flat_ops(image_key: str = "x") -> List[NumpyOp]:
 
 
 def mnist_pipeline(train_data: Any, eval_data: Any, batch_size: int, flat: bool = False,
-                   num_process: Optional[int] = None, augment: bool = False) -> fe.Pipeline:
+                   num_process: Optional[int] = None, augment: bool = False, test_data: Any = None) -> fe.Pipeline:
     """A `fe.Pipeline` over MNIST-shaped data ({"x": 28x28 uint8, "y": label}); `augment` only for the ViT's ops."""
     if flat and augment:
         raise ValueError("augment=True is for the ViT pipeline (flat=False); the autoencoder's inputs are its targets")
-    return fe.Pipeline(train_data=train_data, eval_data=eval_data, batch_size=batch_size,
+    return fe.Pipeline(train_data=train_data, eval_data=eval_data, test_data=test_data, batch_size=batch_size,
                        ops=mnist_flat_ops() if flat else mnist_ops(augment=augment), num_process=num_process)

@@ -1,4 +1,5 @@
 """apphub_vit/pretrain.py and finetune.py: the command line, the Python API, weight transfer and every bad input."""
+import json
 import subprocess
 import sys
 
@@ -11,8 +12,8 @@ from apphub_vit import pretrain as pretrain_app
 from apphub_vit.encoder_io import ENCODER_FILE, EncoderMismatchError, load_encoder_state
 from apphub_vit.prediction_grid import GRID_FILE
 from apphub_vit.records import RECORD_FILE, read_record
-from networks.vit import ViTModel
-from pipelines import batched
+from apphub_vit.training import SmoothLabels
+from networks.vit import ViTConfig, ViTModel
 from tests.conftest import REPO, TINY_RUN, TINY_VIT, cli_env, fastestimator_cmd, shared_path
 
 CLI_TINY = ["--epochs", "1", "--batch_size", "16", "--train_steps_per_epoch", "3", "--eval_steps_per_epoch", "2",
@@ -96,20 +97,20 @@ def test_finetune_from_scratch_is_explicit(tmp_path):
 @pytest.mark.parametrize("change,named", [({"em_dim": 64}, "em_dim: pretrained 32 vs model 64"),
                                           ({"num_layers": 3}, "num_layers: pretrained 2 vs model 3"),
                                           ({"patch_size": 4}, "patch_size: pretrained 8 vs model 4"),
-                                          ({"lsa": True}, "lsa: pretrained False vs model True"),
-                                          ({"spt": True}, "spt: pretrained False vs model True")])
+                                          ({"lsa": False}, "lsa: pretrained True vs model False"),
+                                          ({"spt": False}, "spt: pretrained True vs model False")])
 def test_other_architecture_is_an_error_naming_the_mismatch(pretrained, tmp_path, change, named):
     _, save_dir = pretrained
     with pytest.raises(EncoderMismatchError, match=named):
         finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path),
                                    encoder_weights=str(save_dir / ENCODER_FILE), **TINY_RUN, **change)
+    assert not (tmp_path / RECORD_FILE).exists()
 
 
 def test_lsa_spt_encoder_transfers_as_such_and_old_encoder_files_load_without_them(pretrained, tmp_path):
-    sl_model = pretrain_app.pretrain(dataset="synthetic", save_dir=str(tmp_path / "pre"), lsa=True, spt=True,
-                                     **TINY_RUN, **TINY_VIT)
+    sl_model, save_dir = pretrained  # recipe "vit": SPT and LSA
     assert sl_model.config.lsa and sl_model.config.spt
-    encoder = str(tmp_path / "pre" / ENCODER_FILE)
+    encoder = str(save_dir / ENCODER_FILE)
     assert load_encoder_state(encoder)["config"]["lsa"] is True and load_encoder_state(encoder)["config"]["spt"] is True
     est = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "fine"), encoder_weights=encoder,
                                      **TINY_RUN)  # lsa and spt read from the file, as the sizes are
@@ -118,18 +119,18 @@ def test_lsa_spt_encoder_transfers_as_such_and_old_encoder_files_load_without_th
         assert torch.equal(layer.attn_scale, sl_model.vit_encoder.encoder.layers[i].attn_scale.cpu())
     assert torch.equal(est.model.vit_encoder.embedding.patch_norm.weight,
                        sl_model.vit_encoder.embedding.patch_norm.weight.cpu())
-    for option in ("lsa", "spt"):
-        with pytest.raises(EncoderMismatchError, match=f"{option}: pretrained True vs model False"):
-            finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "plain"), encoder_weights=encoder,
-                                       **{option: False}, **TINY_RUN)
-    # an encoder file from before the options: no "lsa" / "spt" in its config, and a plain ViT
-    _, save_dir = pretrained
-    saved = torch.load(save_dir / ENCODER_FILE, map_location="cpu", weights_only=False)
+    # an encoder file written before the lsa / spt options (by a plain ViT): no "lsa" / "spt" in its config. It
+    # finetunes as the plain ViT it is, although the default recipe now turns both on.
+    plain = pretrain_app.pretrain(dataset="synthetic", save_dir=str(tmp_path / "plain"), lsa=False, spt=False,
+                                  **TINY_RUN, **TINY_VIT)
+    saved = torch.load(tmp_path / "plain" / ENCODER_FILE, map_location="cpu", weights_only=False)
     del saved["config"]["lsa"], saved["config"]["spt"]
     torch.save(saved, tmp_path / "old.pt")
     old = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "old"),
                                      encoder_weights=str(tmp_path / "old.pt"), **TINY_RUN)
     assert not old.model.config.lsa and not old.model.config.spt
+    theirs = plain.vit_encoder.state_dict()
+    assert all(torch.equal(v.cpu(), theirs[k].cpu()) for k, v in old.model.vit_encoder.state_dict().items())
 
 
 def test_bare_state_dict_of_other_shape_names_the_tensors(pretrained, tmp_path):
@@ -187,38 +188,60 @@ def test_recipe_pooling_defaults_and_old_encoder_files_keep_the_cls_head(pretrai
 
 
 def test_augmentation_options_are_checked(tmp_path):
-    with pytest.raises(ValueError, match="augment_policy must be one of"):
-        finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path), from_scratch=True,
-                                   augment_policy="randaugment", **TINY_RUN, **TINY_VIT)
-    with pytest.raises(ValueError, match="mix_prob .* between 0 and 1"):
-        finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path), from_scratch=True, mix_prob=2,
-                                   **TINY_RUN, **TINY_VIT)
+    for bad, match in ((dict(augment="randaugment"), "augment must be one of 'apphub', 'autoaugment'"),
+                       (dict(mix_prob=2), r"mix_prob must be a number in \[0.0, 1.0\]"),
+                       (dict(mix_prob=0.5, augment="apphub"), "mixes strongly augmented batches"),
+                       (dict(device_augment=False), "use device_augment=True with it")):
+        with pytest.raises(ValueError, match=match):
+            finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path), from_scratch=True, **bad,
+                                       **TINY_RUN, **TINY_VIT)
+    per_sample = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path), from_scratch=True,
+                                            augment="apphub", device_augment=False, **TINY_RUN, **TINY_VIT)
+    assert [type(op).__name__ for op in per_sample.pipeline.ops][:2] == ["Normalize", "PadIfNeeded"]
+
+
+def _schedule(est, steps):
+    return [next(t for t in est.traces if isinstance(t, LRScheduler)).lr_fn(step) for step in range(1, steps + 1)]
+
+
+def test_the_defaults_are_the_best_measured_recipe(tmp_path):
+    est = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path), from_scratch=True,
+                                     **dict(TINY_RUN, batch_size=None))
+    cfg, opt = est.model.config, est.model.optimizer
+    assert (cfg.norm_first, cfg.pool, cfg.drop, cfg.drop_path, cfg.spt, cfg.lsa) == (True, "mean", 0.0, 0.0, True, True)
+    assert (cfg.num_layers, cfg.em_dim, cfg.num_heads, cfg.ff_dim, cfg.patch_size) == (6, 256, 8, 512, 4)  # apphub's
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["lr"] == 2e-3
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.2, 0.0]  # the weight matrices only
+    assert est.pipeline.data["train"][""].images_per_batch == 256
+    assert [type(op).__name__ for op in est.network.ops[0].ops][:2] == ["ChannelTranspose", "AutoAugment"]
+    assert [op.smoothing for op in est.network.ops if isinstance(op, SmoothLabels)] == [0.1]
+    assert est.config["recipe"]["name"] == "vit" and est.config["overrides"] == {"epochs": 1}
+    assert est.config["recipe"]["lr"] == 2e-3 and est.config["recipe"]["batch_size"] == 256
 
 
 def test_weight_decay_and_warmup_override_the_recipe_and_are_checked(tmp_path):
     run = dict(TINY_RUN, epochs=4, train_steps_per_epoch=10)  # 40 steps: warmup is capped at a fifth, 8 steps
-
-    def schedule(est):
-        return [next(t for t in est.traces if isinstance(t, LRScheduler)).lr_fn(step) for step in range(1, 41)]
-
     default = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "a"), from_scratch=True,
                                          **run, **TINY_VIT)
-    peak = default.config["lr"]
+    peak = default.config["recipe"]["lr"]
+    assert peak == pytest.approx(2e-3 * 16 / 256)  # the recipe's lr at batch 256, scaled to batch 16
     assert default.model.optimizer.param_groups[0]["weight_decay"] == 0.2  # recipe "vit", on the weight matrices
-    assert schedule(default)[:8] == pytest.approx([peak * s / 8 for s in range(1, 9)])  # 10 epochs, capped
+    assert _schedule(default, 40)[:8] == pytest.approx([peak * s / 8 for s in range(1, 9)])  # 10 epochs, capped
     est = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "b"), from_scratch=True,
                                      weight_decay=0.03, warmup_epochs=0.5, **run, **TINY_VIT)
     assert est.model.optimizer.param_groups[0]["weight_decay"] == 0.03
     assert est.config["recipe"]["weight_decay"] == 0.03 and est.config["recipe"]["warmup_epochs"] == 0.5  # recorded
-    lrs = schedule(est)  # 0.5 epochs = 5 warmup steps, then a cosine down to 0
+    assert est.config["overrides"]["weight_decay"] == 0.03 and est.config["overrides"]["warmup_epochs"] == 0.5
+    lrs = _schedule(est, 40)  # 0.5 epochs = 5 warmup steps, then a cosine down to 0
     assert lrs[:5] == pytest.approx([peak * s / 5 for s in range(1, 6)])
     assert all(a > b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] == pytest.approx(0)
     no_warmup = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "c"), from_scratch=True,
                                            warmup_epochs=0, **run, **TINY_VIT)
-    assert schedule(no_warmup)[0] == pytest.approx(peak, rel=0.01)  # the cosine from the first step, not constant
-    for bad, match in ((dict(weight_decay=-0.1), "weight_decay must be a number >= 0"),
-                       (dict(warmup_epochs="5"), "warmup_epochs must be a number >= 0"),
-                       (dict(recipe="apphub", warmup_epochs=5), "recipe 'apphub' keeps its learning rate constant")):
+    assert _schedule(no_warmup, 40)[0] == pytest.approx(peak, rel=0.01)  # the cosine from the first step
+    for bad, match in ((dict(weight_decay=-0.1), r"weight_decay must be a number in \[0.0, inf\]"),
+                       (dict(warmup_epochs="5"), "warmup_epochs must be a number"),
+                       (dict(lr=0), r"lr must be a number in \(0.0, inf\]"),
+                       (dict(schedule="step"), "schedule must be one of 'constant', 'warmup_cosine'")):
         with pytest.raises(ValueError, match=match):
             finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "d"), from_scratch=True,
                                        **bad, **run, **TINY_VIT)
@@ -226,25 +249,41 @@ def test_weight_decay_and_warmup_override_the_recipe_and_are_checked(tmp_path):
                                         recipe="apphub", weight_decay=0.0, **run, **TINY_VIT)
     assert apphub.model.optimizer.param_groups[0]["weight_decay"] == 0.0
     assert not any(isinstance(t, LRScheduler) for t in apphub.traces)  # still constant
+    warm = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "f"), from_scratch=True,
+                                      recipe="apphub", warmup_epochs=0.5, **run, **TINY_VIT)
+    apphub_lr = 0.01 * 16 / 128
+    assert _schedule(warm, 40) == pytest.approx([apphub_lr * s / 5 for s in range(1, 6)] + [apphub_lr] * 35)
 
 
-def test_weight_init_option_initialises_a_new_model_but_never_a_loaded_encoder(pretrained, tmp_path):
-    model, save_dir = pretrained
-    scratch = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "a"), from_scratch=True,
-                                         weight_init="trunc_normal", **TINY_RUN, **TINY_VIT).model
-    assert torch.count_nonzero(scratch.linear_classifier.bias) == 0
-    assert torch.count_nonzero(scratch.vit_encoder.encoder.layers[0].self_attn.in_proj_bias) == 0
-    default = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "b"), from_scratch=True,
-                                         **TINY_RUN, **TINY_VIT).model
-    assert torch.count_nonzero(default.linear_classifier.bias) > 0  # recipe "vit": PyTorch's defaults
-    tuned = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "c"), weight_init="trunc_normal",
-                                       encoder_weights=str(save_dir / ENCODER_FILE), **TINY_RUN).model
-    theirs = model.vit_encoder.state_dict()
-    assert all(torch.equal(v.cpu(), theirs[k].cpu()) for k, v in tuned.vit_encoder.state_dict().items())
-    assert torch.count_nonzero(tuned.linear_classifier.bias) == 0  # the new head is initialised
-    with pytest.raises(ValueError, match="weight_init must be one of"):
-        finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "d"), from_scratch=True,
-                                   weight_init="xavier", **TINY_RUN, **TINY_VIT)
+def test_batch_size_scales_the_learning_rate_unless_lr_is_given(tmp_path):
+    scaled = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "a"), from_scratch=True,
+                                        **dict(TINY_RUN, batch_size=512), **TINY_VIT)
+    assert scaled.config["recipe"]["lr"] == pytest.approx(4e-3) and scaled.config["overrides"]["batch_size"] == 512
+    given = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "b"), from_scratch=True,
+                                       lr=1e-3, **dict(TINY_RUN, batch_size=512), **TINY_VIT)
+    assert given.config["recipe"]["lr"] == 1e-3 and given.model.optimizer.defaults["lr"] == 1e-3
+
+
+@pytest.mark.parametrize("bad, match", [(dict(lrr=1e-3), "has no option 'lrr' \\(did you mean 'lr'\\?\\)"),
+                                        (dict(refine_epochs=3), "has no option 'refine_epochs'"),
+                                        (dict(spt="maybe"), "spt must be True or False, got 'maybe'"),
+                                        (dict(num_layers=2.5), "num_layers must be a positive whole number"),
+                                        (dict(overwrite="no"), "overwrite must be True or False, got 'no'"),
+                                        (dict(batch_size=0), "batch_size must be a positive whole number"),
+                                        (dict(recipe="best"), "recipe must be one of 'apphub', 'vit'"),
+                                        (dict(pool="max"), "pool must be one of 'cls', 'mean'"),
+                                        (dict(em_dim=33), "not divisible by num_heads")])
+def test_unknown_and_invalid_options_are_refused_naming_the_field(tmp_path, bad, match):
+    with pytest.raises(ValueError, match=match):
+        finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "run"), from_scratch=True,
+                                   **{**TINY_RUN, **TINY_VIT, **bad})
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_boolean_options_take_the_command_lines_spellings(tmp_path):
+    est = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path), from_scratch="true", spt="False",
+                                     **TINY_RUN, **TINY_VIT)
+    assert est.model.config.spt is False and est.config["overrides"]["spt"] is False
 
 
 def test_stochastic_depth_is_off_by_default_and_drop_path_turns_it_back_on(tmp_path):
@@ -262,48 +301,10 @@ def test_stochastic_depth_is_off_by_default_and_drop_path_turns_it_back_on(tmp_p
     assert not all(torch.equal(deep(x), deep(x)) for _ in range(5))  # a branch dropped in some pass
 
 
-def test_repeated_aug_reaches_the_training_loader_and_is_checked(tmp_path):
-    est = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "a"), from_scratch=True,
-                                     repeated_aug=3, **TINY_RUN, **TINY_VIT)
-    xs = torch.cat([batch["x"] for batch in est.pipeline.data["train"][""]])  # one epoch of raw uint8 images
-    n = len(xs) - len(xs) % 3
-    assert torch.equal(xs[0:n:3], xs[1:n:3]) and torch.equal(xs[0:n:3], xs[2:n:3])  # three copies side by side
-    assert len(torch.unique(xs.flatten(1), dim=0)) == -(-len(xs) // 3)  # of a third of the images
-    assert est.config["repeated_aug"] == 3  # recorded in run_record.json
-    assert est.pipeline.data["eval"][""].repeats == 1
-    with pytest.raises(ValueError, match="repeated_aug must be a positive integer"):
-        finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "b"), from_scratch=True,
-                                   repeated_aug=0, **TINY_RUN, **TINY_VIT)
-    with pytest.raises(ValueError, match="use device_augment=True with it"):
-        finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "c"), from_scratch=True,
-                                   repeated_aug=3, device_augment=False, strong_augment=False, **TINY_RUN, **TINY_VIT)
-
-
-def test_refine_epochs_turn_the_strong_augmentation_off_for_the_last_epochs_and_are_checked(tmp_path, monkeypatch):
-    calls = {"AutoAugment": [], "MixUpCutMix": []}
-    for name in calls:
-        cls = getattr(batched, name)
-        monkeypatch.setattr(cls, "forward", lambda self, data, state, _f=cls.forward, _n=name: (
-            calls[_n].append(1), _f(self, data, state))[1])
-    run = {**TINY_RUN, "epochs": 3, "train_steps_per_epoch": 2}
-    est = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "a"), from_scratch=True,
-                                     augment_policy="autoaugment", mix_prob=0.5, refine_epochs=1, **run, **TINY_VIT)
-    est.fit(warmup=False)  # epoch 3 trains on the smoothed labels that MixUpCutMix wrote in epochs 1-2
-    assert len(calls["AutoAugment"]) == len(calls["MixUpCutMix"]) == 2 * 2  # epochs 1 and 2 only, two steps each
-    assert est.config["refine_epochs"] == 1  # recorded in run_record.json
-    for bad, why in ((3, "from 0 \\(off\\) to epochs - 1 = 2"), (-1, "whole number"), (1.5, "whole number")):
-        with pytest.raises(ValueError, match=why):
-            finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "b"), from_scratch=True,
-                                       refine_epochs=bad, **run, **TINY_VIT)
-    with pytest.raises(ValueError, match="strong_augment is off"):
-        finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "c"), from_scratch=True,
-                                   refine_epochs=1, strong_augment=False, **run, **TINY_VIT)
-
-
 def test_weight_decay_spares_biases_norms_and_embeddings_unless_decay_all(tmp_path):
     def build(folder, **kw):
         return finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / folder), from_scratch=True,
-                                          lsa=True, spt=True, **kw, **TINY_RUN, **TINY_VIT)
+                                          **kw, **TINY_RUN, **TINY_VIT)
 
     def decayed_by_a_step(model):
         """Names of the parameters that one optimizer step with zero gradients changes: only weight decay acts."""
@@ -314,26 +315,25 @@ def test_weight_decay_spares_biases_norms_and_embeddings_unless_decay_all(tmp_pa
         model.optimizer.step()
         return {n for n, p in model.named_parameters() if not torch.equal(p, torch.full_like(before[n], 0.5))}
 
-    est = build("a")  # recipe "vit": decay_all=False
+    est = build("a")  # recipe "vit": decay="matrices"
     default = est.model
-    assert est.config["recipe"]["decay_all"] is False  # recorded in run_record.json
+    assert est.config["recipe"]["decay"] == "matrices"  # recorded in run_record.json
     names = {n for n, _ in default.named_parameters()}
     skip = default.no_weight_decay()
     assert skip and decayed_by_a_step(default) == names - skip
     assert [g["weight_decay"] for g in default.optimizer.param_groups] == [0.2, 0.0]
-    everything = build("c", decay_all=True, weight_decay=0.1).model
+    everything = build("c", decay="all", weight_decay=0.1).model
     assert decayed_by_a_step(everything) == names
     assert [g["weight_decay"] for g in everything.optimizer.param_groups] == [0.1]
-    apphub = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "d"), from_scratch=True,
-                                        recipe="apphub", **TINY_RUN, **TINY_VIT).model
+    apphub = build("d", recipe="apphub").model
     assert len(apphub.optimizer.param_groups) == 1  # the seed decays every parameter, as the apphub's SGD
-    with pytest.raises(ValueError, match="decay_all must be True .* or False"):
-        build("e", decay_all="false")
+    with pytest.raises(ValueError, match="decay must be one of 'all', 'matrices'"):
+        build("e", decay=False)
 
 
 def test_label_smoothing_overrides_the_recipe_and_is_checked(tmp_path):
     def smoothing_ops(est):
-        return [op for op in est.network.ops if type(op).__name__ == "_LabelSmoothing"]
+        return [op for op in est.network.ops if isinstance(op, SmoothLabels)]
 
     assert [op.smoothing for op in smoothing_ops(finetune_app.get_estimator(
         dataset="synthetic", save_dir=str(tmp_path / "a"), from_scratch=True, **TINY_RUN, **TINY_VIT))] == [0.1]
@@ -347,7 +347,63 @@ def test_label_smoothing_overrides_the_recipe_and_is_checked(tmp_path):
     mixed = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "d"), from_scratch=True,
                                        label_smoothing=0.3, mix_prob=0.5, **TINY_RUN, **TINY_VIT)
     assert [op.label_smoothing for op in mixed.network.ops if type(op).__name__ == "MixUpCutMix"] == [0.3]
+    assert not smoothing_ops(mixed)  # MixUpCutMix writes the smoothed labels itself
     for bad in (1.0, -0.1, "0.1"):
         with pytest.raises(ValueError, match="label_smoothing"):
             finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "e"), from_scratch=True,
                                        label_smoothing=bad, **TINY_RUN, **TINY_VIT)
+
+
+def test_the_apphub_recipe_is_the_seed_and_loads_an_apphub_checkpoint(tmp_path):
+    from tests.test_vit import ApphubViT  # FastEstimator apphub vit_torch.py's model, rebuilt from torch layers
+    est = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "a"), from_scratch=True,
+                                     recipe="apphub", **{**TINY_RUN, "batch_size": None})
+    assert est.model.config == ViTConfig()  # the apphub's architecture: post-norm, CLS token, dropout 0.1, no SPT/LSA
+    opt = est.model.optimizer
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["lr"] == 0.01 and opt.defaults["momentum"] == 0.9
+    assert opt.defaults["weight_decay"] == 1e-4 and est.pipeline.data["train"][""].images_per_batch == 128
+    assert not any(isinstance(t, LRScheduler) for t in est.traces) and not any(
+        isinstance(op, SmoothLabels) for op in est.network.ops)
+    assert [type(op).__name__ for op in est.network.ops[0].ops] == ["ChannelTranspose", "Normalize", "PadIfNeeded",
+                                                                    "RandomCrop", "HorizontalFlip", "CoarseDropout"]
+    # an apphub checkpoint loads into it as a whole model (for `fastestimator test`) and as an encoder
+    apphub = ApphubViT(num_classes=10, num_layers=6, image_size=32, patch_size=4, num_channels=3, em_dim=256,
+                       num_heads=8, ff_dim=512)
+    torch.save(apphub.state_dict(), tmp_path / "apphub.pt")
+    tested = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "b"), recipe="apphub",
+                                        weights_path=str(tmp_path / "apphub.pt"), **TINY_RUN)
+    assert all(torch.equal(v, apphub.state_dict()[k]) for k, v in tested.model.state_dict().items())
+    tuned = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "c"), recipe="apphub",
+                                       encoder_weights=str(tmp_path / "apphub.pt"), **TINY_RUN)
+    assert all(torch.equal(v, apphub.vit_encoder.state_dict()[k]) for k, v in
+               tuned.model.vit_encoder.state_dict().items())
+    with pytest.raises(ValueError, match="does not fit this model: missing .*attn_scale"):
+        finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "d"),
+                                   weights_path=str(tmp_path / "apphub.pt"), **TINY_RUN)  # recipe "vit" has LSA
+
+
+def test_overrides_from_the_command_line_and_a_hyperparameters_file_are_applied_and_recorded(tmp_path):
+    app = str(REPO / "apphub_vit" / "pretrain.py")
+    _run_cli([app, "--dataset", "synthetic", "--save_dir", str(tmp_path / "cli"), "--weight_decay", "0.07",
+              "--spt", "false", "--augment", "trivialaugment"] + CLI_TINY, cwd=tmp_path)
+    record = read_record(str(tmp_path / "cli" / RECORD_FILE))["hparams"]
+    assert {k: record["overrides"][k] for k in ("weight_decay", "spt", "augment")} == dict(
+        weight_decay=0.07, spt=False, augment="trivialaugment")
+    assert record["recipe"]["weight_decay"] == 0.07 and record["recipe"]["model"]["spt"] is False
+    assert record["recipe"]["model"]["lsa"] is True and record["recipe"]["name"] == "vit"  # the rest: the recipe's
+    config = tmp_path / "my.json"
+    config.write_text(json.dumps({"recipe": "vit", "lr": 0.003, "label_smoothing": 0.2, "lsa": False,
+                                  "save_dir": str(tmp_path / "json"), "dataset": "synthetic"}))
+    _run_cli([app, "--hyperparameters", str(config)] + CLI_TINY, cwd=tmp_path)
+    record = read_record(str(tmp_path / "json" / RECORD_FILE))["hparams"]
+    assert {k: record["overrides"][k] for k in ("lr", "label_smoothing", "lsa")} == dict(lr=0.003,
+                                                                                         label_smoothing=0.2, lsa=False)
+    assert record["recipe"]["lr"] == 0.003 and record["recipe"]["model"]["lsa"] is False
+
+
+def test_the_command_line_refuses_an_unknown_option_naming_it(tmp_path):
+    out = subprocess.run(fastestimator_cmd() + ["train", str(REPO / "apphub_vit" / "pretrain.py"), "--dataset",
+                                                "synthetic", "--save_dir", str(tmp_path / "run"), "--lrr", "0.1"],
+                         capture_output=True, text=True, env=cli_env(), cwd=tmp_path, timeout=600)
+    assert out.returncode != 0 and "has no option 'lrr' (did you mean 'lr'?)" in out.stderr
+    assert not (tmp_path / "run").exists()

@@ -19,11 +19,12 @@ import torchvision
 from apphub_vit import mnist_data
 from apphub_vit.data import DataNotFoundError
 from networks import baselines
-from networks.baselines import WeightsNotFoundError, count_parameters, resnet18_classifier, vit_b16_classifier
+from networks.baselines import WeightsNotFoundError, resnet18_classifier, vit_b16_classifier
+from networks.util import count_parameters
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
-TINY = dict(epochs=1, batch_size=8, train_steps_per_epoch=3, eval_steps_per_epoch=2, num_process=0, log_steps=0)
+TINY = dict(epochs=1, batch_size=8, train_steps_per_epoch=3, eval_steps_per_epoch=2, num_process=0, log_steps=None)
 TINY_VIT_B = dict(image_size=32, patch_size=8, num_layers=4, num_heads=2, hidden_dim=32, mlp_dim=64)
 
 
@@ -41,8 +42,13 @@ def one_thread():
 def offline_hub(tmp_path, monkeypatch):
     """An empty torch hub cache and no network: the situation of a fresh offline machine."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    monkeypatch.setattr(baselines, "_online", lambda *a, **k: False)
+    monkeypatch.setattr(baselines, "online", lambda *a, **k: False)
     return tmp_path / "torch_home" / "hub" / "checkpoints"
+
+
+def trainable_and_total(model):
+    counts = count_parameters([model])
+    return counts["trainable"], counts["total"]
 
 
 def snapshot(model):
@@ -83,7 +89,7 @@ def test_mnist_vit_on_shared_real_digits(tmp_path, capsys):
 def test_mnist_vit_missing_data_is_a_clear_error(tmp_path, monkeypatch):
     from apphub_vit.mnist import get_estimator
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
-    monkeypatch.setattr(mnist_data, "_online", lambda *a, **k: False)
+    monkeypatch.setattr(mnist_data, "online", lambda *a, **k: False)
     with pytest.raises(DataNotFoundError, match="cannot be downloaded"):
         get_estimator(save_dir=str(tmp_path / "run"), **TINY)
     (tmp_path / "junk").mkdir()
@@ -129,7 +135,7 @@ def test_resnet_frozen_backbone_is_really_frozen(tmp_path, fake_resnet18_file):
     from apphub_vit.resnet import get_estimator
     est = get_estimator(weights=str(fake_resnet18_file), dataset="synthetic", synthetic_size=[48, 24], image_size=32,
                         save_dir=str(tmp_path), **TINY)
-    assert count_parameters(est.model) == (5130, 11181642)  # 512 * 10 + 10 trainable
+    assert trainable_and_total(est.model) == (5130, 11181642)  # 512 * 10 + 10 trainable
     loaded = torch.load(fake_resnet18_file, weights_only=True)
     before = snapshot(est.model)
     assert all(torch.equal(before[k], v) for k, v in loaded.items() if not k.startswith("fc."))
@@ -147,14 +153,14 @@ def test_resnet_imagenet_weights_from_torch_hub_cache(offline_hub, fake_resnet18
     (offline_hub / "resnet18-f37072fd.pth").write_bytes(fake_resnet18_file.read_bytes())
     model = resnet18_classifier(10, "imagenet")
     assert torch.equal(model.conv1.weight, torch.load(fake_resnet18_file, weights_only=True)["conv1.weight"])
-    assert count_parameters(model)[0] == 5130
+    assert count_parameters(model)["trainable"] == 5130
 
 
 def test_resnet_from_scratch_trains_everything(tmp_path):
     from apphub_vit.resnet import get_estimator
     est = get_estimator(weights=None, dataset="synthetic", synthetic_size=[48, 24], image_size=32,
                         save_dir=str(tmp_path), **TINY)
-    trainable, total = count_parameters(est.model)
+    trainable, total = trainable_and_total(est.model)
     assert trainable == total == 11181642
     before = snapshot(est.model)
     est.fit(warmup=False)
@@ -194,7 +200,7 @@ def test_resnet_unknown_data_layout_is_a_clear_error(tmp_path):
 
 
 def test_vit_b16_full_size_parameter_counts():
-    assert count_parameters(vit_b16_classifier(100, weights=None)) == (21340516, 85875556)
+    assert trainable_and_total(vit_b16_classifier(100, weights=None)) == (21340516, 85875556)
 
 
 def test_vit_b16_trains_only_last_three_blocks_and_head(tmp_path):
@@ -234,7 +240,7 @@ def test_vit_b16_missing_weights_is_a_clear_error(tmp_path, offline_hub):
 def test_autoencoder_learns_and_writes_codes(tmp_path):
     from apphub_vit.autoencoder import get_estimator
     est = get_estimator(epochs=2, batch_size=32, dataset="synthetic", synthetic_size=[320, 64], save_dir=str(tmp_path),
-                        num_process=0, log_steps=0)
+                        num_process=0, log_steps=None)
     enc_before, dec_before = snapshot(est.encoder), snapshot(est.decoder)
     x = torch.from_numpy(mnist_data.make_synthetic_digits(64, seed=1)["x"].reshape(64, 784) / 255.0).float()
     with torch.no_grad():

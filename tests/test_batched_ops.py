@@ -1,4 +1,5 @@
-"""pipelines/batched.py: the batched ops give the per-sample apphub ops' results, in distribution where random."""
+"""pipelines/batched.py: the batched ops give the per-sample apphub ops' results, in distribution where random; and
+pipelines/loader.py's BatchLoader."""
 import numpy as np
 import pytest
 import torch
@@ -7,9 +8,10 @@ from fastestimator.op.numpyop.multivariate import PadIfNeeded as NpPad
 from fastestimator.op.numpyop.multivariate import RandomCrop as NpCrop
 from fastestimator.op.numpyop.univariate import CoarseDropout as NpDropout
 
-from pipelines.batched import (BatchLoader, CoarseDropout, HorizontalFlip, MixUpCutMix, PadIfNeeded, RandomAffine,
-                               AutoAugment, RandomCrop, TrivialAugment, batched_cifar_ops)
+from pipelines.batched import (POLICIES, RANDAUGMENT_RANGES, WIDE_RANGES, AutoAugment, CoarseDropout, HorizontalFlip,
+                               MixUpCutMix, PadIfNeeded, RandomCrop, TrivialAugment, batched_cifar_ops)
 from pipelines.cifar import CIFAR_MEAN, CIFAR_STD, cifar_ops
+from pipelines.loader import BatchLoader
 
 N = 2000  # samples per distribution check
 
@@ -103,7 +105,8 @@ def test_strong_augmentation_keeps_shapes_and_soft_labels_sum_to_one():
     data = {"x": x, "y": y}
     for _ in range(5):  # MixUp, CutMix and no mixing are chosen at random per batch
         batch = dict(data)
-        for op in batched_cifar_ops(CIFAR_MEAN, CIFAR_STD, strong=True, num_classes=10, label_smoothing=0.1):
+        for op in batched_cifar_ops(CIFAR_MEAN, CIFAR_STD, strong=True, num_classes=10, label_smoothing=0.1,
+                                    mix_prob=0.8):
             inputs = [batch[k] for k in op.inputs]
             out = op.forward(inputs if op.in_list else inputs[0], {})
             for k, v in zip(op.outputs, out if op.out_list else [out]):
@@ -112,11 +115,6 @@ def test_strong_augmentation_keeps_shapes_and_soft_labels_sum_to_one():
         assert batch["y_soft"].shape == (64, 10)
         torch.testing.assert_close(batch["y_soft"].sum(1), torch.ones(64))
         assert batch["y_soft"].min() >= 0.01 - 1e-6  # label smoothing: 0.1 / 10 everywhere at least
-
-
-def test_affine_with_probability_zero_is_the_identity():
-    x = torch.randn(4, 3, 32, 32)
-    torch.testing.assert_close(RandomAffine("x", "x", prob=0.0).forward(x, {}), x, atol=1e-5, rtol=1e-5)
 
 
 def test_mixup_cutmix_needs_num_classes():
@@ -138,24 +136,6 @@ def test_batch_loader_yields_whole_shuffled_batches_of_every_sample():
     assert len(dropped) == 2 and [len(b["y"]) for b in dropped] == [4, 4]
 
 
-def test_repeated_augmentation_keeps_the_epoch_length_and_puts_copies_side_by_side():
-    arrays = {"x": np.arange(300)[:, None].repeat(3, 1).astype(np.uint8), "y": np.arange(300)}
-    loader = BatchLoader(arrays, batch_size=30, shuffle=True, drop_last=True, device=torch.device("cpu"), repeats=3)
-    epochs = [torch.cat([b["y"] for b in loader]) for _ in range(2)]
-    for ys in epochs:
-        assert len(ys) == 300 and len(loader) == 10  # an epoch is still the data set's length
-        assert torch.equal(ys[0::3], ys[1::3]) and torch.equal(ys[0::3], ys[2::3])  # three copies in a row
-        assert len(set(ys.tolist())) == 100  # a third of the images
-    assert set(epochs[0].tolist()) != set(epochs[1].tolist())  # a different third each epoch
-    odd = torch.cat([b["y"] for b in BatchLoader({"y": np.arange(10)}, 5, shuffle=True, repeats=3)])
-    assert len(odd) == 10 and len(set(odd.tolist())) == 4  # 10 = 3 + 3 + 3 + 1 copies of 4 images
-    for bad in (0, 1.5, True):
-        with pytest.raises(ValueError, match="repeats must be a positive integer"):
-            BatchLoader(arrays, 30, shuffle=True, repeats=bad)
-    with pytest.raises(ValueError, match="evaluation reads every image once"):
-        BatchLoader(arrays, 30, shuffle=False, repeats=3)
-
-
 def _apply(ops, batch, mode):
     batch = dict(batch)
     for op in ops:
@@ -173,7 +153,7 @@ def test_fused_ops_give_the_same_images_as_the_separate_ops(strong):
     """fuse=True (what the apps run) is the same chain: identical outputs from the same random state, per mode."""
     x = torch.randint(0, 256, (32, 32, 32, 3), dtype=torch.uint8)
     batch = {"x": x, "y": torch.randint(0, 10, (32, ))}
-    kwargs = dict(strong=strong, num_classes=10, label_smoothing=0.1)
+    kwargs = dict(strong=strong, num_classes=10, label_smoothing=0.1, mix_prob=0.8)
     separate = batched_cifar_ops(CIFAR_MEAN, CIFAR_STD, **kwargs)
     fused = batched_cifar_ops(CIFAR_MEAN, CIFAR_STD, fuse=True, **kwargs)
     assert type(fused[0]).__name__ == "FusedImageOps" and fused[0].mode == {"train"}
@@ -202,21 +182,23 @@ def test_fused_ops_compile_on_cpu():
 @pytest.mark.parametrize("name", TrivialAugment.OPS)
 def test_trivialaugment_ops_are_torchvisions(name, space):
     """Each operation, at several magnitudes and both signs, gives torchvision's result on uint8 images (off by one
-    grey level in some pixels at most, from float rounding): TrivialAugmentWide's magnitudes for space "wide",
-    RandAugment's for "ra"."""
+    grey level in some pixels at most, from float rounding): TrivialAugmentWide's magnitudes for space "wide"
+    (TrivialAugment's), RandAugment's for "ra" (the ranges AutoAugment's policy uses)."""
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import autoaugment as tv
     images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     spaces = {"wide": lambda: tv.TrivialAugmentWide()._augmentation_space(TrivialAugment.NUM_BINS),
               "ra": lambda: tv.RandAugment()._augmentation_space(TrivialAugment.NUM_BINS, (32, 32))}
     magnitudes, signed = spaces[space]()[name]
-    ta, n = TrivialAugment("x", "x", fill=0.0, space=space), images.shape[0]  # torchvision fills with black
+    ta, n = TrivialAugment("x", "x", fill=0.0), images.shape[0]  # torchvision fills with black
+    ranges = {"wide": WIDE_RANGES, "ra": RANDAUGMENT_RANGES}[space]
     for level in (0, 7, 19, 30):
         for sign in ((1.0, -1.0) if signed else (1.0, )):
             magnitude = sign * float(magnitudes[level]) if magnitudes.ndim else 0.0
             expected = torch.stack([tv._apply_op(i, name, magnitude, InterpolationMode.NEAREST, [0.0]) for i in images])
             ours = ta.apply(images.float(), torch.full((n, ), TrivialAugment.OPS.index(name)),
-                            torch.full((n, ), level / (TrivialAugment.NUM_BINS - 1)), torch.full((n, ), sign))
+                            torch.full((n, ), level / (TrivialAugment.NUM_BINS - 1)), torch.full((n, ), sign),
+                            ranges)
             diff = (ours - expected.float()).abs()
             # off by one only: torchvision truncates float results such as 116.99999 for an unchanged 117 (Sharpness
             # keeps the border, where that happens to up to 7% of the pixels); a wrong operation is off by far more
@@ -296,22 +278,17 @@ def test_autoaugment_draws_sub_policies_probabilities_and_signs_per_image(monkey
         assert torch.allclose(rate, probs[policy_id], atol=0.1), (policy_id, rate, probs[policy_id])
     assert abs((drawn["sign"] > 0).float().mean().item() - 0.5) < 0.02
 
+
 def test_strong_ops_order_and_mixing_choice():
-    ops = batched_cifar_ops(CIFAR_MEAN, CIFAR_STD, strong=True, num_classes=10, mix_prob=0.0)
+    assert POLICIES == ("autoaugment", "trivialaugment")
+    ops = batched_cifar_ops(CIFAR_MEAN, CIFAR_STD, strong=True, num_classes=10)  # the defaults: AutoAugment, no mixing
     names = [type(op).__name__ for op in ops]
-    assert names.index("TrivialAugment") < names.index("Normalize")  # it works on pixel values
-    assert "MixUpCutMix" not in names and "RandomAffine" not in names
+    assert names.index("AutoAugment") < names.index("Normalize")  # it works on pixel values
+    assert "MixUpCutMix" not in names and "TrivialAugment" not in names
     names = [type(op).__name__ for op in batched_cifar_ops(CIFAR_MEAN, CIFAR_STD, strong=True, num_classes=10,
-                                                           policy="affine", mix_prob=0.8)]
-    assert "RandomAffine" in names and "MixUpCutMix" in names and "TrivialAugment" not in names
-    with pytest.raises(ValueError, match="policy must be one of"):
-        batched_cifar_ops(CIFAR_MEAN, CIFAR_STD, strong=True, num_classes=10, policy="randaugment")
-    spaces = {policy: [op.space for op in batched_cifar_ops(CIFAR_MEAN, CIFAR_STD, strong=True, num_classes=10,
-                                                            policy=policy, mix_prob=0.0)
-                       if isinstance(op, TrivialAugment)] for policy in ("trivialaugment", "trivialaugment_ra")}
-    assert spaces == {"trivialaugment": ["wide"], "trivialaugment_ra": ["ra"]}
-    names = [type(op).__name__ for op in batched_cifar_ops(CIFAR_MEAN, CIFAR_STD, strong=True, num_classes=10,
-                                                           policy="autoaugment", mix_prob=0.0)]
-    assert names.index("AutoAugment") < names.index("Normalize") and "TrivialAugment" not in names
-    with pytest.raises(ValueError, match="space must be one of"):
-        TrivialAugment("x", "x", space="narrow")
+                                                           policy="trivialaugment", mix_prob=0.8)]
+    assert names.index("TrivialAugment") < names.index("Normalize")
+    assert "MixUpCutMix" in names and "AutoAugment" not in names
+    for gone in ("randaugment", "affine", "trivialaugment_ra"):
+        with pytest.raises(ValueError, match="policy must be one of"):
+            batched_cifar_ops(CIFAR_MEAN, CIFAR_STD, strong=True, num_classes=10, policy=gone)

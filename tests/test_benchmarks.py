@@ -23,8 +23,10 @@ def test_throughput_prints_every_row_with_its_ratio(capsys, monkeypatch):
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| ") and "images/s" not in line and "---" not in line]
     assert len(rows) == 8, out[-3000:]
-    assert "our path with SPT + LSA" in out
-    assert [k["batch_size"] for k in built if k.get("spt") and k.get("lsa")] == [24]  # that row, and only it, uses them
+    assert "our path without SPT + LSA" in out
+    # that row, and only it, turns them off (the default recipe has them); likewise the per-image policy
+    assert [k["batch_size"] for k in built if k.get("spt") is False and k.get("lsa") is False] == [24]
+    assert [k["batch_size"] for k in built if k.get("augment") == "apphub"] == [24]
     rates = [float(row.split("|")[2].replace(",", "")) for row in rows]
     ratios = [float(row.split("|")[3].strip().rstrip("x")) for row in rows]
     assert all(rate > 0 for rate in rates)

@@ -8,6 +8,7 @@ import pytest
 from apphub_vit import data as data_mod
 from apphub_vit.data import DataNotFoundError, class_names, load_cifar
 from apphub_vit.synthetic import make_synthetic
+from networks.online import online
 
 
 def _write_cifar10(folder, n=20, seed=0):
@@ -128,7 +129,7 @@ def test_truncated_file_names_the_file(tmp_path):
 
 def test_offline_without_a_copy_fails_fast_with_instructions(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/fastestimator_data copy
-    monkeypatch.setattr(data_mod, "_online", lambda *a, **k: False)  # as on machines without internet
+    monkeypatch.setattr(data_mod, "online", lambda *a, **k: False)  # as on machines without internet
     start = time.perf_counter()
     with pytest.raises(DataNotFoundError, match="cannot be downloaded.*data_dir.*synthetic"):
         load_cifar(100, "cifair100")
@@ -137,7 +138,7 @@ def test_offline_without_a_copy_fails_fast_with_instructions(tmp_path, monkeypat
 
 def test_real_connectivity_check_answers_within_seconds():
     start = time.perf_counter()
-    data_mod._online(timeout=2.0)  # whatever the answer, no hang
+    online(data_mod.CIFAIR_HOST, timeout=2.0)  # whatever the answer, no hang
     assert time.perf_counter() - start < 10
 
 

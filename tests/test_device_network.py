@@ -15,10 +15,10 @@ from fastestimator.backend import set_lr  # noqa: E402
 from fastestimator.op.tensorop import TensorOp  # noqa: E402
 from fastestimator.op.tensorop.loss import CrossEntropy  # noqa: E402
 from fastestimator.op.tensorop.model import ModelOp, UpdateOp  # noqa: E402
-from fastestimator.schedule import EpochScheduler  # noqa: E402
 
 from apphub_vit.device_network import DeviceNetwork  # noqa: E402
-from apphub_vit.vit_app import RECIPES, cuda_graph_blockers, resolve_hardware, settle_cuda_graph  # noqa: E402
+from apphub_vit.hardware import cuda_graph_blockers, resolve_hardware  # noqa: E402
+from apphub_vit.recipes import VIT_RECIPES  # noqa: E402
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (none here)")
 
@@ -155,44 +155,35 @@ def test_a_step_that_cannot_be_captured_trains_on_without_the_graph():
     torch.testing.assert_close(torch.tensor(graph_losses), torch.tensor(eager_losses), rtol=1e-4, atol=1e-5)
 
 
-@needs_cuda
-def test_an_op_an_epoch_scheduler_swaps_in_runs_eagerly_before_its_first_capture():
-    # refine_epochs swaps the augmentation op for a new compiled one; compiling inside a capture would fail it
-    first, second = _Recorder(), _Recorder()
-    network, model = _network(cuda_graph=True, first_ops=[EpochScheduler({1: first, 2: second})])
-    _train(network, model, epochs=2, steps=4, lrs=[1e-2] * 8)
-    assert network.graph_failure is None and network.graph_captures == 2
-    assert second.capturing == [False, False, True]  # two warm-up steps, then the capture (replays run no Python)
-    assert network.eager_train_steps == 4  # the warm-up steps of both op sets
-
-
 def test_cuda_graph_without_a_gpu_is_refused_clearly():
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     with pytest.raises(ValueError, match="needs a CUDA GPU"):
-        resolve_hardware(cuda_graph=True)
+        resolve_hardware(VIT_RECIPES["vit"], cuda_graph=True)
     with pytest.raises(ValueError, match="needs a CUDA GPU"):
         DeviceNetwork(ops=[], cuda_graph=True)
-    assert resolve_hardware().cuda_graph is False
+    assert resolve_hardware(VIT_RECIPES["vit"]).cuda_graph is False
 
 
 def test_the_apps_capture_only_what_a_graph_can_replay():
-    vit = RECIPES["vit"]
-    assert cuda_graph_blockers(vit, strong=True, mix_prob=0.0, precision="bf16") == []  # the GPU default
-    assert cuda_graph_blockers(vit, strong=False, mix_prob=0.8, precision="fp32") == []  # no strong aug: no mixing
-    assert "MixUp" in " ".join(cuda_graph_blockers(vit, strong=True, mix_prob=0.5, precision="bf16"))
-    assert "fp16" in " ".join(cuda_graph_blockers(vit, strong=True, mix_prob=0.0, precision="fp16"))
-    assert "SGD" in " ".join(cuda_graph_blockers(RECIPES["apphub"], strong=False, mix_prob=0.0, precision="bf16"))
+    vit = VIT_RECIPES["vit"]
+    assert cuda_graph_blockers(vit, precision="bf16") == []  # the GPU default
+    assert "MixUp" in " ".join(cuda_graph_blockers(replace(vit, mix_prob=0.5), precision="bf16"))
+    assert "fp16" in " ".join(cuda_graph_blockers(vit, precision="fp16"))
+    assert "SGD" in " ".join(cuda_graph_blockers(VIT_RECIPES["apphub"], precision="bf16"))
 
 
-def test_the_graph_is_on_by_default_only_where_nothing_blocks_it():
-    gpu = replace(resolve_hardware(cuda_graph=False), gpu=True, cuda_graph=None)  # as resolved on a GPU
-    assert settle_cuda_graph(gpu, []).cuda_graph is True
-    assert settle_cuda_graph(gpu, ["fp16 loss scaling"]).cuda_graph is False
-    assert settle_cuda_graph(replace(gpu, gpu=False), []).cuda_graph is False
-    assert settle_cuda_graph(replace(gpu, cuda_graph=False), []).cuda_graph is False
+def test_the_graph_is_on_by_default_only_where_nothing_blocks_it(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as resolved on a GPU
+    vit = VIT_RECIPES["vit"]
+    assert resolve_hardware(vit).cuda_graph is True
+    assert resolve_hardware(vit, precision="fp16").cuda_graph is False
+    assert resolve_hardware(VIT_RECIPES["apphub"]).cuda_graph is False
+    assert resolve_hardware(vit, cuda_graph=False).cuda_graph is False
     with pytest.raises(ValueError, match="cannot capture this configuration: fp16 loss scaling"):
-        settle_cuda_graph(replace(gpu, cuda_graph=True), ["fp16 loss scaling"])
+        resolve_hardware(vit, precision="fp16", cuda_graph=True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_hardware(vit).cuda_graph is False
 
 
 @needs_cuda

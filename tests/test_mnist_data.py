@@ -108,7 +108,7 @@ def test_corrupt_idx_is_a_clear_error(tmp_path):
 
 def test_fastestimator_loader_offline_fails_fast(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))  # no cached mnist.npz there
-    monkeypatch.setattr(mnist_data, "_online", lambda *a, **k: False)
+    monkeypatch.setattr(mnist_data, "online", lambda *a, **k: False)
     start = time.perf_counter()
     with pytest.raises(DataNotFoundError, match=r"MNIST is not in .*mnist\.npz and cannot be downloaded.*data_dir"):
         load_mnist("mnist")

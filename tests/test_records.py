@@ -64,7 +64,11 @@ def test_vit_record_fields(vit_run):
     estimator, record = vit_run
     assert record["format"] == RECORD_FORMAT
     assert record["app"] == "vit_pretrain" and record["dataset"] == "synthetic CIFAR-100"
-    assert record["hparams"]["hardware"]["batch_size"] == 16
+    # the resolved recipe once, with the overrides applied: no second copy of any field elsewhere in hparams
+    assert record["hparams"]["recipe"]["batch_size"] == 16 and record["hparams"]["overrides"]["batch_size"] == 16
+    assert record["hparams"]["recipe"]["name"] == "vit" and record["hparams"]["recipe"]["model"]["em_dim"] == 32
+    recipe_fields = set(record["hparams"]["recipe"]) | set(record["hparams"]["recipe"]["model"])
+    assert not recipe_fields & (set(record["hparams"]) - {"recipe", "overrides"})
     params = list(estimator.model.parameters())
     assert record["parameters"]["total"] == sum(p.numel() for p in params)
     assert record["parameters"]["trainable"] == sum(p.numel() for p in params if p.requires_grad)

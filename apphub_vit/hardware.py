@@ -1,0 +1,60 @@
+"""Where and how fast an app runs: the device, precision, compilation, and whether a train step is a CUDA graph.
+
+None in an app's hardware arguments means: the best choice for the device found. On a GPU that is the path measured
+fastest (docs/performance.md): the six augmentation ops batched on the device (`pipelines/batched.py`), bf16 autocast,
+`torch.compile`, and `DeviceNetwork` replaying each train step as a CUDA graph (docs/cuda-graphs.md) wherever the
+recipe allows it. On a CPU: fp32, no compilation, no graph.
+"""
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+from apphub_vit import options
+from apphub_vit.recipes import Recipe
+
+PRECISIONS = ("fp32", "bf16", "fp16")  # bf16: autocast, no loss scaling; fp16: FastEstimator's mixed_precision
+
+
+@dataclass(frozen=True)
+class Hardware:
+    gpu: bool
+    device_augment: bool  # the augmentation ops batched where the model runs, instead of per sample in the pipeline
+    precision: str
+    compile: bool
+    num_process: Optional[int]  # pipeline worker processes of the per-sample pipeline (None: FastEstimator's default)
+    cuda_graph: bool
+
+
+def cuda_graph_blockers(recipe: Recipe, precision: str) -> List[str]:
+    """Why a train step of this recipe cannot be a CUDA graph (empty: it can). A graph replays the step as captured:
+    fine for random draws on the device, not for MixUpCutMix's draws on the host (mix or cut, box size), fp16's
+    host-side inf check, or SGD (torch's SGD is not capturable)."""
+    return [why for why, blocks in (("MixUp/CutMix draws on the host (mix_prob > 0)", recipe.mix_prob > 0),
+                                    ("fp16 loss scaling syncs every step", precision == "fp16"),
+                                    (f"recipe {recipe.name!r} uses SGD", recipe.optimizer == "sgd")) if blocks]
+
+
+def resolve_hardware(recipe: Recipe, device_augment: Optional[bool] = None, precision: Optional[str] = None,
+                     compile: Optional[bool] = None, num_process: Optional[int] = None,
+                     cuda_graph: Optional[bool] = None) -> Hardware:
+    """Check the hardware options and fill in the ones left at None for the device found."""
+    gpu = torch.cuda.is_available()
+    device_augment = True if device_augment is None else options.boolean("device_augment", device_augment)
+    precision = options.optional_choice("precision", precision, PRECISIONS) or ("bf16" if gpu else "fp32")
+    compile = gpu if compile is None else options.boolean("compile", compile)
+    cuda_graph = None if cuda_graph is None else options.boolean("cuda_graph", cuda_graph)
+    num_process = None if num_process is None else options.whole_number("num_process", num_process)
+    if precision != "fp32" and not gpu:
+        raise options.OptionError(f"precision={precision!r} needs a CUDA GPU; none is visible. Use precision='fp32' "
+                                  f"on a CPU.")
+    if cuda_graph and not gpu:
+        raise options.OptionError("cuda_graph=True needs a CUDA GPU; none is visible. Use cuda_graph=False on a CPU.")
+    if compile and not gpu:
+        print("apphub_vit: torch.compile is on without a GPU: the first steps will be slow while it compiles")
+    blockers = cuda_graph_blockers(recipe, precision)
+    if cuda_graph and blockers:
+        raise options.OptionError(f"cuda_graph=True cannot capture this configuration: {'; '.join(blockers)}. Use "
+                                  f"cuda_graph=False (or None, which picks it where it works)")
+    return Hardware(gpu=gpu, device_augment=device_augment, precision=precision, compile=compile,
+                    num_process=num_process, cuda_graph=gpu and not blockers if cuda_graph is None else cuda_graph)

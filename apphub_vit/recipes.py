@@ -1,0 +1,142 @@
+"""Training recipes: everything a recipe decides, in one frozen dataclass, and the one place overrides are checked.
+
+A `Recipe` holds the model choices (a whole `ViTConfig`) and the training choices: optimiser, learning rate and the
+batch it is set for, weight decay and which parameters it spares, schedule, label smoothing, augmentation and mixing.
+Each app has a `RecipeBook` of named recipes; `RecipeBook.resolve(name, overrides)` returns the recipe with any of its
+fields replaced by name (``--lr 1e-3`` on the command line, ``lr=1e-3`` from Python, or a key of a
+``--hyperparameters`` JSON file), each value checked, and refuses unknown names. The resolved recipe is what ran, and
+`run_record.json` records it with the overrides applied.
+
+The CIFAR recipes (`VIT_RECIPES`):
+
+* ``apphub``: the seed, FastEstimator apphub `image_classification/vit/vit_torch.py`: the apphub's ViT (post-norm,
+  CLS token, dropout 0.1, the plain Conv2d patch embedding whose state_dict loads the apphub's checkpoints), SGD lr
+  0.01 momentum 0.9 weight decay 1e-4 on every parameter, batch 128, constant learning rate, the six pipeline ops.
+* ``vit`` (default): the best configuration measured here (docs/results-cifar10.md), after DeiT (Touvron et al. 2021)
+  and "Vision Transformer for Small-Size Datasets" (Lee et al. 2021): the same size with pre-norm blocks, no dropout,
+  a head on the mean of the patch tokens, Shifted Patch Tokenization and Locality Self-Attention; AdamW lr 2e-3 at
+  batch 256, weight decay 0.2 on the weight matrices only (timm's and DeiT's split), 10 warmup epochs then a cosine
+  decay per step, label smoothing 0.1, AutoAugment's CIFAR-10 policy before the six ops.
+
+The MNIST recipes (`MNIST_RECIPES`, `apphub_vit/mnist.py`) use the same class.
+"""
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Callable, Dict, Mapping, Tuple
+
+from apphub_vit import options
+from networks.vit import ViTConfig
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+DECAY = ("all", "matrices")  # weight decay on every parameter, or not on `ViTModel.no_weight_decay()` (timm's split)
+SCHEDULES = ("constant", "warmup_cosine")  # after the linear warmup: hold the lr, or a cosine decay per step to min_lr
+# the ViTConfig fields a recipe or a user may set (image size and channels belong to the data set)
+MODEL_FIELDS = ("num_layers", "em_dim", "num_heads", "ff_dim", "patch_size", "norm_first", "pool", "drop",
+                "drop_path", "spt", "lsa")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to train, and what: `lr` is the peak learning rate at `batch_size` (another batch scales it linearly)."""
+    name: str
+    model: ViTConfig
+    epochs: int  # the training length the recipe was measured at (the app's `epochs=None` takes it)
+    batch_size: int
+    optimizer: str  # OPTIMIZERS
+    lr: float
+    weight_decay: float
+    decay: str  # DECAY
+    schedule: str  # SCHEDULES
+    warmup_epochs: float  # linear warmup from 0 (at most a fifth of the run)
+    min_lr: float  # where the cosine decay ends
+    label_smoothing: float
+    augment: str  # the app's `RecipeBook.augments`
+    mix_prob: float = 0.0  # share of training batches mixed by MixUp or CutMix (pipelines.batched.MixUpCutMix)
+
+    def field_values(self) -> Dict[str, Any]:
+        """Every overridable field by name, the model's included: what `RecipeBook.resolve` accepts."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("name", "model")}
+        values.update({name: getattr(self.model, name) for name in MODEL_FIELDS})
+        return values
+
+
+def _rate(name: str, value: Any) -> float:
+    return options.number(name, value, 0.0, 1.0, high_open=True)
+
+
+CHECKS: Dict[str, Callable[[str, Any], Any]] = {
+    "epochs": options.positive_int,
+    "batch_size": options.positive_int,
+    "optimizer": lambda n, v: options.choice(n, v, OPTIMIZERS),
+    "lr": lambda n, v: options.number(n, v, low_open=True),
+    "weight_decay": options.number,
+    "decay": lambda n, v: options.choice(n, v, DECAY),
+    "schedule": lambda n, v: options.choice(n, v, SCHEDULES),
+    "warmup_epochs": options.number,
+    "min_lr": options.number,
+    "label_smoothing": _rate,
+    "mix_prob": lambda n, v: options.number(n, v, 0.0, 1.0),
+    **{name: options.positive_int for name in ("num_layers", "em_dim", "num_heads", "ff_dim", "patch_size")},
+    **{name: options.boolean for name in ("norm_first", "spt", "lsa")},
+    "pool": lambda n, v: options.choice(n, v, ("cls", "mean")),
+    "drop": _rate,
+    "drop_path": _rate,
+}
+
+
+@dataclass(frozen=True)
+class RecipeBook:
+    """An app's named recipes, the augmentations it implements, and the recipe fields it cannot change."""
+    app: str
+    recipes: Mapping[str, Recipe]
+    augments: Tuple[str, ...]
+    fixed: Tuple[str, ...] = field(default=())
+
+    def resolve(self, name: str, overrides: Mapping[str, Any]) -> Tuple[Recipe, Dict[str, Any]]:
+        """The recipe `name` with `overrides` ({field: value}) applied, and the overrides as checked.
+
+        A new `batch_size` without a new `lr` scales the learning rate linearly (Goyal et al. 2017), the rule the
+        recipes' learning rates were tuned with."""
+        recipe = self.recipes[options.choice("recipe", name, tuple(self.recipes))]
+        allowed = set(recipe.field_values()) - set(self.fixed)
+        options.unknown(overrides, allowed, f"{self.app} (recipe {name!r})")
+        checked = {key: options.choice(key, value, self.augments) if key == "augment" else CHECKS[key](key, value)
+                   for key, value in overrides.items()}
+        model = replace(recipe.model, **{k: v for k, v in checked.items() if k in MODEL_FIELDS})  # checks shapes
+        training = {k: v for k, v in checked.items() if k not in MODEL_FIELDS}
+        if "batch_size" in training and "lr" not in training:
+            training["lr"] = recipe.lr * training["batch_size"] / recipe.batch_size
+        recipe = replace(recipe, model=model, **training)
+        if recipe.mix_prob and recipe.augment in ("apphub", "none"):
+            raise options.OptionError(f"mix_prob={recipe.mix_prob} mixes strongly augmented batches, but augment is "
+                                      f"{recipe.augment!r}: use augment='autoaugment' or 'trivialaugment', or "
+                                      f"mix_prob=0")
+        return recipe, checked
+
+
+VIT_RECIPES = {
+    "apphub": Recipe("apphub", model=ViTConfig(), epochs=100, batch_size=128, optimizer="sgd", lr=0.01,
+                     weight_decay=1e-4, decay="all", schedule="constant", warmup_epochs=0.0, min_lr=0.0,
+                     label_smoothing=0.0, augment="apphub"),
+    "vit": Recipe("vit", model=ViTConfig(norm_first=True, drop=0.0, pool="mean", spt=True, lsa=True), epochs=100,
+                  batch_size=256, optimizer="adamw", lr=2e-3, weight_decay=0.2, decay="matrices",
+                  schedule="warmup_cosine", warmup_epochs=10.0, min_lr=0.0, label_smoothing=0.1,
+                  augment="autoaugment"),
+}
+# "apphub": the six pipeline ops only; the others add a per-image policy before them (pipelines.batched.POLICIES)
+CIFAR_AUGMENTS = ("apphub", "autoaugment", "trivialaugment")
+
+_MNIST_VIT = ViTConfig(num_layers=3, image_size=28, patch_size=7, num_channels=1, em_dim=64, num_heads=8,
+                       ff_dim=2048, drop=0.1)
+MNIST_RECIPES = {
+    # The "ViT from scratch on MNIST" tutorials' recipe, as published (98.5% when trained on all 60,000 images).
+    "reference": Recipe("reference", model=_MNIST_VIT, epochs=15, batch_size=128, optimizer="adam", lr=3e-4,
+                        weight_decay=1e-4, decay="all", schedule="constant", warmup_epochs=0.0, min_lr=0.0,
+                        label_smoothing=0.0, augment="none"),
+    # For 8,000 training images on a 2-core CPU: a 256-wide MLP, pre-norm, AdamW 2e-3 with 2 warmup epochs and a cosine
+    # decay to 1e-6, label smoothing 0.1, random shift / scale / rotation of the training digits, 30 epochs.
+    "small_data": Recipe("small_data", model=replace(_MNIST_VIT, ff_dim=256, norm_first=True), epochs=30,
+                         batch_size=128, optimizer="adamw", lr=2e-3, weight_decay=0.05, decay="all",
+                         schedule="warmup_cosine", warmup_epochs=2.0, min_lr=1e-6, label_smoothing=0.1,
+                         augment="shift_scale_rotate"),
+}
+MNIST_AUGMENTS = ("none", "shift_scale_rotate")

@@ -1,0 +1,108 @@
+"""The training pieces a recipe decides, shared by the ViT apps: the model with its optimiser, the learning-rate
+schedule, label smoothing and the classifier's network.
+"""
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set
+
+import fastestimator as fe
+import torch
+from fastestimator.op.tensorop import TensorOp
+from fastestimator.op.tensorop.loss import CrossEntropy
+from fastestimator.op.tensorop.model import ModelOp, UpdateOp
+from fastestimator.schedule import cosine_decay
+
+from apphub_vit.device_network import DeviceNetwork
+from apphub_vit.hardware import Hardware
+from apphub_vit.recipes import Recipe
+from networks.vit import ViTModel
+from pipelines.batched import smooth_one_hot
+
+
+OptimizerFn = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+
+
+def make_optimizer(recipe: Recipe, capturable: bool = False, no_decay: Optional[Set[int]] = None) -> OptimizerFn:
+    """The recipe's optimiser at its peak lr. capturable: one a CUDA graph may capture (its step count stays on the
+    device, it takes a tensor lr). no_decay: ids of parameters without weight decay, read when the optimiser is built
+    (so the model's builder may fill it)."""
+    def groups(params: Iterable[torch.nn.Parameter]) -> List[Dict[str, Any]]:
+        params = list(params)
+        skip = [p for p in params if id(p) in (no_decay or ())]
+        keep = [p for p in params if id(p) not in (no_decay or ())]
+        return [group for group in ({"params": keep}, {"params": skip, "weight_decay": 0.0}) if group["params"]]
+
+    if recipe.optimizer == "sgd":
+        return lambda params: torch.optim.SGD(groups(params), lr=recipe.lr, momentum=0.9,
+                                              weight_decay=recipe.weight_decay)
+    cls = torch.optim.AdamW if recipe.optimizer == "adamw" else torch.optim.Adam  # Adam: L2 in the gradient
+    # fused: one kernel for all parameters on a GPU instead of a loop of small ones
+    return lambda params: cls(groups(params), lr=recipe.lr, weight_decay=recipe.weight_decay,
+                              fused=torch.cuda.is_available(), capturable=capturable)
+
+
+def build_vit(model_name: str, num_classes: int, recipe: Recipe, hw: Hardware,
+              init: Optional[Callable[[ViTModel], None]] = None) -> torch.nn.Module:
+    """`fe.build` of the recipe's `ViTModel` with its optimiser. init: fills the fresh model's weights (a pretrained
+    encoder, a saved model), before it is compiled."""
+    no_decay: Set[int] = set()
+
+    def model_fn() -> ViTModel:
+        model = ViTModel.from_config(num_classes, recipe.model)
+        if recipe.decay == "matrices":
+            names = model.no_weight_decay()
+            no_decay.update(id(p) for n, p in model.named_parameters() if n in names)
+        if init is not None:
+            init(model)
+        if hw.compile:
+            model.compile()  # in place: state_dict keys stay those of the plain model
+        return model
+
+    return fe.build(model_fn=model_fn, optimizer_fn=make_optimizer(recipe, hw.cuda_graph, no_decay),
+                    model_name=model_name, mixed_precision=hw.precision == "fp16")
+
+
+def lr_schedule(recipe: Recipe, steps_per_epoch: int) -> Optional[Callable[[int], float]]:
+    """The learning rate at FastEstimator's global step (from 1): linear warmup from 0 to `recipe.lr` over
+    `warmup_epochs` (at most a fifth of the run), then held ("constant") or decayed along a half cosine to `min_lr` at
+    the last step ("warmup_cosine", `fe.schedule.cosine_decay`). None when the rate never changes."""
+    total = steps_per_epoch * recipe.epochs
+    warmup = min(int(recipe.warmup_epochs * steps_per_epoch), total // 5)
+    if not warmup and recipe.schedule == "constant":
+        return None
+
+    def lr_at(step: int) -> float:
+        if step <= warmup:
+            return recipe.lr * step / max(warmup, 1)
+        if recipe.schedule == "constant":
+            return recipe.lr
+        return float(cosine_decay(step - warmup, cycle_length=max(total - warmup, 1), init_lr=recipe.lr,
+                                  min_lr=recipe.min_lr))
+
+    return lr_at
+
+
+class SmoothLabels(TensorOp):
+    """Integer labels -> smoothed one-hot targets for the training loss (the metrics keep the integer labels)."""
+    def __init__(self, inputs: str, outputs: str, num_classes: int, smoothing: float, mode: str = "train") -> None:
+        super().__init__(inputs=inputs, outputs=outputs, mode=mode)
+        self.num_classes, self.smoothing = num_classes, smoothing
+
+    def forward(self, data: torch.Tensor, state: Dict[str, Any]) -> torch.Tensor:
+        return smooth_one_hot(data, self.num_classes, self.smoothing, torch.float32)
+
+
+def classifier_network(model: torch.nn.Module, augment_ops: List[TensorOp], num_classes: int, recipe: Recipe,
+                       hw: Hardware, train_label: str = "y") -> fe.Network:
+    """The classifier's network: `augment_ops`, the model, cross-entropy against `train_label` in training (smoothed
+    targets when the recipe smooths labels and nothing wrote soft labels yet) and against the true labels otherwise,
+    and the update. `DeviceNetwork`: FastEstimator's TorchNetwork on a CPU in fp32; on a GPU it drops the per-step
+    syncs, runs bf16 autocast and replays the train step as a CUDA graph."""
+    ops = list(augment_ops)
+    if train_label == "y" and recipe.label_smoothing:
+        ops.append(SmoothLabels("y", "y_soft", num_classes, recipe.label_smoothing))
+        train_label = "y_soft"
+    return DeviceNetwork(ops=ops + [
+        ModelOp(model=model, inputs="x", outputs="y_pred"),
+        CrossEntropy(inputs=("y_pred", train_label), outputs="ce", from_logits=True, mode="train"),
+        CrossEntropy(inputs=("y_pred", "y"), outputs="ce", from_logits=True, mode="!train"),
+        UpdateOp(model=model, loss_name="ce")
+    ], autocast_dtype=torch.bfloat16 if hw.precision == "bf16" else None, cuda_graph=hw.cuda_graph)

@@ -1,15 +1,20 @@
-"""Compatibility of FastEstimator 1.7.0 (built against torch 2.3.1) with current PyTorch.
+"""Compatibility of FastEstimator 1.7.0 (built against torch 2.3.1 and NumPy 1.26) with current PyTorch and NumPy.
 
-FastEstimator 1.7.0's `fastestimator.dataset.dataloader.InfiniteSampler.__init__` calls
-`Sampler.__init__(data_source=None)`. PyTorch deprecated that argument in 2.2 and later removed it, after which
-`Sampler` has no `__init__` of its own and every `fit()` dies at its first epoch with
-`TypeError: object.__init__() takes exactly one argument` (seen with torch 2.11 and 2.14.1).
+Four patches, each applied on import of `apphub_vit` (any of its modules: this covers `fastestimator train
+apphub_vit/...` and Python calls alike) and each a no-op where it is not needed. `networks` and `pipelines` do not apply
+them: code that trains through FastEstimator with those alone imports `apphub_vit` first.
 
-The fix slides a tiny base class between `InfiniteSampler` and `Sampler` that accepts (and ignores, as old torch did)
-the `data_source` argument, so FastEstimator's own code runs unchanged. It is applied on import of `apphub_vit` (any
-of its modules), which covers both `fastestimator train apphub_vit/...` and Python calls, and is a no-op on a torch
-whose `Sampler` still takes `data_source`. `networks` and `pipelines` do not apply it: code that trains through
-FastEstimator with them alone imports `apphub_vit` first. Remove it once FastEstimator drops that call.
+1. `patch_infinite_sampler`: FastEstimator's `InfiniteSampler.__init__` calls `Sampler.__init__(data_source=None)`,
+   an argument PyTorch deprecated in 2.2 and later removed; every `fit()` then died at its first epoch with `TypeError:
+   object.__init__() takes exactly one argument`. A tiny base class that accepts the argument slides in between.
+2. `patch_infinite_sampler_iter`: the same sampler restarts (index 0, a fresh shuffle) whenever `iter()` is called on
+   it, and newer torch's `BatchSampler` calls `iter()` on it for every batch: evaluation saw its first batch over and
+   over. `iter()` now restarts once.
+3. `restore_numpy_aliases`: FastEstimator uses `np.Inf`, which NumPy 2 removed (the GPU image has NumPy 2).
+4. `patch_to_number`: FastEstimator's `to_number` cannot convert CUDA (or bf16) tensors, which `DeviceNetwork` keeps on
+   the device until a trace logs them.
+
+Remove each once FastEstimator fixes it.
 """
 import contextlib
 import inspect

@@ -1,7 +1,7 @@
 """A FastEstimator TorchNetwork that keeps the GPU busy: where the apphub's end-to-end loop loses its speed.
 
-Measured on an H200 (../shared/gpu/README.md), `Estimator.fit` ran the apphub ViT at a third of what its pipeline and
-its model manage alone. Per training step, FastEstimator 1.7's `TorchNetwork`:
+`Estimator.fit` runs the apphub ViT at a fraction of what its pipeline and its model manage alone on a GPU
+(docs/performance.md). Per training step, FastEstimator 1.7's `TorchNetwork`:
 
 1. copies every output the traces might want (`ce`, and `y_pred` when a trace asks for it) back to the CPU with a
    blocking `.to("cpu")`: the host waits for the GPU to finish the step before it may queue the next one, so the
@@ -14,20 +14,19 @@ every `log_steps`), copies inputs through pinned memory without blocking, and ru
 autocast when asked (bf16 has fp32's range, so no loss scaling and no sync). Eval mode keeps FastEstimator's own
 behaviour (its EvalEssential trace stacks per-batch values with numpy). On a CPU it behaves as `TorchNetwork`.
 
-Without syncs the GPU still idles: a training step is a few hundred kernels queued by FastEstimator's op chain in
-Python (augmentation, forward, `torch.autograd.grad`, one gradient copy per parameter, the optimizer): about 22 ms of
-host work per batch-512 step on the H100 host, against about 7 ms of GPU work (the captured step runs at 75,000
-images/s, benchmarks/throughput.py). With `cuda_graph=True` the whole train step (every op, the backward pass and the
-optimizer step) is captured once per epoch as a CUDA graph (PyTorch's "whole network capture") and then replayed: one
-launch per step. Inputs are copied into the graph's fixed buffers, the learning rate that FastEstimator's `LRScheduler`
-sets as a float is copied into a device tensor the captured optimizer reads, and random draws (augmentation, stochastic
-depth) still change at every replay (CUDA graphs advance the generator's offset). The graph is dropped at the end of
-every epoch, because FastEstimator moves the models to the CPU then, and is captured again at the first step of the next
-(each capture reuses one side stream and first returns the last graph's memory pool to the GPU, so memory stays flat
-over epochs). What it needs: fixed shapes (a batch of another shape runs uncaptured), no host syncs and no host-side
-randomness in the ops (so not MixUpCutMix, not fp16's GradScaler), and optimizers built with `capturable=True` (the apps
-do this). A capture that fails anyway (a sync in an op, out of memory) is reported and the run goes on without the
-graph.
+Without syncs the GPU still idles: a training step is a few hundred kernels queued by FastEstimator's op chain in Python
+(augmentation, forward, `torch.autograd.grad`, one gradient copy per parameter, the optimizer), several times longer on
+the host than on the GPU for a model of this size. With `cuda_graph=True` the whole train step (every op, the backward
+pass and the optimizer step) is captured once per epoch as a CUDA graph (PyTorch's "whole network capture") and then
+replayed: one launch per step. Inputs are copied into the graph's fixed buffers, the learning rate that FastEstimator's
+`LRScheduler` sets as a float is copied into a device tensor the captured optimizer reads, and random draws
+(augmentation, stochastic depth) still change at every replay (CUDA graphs advance the generator's offset). The graph is
+dropped at the end of every epoch, because FastEstimator moves the models to the CPU then, and is captured again at the
+first step of the next (each capture reuses one side stream and first returns the last graph's memory pool to the GPU,
+so memory stays flat over epochs). What it needs: fixed shapes (a batch of another shape runs uncaptured), no host syncs
+and no host-side randomness in the ops (so not MixUpCutMix, not fp16's GradScaler), and optimizers built with
+`capturable=True` (the apps do this). A capture that fails anyway (a sync in an op, out of memory) is reported and the
+run goes on without the graph. More, with the bugs of capturing every epoch and their tests: docs/cuda-graphs.md.
 """
 import gc
 from typing import Any, Dict, List, MutableMapping, Optional, Sequence, Tuple

@@ -11,7 +11,7 @@ Two recipes (`apphub_vit.recipes.MNIST_RECIPES`; pick with ``recipe=``, override
   weight decay 0.05, 2 warmup epochs then a cosine decay to 1e-6, label smoothing 0.1, random shift (10%), scale
   (0.9-1.1) and rotation (10 degrees) of the training digits, batch 128, 30 epochs. It reaches >= 97% on the last
   2,000 of the real MNIST test images when trained on the first 8,000, in minutes on a 2-core CPU
-  (`benchmarks/mnist_accuracy.py`; measurements in docs/results-mnist.md).
+  (`benchmarks/mnist_accuracy.py`; measurements in docs/results-cifar10.md, "Also measured").
 
 On a GPU the app runs bf16 autocast on `DeviceNetwork` and replays each train step as a CUDA graph; `compile` is off by
 default, as the model is small and a run short.

@@ -4,6 +4,7 @@ pytest may be missing, `python tests/test_device_network.py` runs them."""
 import os
 import sys
 from dataclasses import replace
+from unittest import mock
 
 import pytest
 import torch
@@ -173,17 +174,17 @@ def test_the_apps_capture_only_what_a_graph_can_replay():
     assert "SGD" in " ".join(cuda_graph_blockers(VIT_RECIPES["apphub"], precision="bf16"))
 
 
-def test_the_graph_is_on_by_default_only_where_nothing_blocks_it(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as resolved on a GPU
+def test_the_graph_is_on_by_default_only_where_nothing_blocks_it():
     vit = VIT_RECIPES["vit"]
-    assert resolve_hardware(vit).cuda_graph is True
-    assert resolve_hardware(vit, precision="fp16").cuda_graph is False
-    assert resolve_hardware(VIT_RECIPES["apphub"]).cuda_graph is False
-    assert resolve_hardware(vit, cuda_graph=False).cuda_graph is False
-    with pytest.raises(ValueError, match="cannot capture this configuration: fp16 loss scaling"):
-        resolve_hardware(vit, precision="fp16", cuda_graph=True)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert resolve_hardware(vit).cuda_graph is False
+    with mock.patch.object(torch.cuda, "is_available", lambda: True):  # as resolved on a GPU
+        assert resolve_hardware(vit).cuda_graph is True
+        assert resolve_hardware(vit, precision="fp16").cuda_graph is False
+        assert resolve_hardware(VIT_RECIPES["apphub"]).cuda_graph is False
+        assert resolve_hardware(vit, cuda_graph=False).cuda_graph is False
+        with pytest.raises(ValueError, match="cannot capture this configuration: fp16 loss scaling"):
+            resolve_hardware(vit, precision="fp16", cuda_graph=True)
+    with mock.patch.object(torch.cuda, "is_available", lambda: False):
+        assert resolve_hardware(vit).cuda_graph is False
 
 
 @needs_cuda

@@ -26,6 +26,7 @@ from fastestimator.util.util import to_number
 from apphub_vit import options
 from apphub_vit.common import best_model_file, finish_estimator, load_weights, run_options, start_run, synthetic_sizes
 from apphub_vit.mnist_data import load_mnist
+from apphub_vit.runs import atomic_path
 from networks.baselines import MnistDecoder, MnistEncoder
 from pipelines.mnist import mnist_pipeline
 
@@ -50,7 +51,8 @@ class CodeRecorder(Trace):
 
     def on_end(self, data: Data) -> None:
         if self.codes:
-            np.savez(self.path, code=np.concatenate(self.codes), y=np.concatenate(self.labels))
+            with atomic_path(self.path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez adds no ".npz"
+                np.savez(f, code=np.concatenate(self.codes), y=np.concatenate(self.labels))
             print(f"FastEstimator-CodeRecorder: saved {sum(len(c) for c in self.codes)} codes to {self.path}")
 
 
@@ -66,6 +68,8 @@ def get_estimator(epochs: int = 10,
                   hidden: int = 128,
                   weights_path: Optional[str] = None,
                   overwrite: bool = False,
+                  resume: bool = False,
+                  seed: Optional[int] = None,
                   num_process: Optional[int] = None,
                   log_steps: int = 100,
                   synthetic_size: Optional[List[int]] = None) -> fe.Estimator:
@@ -85,6 +89,7 @@ def get_estimator(epochs: int = 10,
         weights_path: A run folder holding `mnist_encoder_best_mse.pt` and `mnist_decoder_best_mse.pt` (or either
             file) to start from, e.g. for `fastestimator test`.
         overwrite: Replace outputs an earlier run left in save_dir (otherwise the run refuses to start).
+        resume, seed: As `apphub_vit.pretrain.get_estimator`.
         num_process: Pipeline worker processes (None: FastEstimator's default, one per CPU; 0: in the main process).
         log_steps: Log the training loss every this many steps.
         synthetic_size: [train, eval] image counts for dataset="synthetic" (default 8,000 / 2,000).
@@ -94,8 +99,9 @@ def get_estimator(epochs: int = 10,
     code_dim, hidden = options.positive_int("code_dim", code_dim), options.positive_int("hidden", hidden)
     names = {"mnist_encoder": lambda: MnistEncoder(code_dim, hidden),
              "mnist_decoder": lambda: MnistDecoder(code_dim, hidden)}
-    save_dir, overwrite = start_run("autoencoder", save_dir, [best_model_file(n, "mse") for n in names] + [CODES_FILE],
-                                    overwrite)
+    folder = start_run("autoencoder", save_dir, [best_model_file(n, "mse") for n in names] + [CODES_FILE], overwrite,
+                       resume, seed)
+    save_dir = folder.save_dir
     saved = weights_path  # the folder of both best-model files
     if saved is not None and not os.path.isdir(saved):
         saved = os.path.dirname(os.path.abspath(saved))
@@ -132,10 +138,10 @@ def get_estimator(epochs: int = 10,
     config = dict(data_dir=data_dir, epochs=run["epochs"], batch_size=run["batch_size"], lr=lr, code_dim=code_dim,
                   hidden=hidden, synthetic_size=run["synthetic_size"], weights_path=weights_path)
     estimator = finish_estimator(
-        pipeline=pipeline, network=network, models=[encoder, decoder], app="mnist_autoencoder", save_dir=save_dir,
+        pipeline=pipeline, network=network, models=[encoder, decoder], app="mnist_autoencoder", folder=folder,
         dataset="MNIST" if dataset == "mnist" else "synthetic digits", hparams=config, epochs=run["epochs"],
         train_steps_per_epoch=run["train_steps_per_epoch"], eval_steps_per_epoch=run["eval_steps_per_epoch"],
-        log_steps=run["log_steps"], overwrite=overwrite, best=("mse", "min"),
+        log_steps=run["log_steps"], best=("mse", "min"), loss_key="mse",
         traces=[CodeRecorder("code", "y", save_dir)])
     estimator.encoder, estimator.decoder = encoder, decoder
     return estimator

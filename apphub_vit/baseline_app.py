@@ -25,14 +25,16 @@ def build_classifier_estimator(*, model_name: str, model_fn: Callable[[], torch.
                                save_dir: Optional[str], image_size: int, augment: bool, lr: float, overwrite: Any,
                                grid_size: int = 16, num_process: Optional[int] = None, log_steps: int = 100,
                                synthetic_size: Optional[List[int]] = None, weights_path: Optional[str] = None,
+                               resume: Any = False, seed: Optional[int] = None,
                                hparams: Optional[dict] = None) -> fe.Estimator:
     """A FastEstimator Estimator training `model_fn()` on CIFAR-`num_classes` resized to `image_size`; weights_path: a
     saved model of this app to start from (e.g. for `fastestimator test`)."""
     run = run_options(epochs, batch_size, train_steps_per_epoch, eval_steps_per_epoch, log_steps, synthetic_size)
     lr = options.number("lr", lr, low_open=True)
     image_size, grid_size = options.positive_int("image_size", image_size), options.positive_int("grid_size", grid_size)
-    save_dir, overwrite = start_run(model_name, save_dir, [best_model_file(model_name, "accuracy"), GRID_FILE],
-                                    overwrite)
+    folder = start_run(model_name, save_dir, [best_model_file(model_name, "accuracy"), GRID_FILE], overwrite, resume,
+                       seed)
+    save_dir = folder.save_dir
 
     def build() -> torch.nn.Module:
         model = model_fn()
@@ -63,10 +65,10 @@ def build_classifier_estimator(*, model_name: str, model_fn: Callable[[], torch.
                   synthetic_size=run["synthetic_size"], weights_path=weights_path,
                   trainable_parameters=count["trainable"], parameters=count["total"], **(hparams or {}))
     return finish_estimator(
-        pipeline=pipeline, network=network, models=[model], app=model_name, save_dir=save_dir,
+        pipeline=pipeline, network=network, models=[model], app=model_name, folder=folder,
         dataset=f"synthetic CIFAR-{num_classes}" if dataset == "synthetic" else dataset, hparams=config,
         epochs=run["epochs"], train_steps_per_epoch=run["train_steps_per_epoch"],
-        eval_steps_per_epoch=run["eval_steps_per_epoch"], log_steps=run["log_steps"], overwrite=overwrite,
+        eval_steps_per_epoch=run["eval_steps_per_epoch"], log_steps=run["log_steps"],
         metrics=[Accuracy(true_key="y", pred_key="y_pred")], traces=[
             PredictionGrid("x", "y", "y_pred", class_names(num_classes, dataset), save_dir, n=grid_size,
                            mean=IMAGENET_MEAN, std=IMAGENET_STD)

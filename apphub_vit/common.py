@@ -2,16 +2,18 @@
 saved model, and the estimator's tail (best-model saving, prediction grid, run record)."""
 import os
 import time
+from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import fastestimator as fe
 import torch
 from fastestimator.trace import Trace
-from fastestimator.trace.io import BestModelSaver
 
 from apphub_vit import options
-from apphub_vit.encoder_io import unwrap
+from apphub_vit.encoder_io import read_weights, unwrap
 from apphub_vit.records import RECORD_FILE, RunRecorder
+from apphub_vit.runs import (CHECKPOINT_FILE, AppEstimator, Checkpoint, DivergenceGuard, RunLock, SafeBestModelSaver,
+                             load_checkpoint)
 from networks.util import state_dict_mismatches
 
 
@@ -45,12 +47,30 @@ def best_model_file(model_name: str, metric: str) -> str:
     return f"{model_name}_best_{metric}.pt"
 
 
-def start_run(app: str, save_dir: Optional[str], outputs: Sequence[str], overwrite: Any) -> Tuple[str, bool]:
-    """(save_dir, overwrite): the output folder made, and checked to hold none of `outputs` unless overwrite."""
-    overwrite = options.boolean("overwrite", overwrite)
+@dataclass(frozen=True)
+class RunFolder:
+    """A run's save_dir, held by its lock; `overwrite`: the run may replace the files there (its own, on a resume)."""
+    save_dir: str
+    overwrite: bool
+    resume: bool
+    lock: RunLock
+
+
+def start_run(app: str, save_dir: Optional[str], outputs: Sequence[str], overwrite: Any, resume: Any = False,
+              seed: Any = None) -> RunFolder:
+    """The run's folder, made and locked (`apphub_vit.runs.RunLock`), checked to hold none of `outputs` unless
+    overwrite, or to hold a checkpoint to resume from; `seed` seeds every generator (`fe.enable_deterministic`)."""
+    overwrite, resume = options.boolean("overwrite", overwrite), options.boolean("resume", resume)
+    seed = None if seed is None else options.whole_number("seed", seed)
     save_dir = resolve_save_dir(save_dir, app)
-    ensure_outputs_free(save_dir, [*outputs, RECORD_FILE], overwrite)
-    return save_dir, overwrite
+    if resume:
+        load_checkpoint(os.path.join(save_dir, CHECKPOINT_FILE))  # fails fast, saying why, when there is none
+    else:
+        ensure_outputs_free(save_dir, [*outputs, RECORD_FILE, CHECKPOINT_FILE], overwrite)
+    lock = RunLock.acquire(save_dir)
+    if seed is not None:
+        fe.enable_deterministic(seed)
+    return RunFolder(save_dir, overwrite or resume, resume, lock)
 
 
 def run_options(epochs: Any, batch_size: Any, train_steps_per_epoch: Any, eval_steps_per_epoch: Any, log_steps: Any,
@@ -72,14 +92,9 @@ def synthetic_sizes(synthetic_size: Optional[List[int]]) -> Dict[str, int]:
 def load_weights(model: torch.nn.Module, path: str) -> None:
     """Load a whole saved model (FastEstimator's BestModelSaver `.pt`, a state_dict) into `model`, for
     `fastestimator test`; a file that does not fit says what differs."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights_path '{path}' is not a file: pass a model saved by a run, e.g. "
-                                f"<save_dir>/<model>_best_accuracy.pt")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # not a torch file, truncated, or pickled objects we refuse to execute
-        raise ValueError(f"Cannot read weights_path '{path}' as saved model weights ({type(err).__name__}). Pass a "
-                         f"model saved by a run, e.g. <save_dir>/<model>_best_accuracy.pt") from None
+    state = read_weights(path, "Saved model weights (weights_path)",
+                         "Pass a model saved by a run, e.g. <save_dir>/<model>_best_accuracy.pt.",
+                         inside="<model>_best_accuracy.pt")
     target = unwrap(model)
     problems = state_dict_mismatches(target.state_dict(), state) if isinstance(state, dict) else ["not a state_dict"]
     if problems:
@@ -89,18 +104,24 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
 
 
 def finish_estimator(*, pipeline: fe.Pipeline, network: fe.Network, models: Sequence[torch.nn.Module], app: str,
-                     save_dir: str, dataset: str, hparams: Dict[str, Any], epochs: int,
+                     folder: RunFolder, dataset: str, hparams: Dict[str, Any], epochs: int,
                      train_steps_per_epoch: Optional[int], eval_steps_per_epoch: Optional[int], log_steps: int,
-                     overwrite: bool, metrics: Sequence[Trace] = (), best: Tuple[str, str] = ("accuracy", "max"),
-                     traces: Sequence[Trace] = (), **recorder: Any) -> fe.Estimator:
-    """The estimator of an app: `metrics` first, then a BestModelSaver per model on `best` (metric, "max" / "min"),
-    the app's other `traces`, and the RunRecorder (last, so it sees every metric). `estimator.model` is the first model
-    (what `pretrain()` / `finetune()` return), `estimator.config` the hparams."""
-    savers = [BestModelSaver(model=m, save_dir=save_dir, metric=best[0], save_best_mode=best[1]) for m in models]
-    record = RunRecorder(app, save_dir, dataset, hparams=hparams, models=list(models), overwrite=overwrite, **recorder)
-    estimator = fe.Estimator(pipeline=pipeline, network=network, epochs=epochs,
-                             traces=[*metrics, *savers, *traces, record], train_steps_per_epoch=train_steps_per_epoch,
-                             eval_steps_per_epoch=eval_steps_per_epoch, log_steps=log_steps)
+                     metrics: Sequence[Trace] = (), best: Tuple[str, str] = ("accuracy", "max"),
+                     loss_key: str = "ce", traces: Sequence[Trace] = (), **recorder: Any) -> fe.Estimator:
+    """The estimator of an app: `metrics` first, then a best-model saver per model on `best` (metric, "max" / "min"),
+    the app's other `traces`, the RunRecorder (after every metric), the divergence guard on the training `loss_key`
+    and the per-epoch checkpoint (`apphub_vit.runs`). `estimator.model` is the first model (what `pretrain()` /
+    `finetune()` return), `estimator.config` the hparams."""
+    savers = [SafeBestModelSaver(m, folder.save_dir, metric=best[0], save_best_mode=best[1]) for m in models]
+    record = RunRecorder(app, folder.save_dir, dataset, hparams=hparams, models=list(models),
+                         overwrite=folder.overwrite, **recorder)
+    guard = DivergenceGuard(loss_key, on_diverge=lambda message: setattr(record, "ended", message))
+    checkpoint = Checkpoint(folder.save_dir, models, [*savers, record], hparams, folder.lock, resume=folder.resume)
+    estimator = AppEstimator(pipeline=pipeline, network=network, epochs=epochs,
+                             traces=[*metrics, *savers, *traces, guard, record, checkpoint],
+                             train_steps_per_epoch=train_steps_per_epoch, eval_steps_per_epoch=eval_steps_per_epoch,
+                             log_steps=log_steps)
+    estimator.guard = guard
     estimator.model = models[0]
     estimator.config = hparams
     return estimator

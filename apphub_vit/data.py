@@ -7,6 +7,11 @@
   the standard ``cifar-100-python`` / ``cifar-10-batches-py`` folders as the CIFAR site and torchvision distribute them
   (the folder itself or its parent).
 * ``dataset="synthetic"``: `apphub_vit.synthetic`, learnable CIFAR-shaped images that need no download.
+* ``dataset="cifar10_split_a"`` / ``"cifar10_split_b"``: two disjoint five-class tasks of real photos from a local
+  CIFAR-10 folder (``data_dir``, as above): airplane, automobile, bird, cat, deer (split a) and dog, frog, horse,
+  ship, truck (split b), each relabelled 0-4 in that order; train = the 25,000 training images of the five classes,
+  eval / test = their 5,000 test images. Pretraining on a and finetuning on b is the transfer question on real images
+  (`benchmarks/transfer.py --task real`); `num_classes_of` gives the apps their head size.
 
 Offline with no local copy, loading fails within seconds with a `DataNotFoundError` saying what to put where, instead
 of FastEstimator's retry loop and download traceback.
@@ -19,6 +24,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 from fastestimator.dataset.numpy_dataset import NumpyDataset
 
+from apphub_vit import safe_pickle
 from apphub_vit.synthetic import SYNTHETIC_10_CLASSES, SYNTHETIC_100_CLASSES, make_synthetic
 from networks.online import online
 
@@ -37,12 +43,55 @@ CIFAR100_CLASSES = (
     "television", "tiger", "tractor", "train", "trout", "tulip", "turtle", "wardrobe", "whale", "willow_tree", "wolf",
     "woman", "worm")
 
+# The five-class CIFAR-10 tasks: the classes of each, in label order (label i of the task is class name i).
+CIFAR10_SPLITS = {"cifar10_split_a": CIFAR10_CLASSES[:5], "cifar10_split_b": CIFAR10_CLASSES[5:]}
+CIFAR10_HINT = "python ../shared/data/cifar10/to_batches.py /tmp/c10"  # writes /tmp/c10/cifar-10-batches-py here
+
 # Synthetic sizes match CIFAR: 50,000 train and 10,000 eval images.
 SYNTHETIC_TRAIN, SYNTHETIC_EVAL = 50000, 10000
 
 
 class DataNotFoundError(FileNotFoundError):
     """The requested data is neither on disk nor downloadable; the message says what to put where."""
+
+
+def num_classes_of(dataset: str, default: int) -> int:
+    """The number of classes of `dataset`: 5 for the CIFAR-10 splits, else the app's `default` (100 / 10)."""
+    return len(CIFAR10_SPLITS[dataset]) if dataset in CIFAR10_SPLITS else default
+
+
+def balanced_subset(labels: np.ndarray, per_class: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of `per_class` samples of every label in `labels`, drawn without replacement by a generator
+    seeded with `seed`: the same subset for the same labels and seed. Fails if a class has fewer samples."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        if len(members) < per_class:
+            raise ValueError(f"class {label} has {len(members)} samples, fewer than the {per_class} asked per class")
+        chosen.append(rng.choice(members, per_class, replace=False))
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
+
+
+def _split_of(arrays: Dict[str, np.ndarray], classes: Tuple[str, ...]) -> Dict[str, np.ndarray]:
+    """The samples of CIFAR-10 `arrays` whose class is in `classes`, relabelled by their position in `classes`."""
+    relabel = np.full(len(CIFAR10_CLASSES), -1, dtype=np.int16)
+    relabel[[CIFAR10_CLASSES.index(name) for name in classes]] = np.arange(len(classes))
+    new = relabel[arrays["y"].astype(np.int64)]
+    keep = new >= 0
+    return {"x": arrays["x"][keep], "y": new[keep].astype(np.uint8)}
+
+
+def load_cifar10_split(dataset: str, data_dir: Optional[str]) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
+    """Train and test arrays ({"x", "y"}) of a five-class CIFAR-10 task (`CIFAR10_SPLITS`) read from `data_dir`."""
+    if data_dir is None:
+        raise DataNotFoundError(f"dataset={dataset!r} (five CIFAR-10 classes: {', '.join(CIFAR10_SPLITS[dataset])}) "
+                                f"needs a local CIFAR-10 folder: pass data_dir=<folder> holding "
+                                f"'cifar-10-batches-py/' (--data_dir FOLDER). From this project's copy: "
+                                f"`{CIFAR10_HINT}`, then data_dir=/tmp/c10.")
+    train, test = read_cifar_folder(find_cifar_folder(data_dir, 10), 10)
+    return _split_of(train, CIFAR10_SPLITS[dataset]), _split_of(test, CIFAR10_SPLITS[dataset])
 
 
 def _cifar_files(num_classes: int) -> Dict[str, Tuple[str, ...]]:
@@ -88,7 +137,7 @@ def _read_pickle(path: Path, label_key: str) -> Tuple[np.ndarray, np.ndarray]:
     """One CIFAR python pickle -> ([N, 32, 32, 3] uint8, [N] uint8)."""
     try:
         with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
+            batch = safe_pickle.load(f)  # a pickle naming other code is refused, not run
         batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
         data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)  # rows of R, G, B planes
         labels = np.asarray(batch[label_key], dtype=np.uint8)
@@ -140,17 +189,25 @@ def load_cifar(num_classes: int, dataset: str, data_dir: Optional[str] = None, n
     """Train and eval `NumpyDataset`s of {"x": [32, 32, 3] uint8, "y": uint8 label} for a CIFAR-shaped task.
 
     Args:
-        num_classes: 100 (pretraining) or 10 (finetuning).
-        dataset: "cifair100" / "cifair10" (real, matching num_classes) or "synthetic".
+        num_classes: 100 (pretraining) or 10 (finetuning); 5 for a CIFAR-10 split (`num_classes_of`).
+        dataset: "cifair100" / "cifair10" (real, matching num_classes), "synthetic", or "cifar10_split_a" /
+            "cifar10_split_b" (five real CIFAR-10 classes each, from data_dir).
         data_dir: A local folder with the real data (see the module docstring); only with a real dataset.
         num_train: Synthetic training images.
         num_eval: Synthetic eval images.
         seed: Synthetic seed.
     """
+    if dataset in CIFAR10_SPLITS:
+        if num_classes != num_classes_of(dataset, num_classes):
+            raise ValueError(f"dataset={dataset!r} has {num_classes_of(dataset, num_classes)} classes, not "
+                             f"{num_classes}: size the app's head with num_classes_of(dataset, ...)")
+        train, test = load_cifar10_split(dataset, data_dir)
+        return NumpyDataset(train), NumpyDataset(test)
     real = f"cifair{num_classes}"
     if dataset not in (real, "synthetic"):
         raise ValueError(f"dataset={dataset!r} is not available for this {num_classes}-class app: use '{real}' (real "
-                         f"images, FastEstimator's loader or data_dir) or 'synthetic' (generated, no download).")
+                         f"images, FastEstimator's loader or data_dir), 'synthetic' (generated, no download), or a "
+                         f"five-class CIFAR-10 task with data_dir: {', '.join(map(repr, CIFAR10_SPLITS))}.")
     if dataset == "synthetic":
         if data_dir is not None:
             raise ValueError(f"data_dir={data_dir!r} was given with dataset='synthetic', which generates its images: "
@@ -173,6 +230,8 @@ def dataset_arrays(dataset: NumpyDataset) -> Dict[str, np.ndarray]:
 
 def class_names(num_classes: int, dataset: str) -> List[str]:
     """Human-readable class names of a CIFAR-shaped task, for prediction grids and reports."""
+    if dataset in CIFAR10_SPLITS:
+        return list(CIFAR10_SPLITS[dataset])
     if dataset == "synthetic":
         return list(SYNTHETIC_100_CLASSES if num_classes == 100 else SYNTHETIC_10_CLASSES)
     return list(CIFAR100_CLASSES if num_classes == 100 else CIFAR10_CLASSES)

@@ -6,6 +6,7 @@ The file (``vit_encoder.pt`` in the pretraining run's save_dir) is a `torch.save
 `.pt`, keys `vit_encoder.*`, from this project or the FastEstimator apphub) or a bare encoder `state_dict`.
 """
 import os
+import pickle
 from dataclasses import asdict, fields
 from typing import Any, Dict, Mapping, Optional, Union
 
@@ -46,20 +47,45 @@ def save_encoder(model: torch.nn.Module, path: str, overwrite: bool = False) -> 
                               f"pass overwrite=True to replace it.")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     state = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
+    bad = [k for k, v in state.items() if torch.is_floating_point(v) and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"Not saving the encoder to '{path}': its weights are not finite ({', '.join(bad[:3])}...); "
+                         f"the training diverged. Lower the learning rate and train again.")
     tmp = f"{path}.partial"
     torch.save({"format": ENCODER_FORMAT, "config": asdict(encoder.config), "state_dict": state}, tmp)
     os.replace(tmp, path)  # a crash mid-write never leaves a truncated file under the real name
     return path
 
 
-def _read(path: str) -> Mapping[str, Any]:
+GET_ONE = (f"Pass the '{ENCODER_FILE}' that pretraining writes in its save_dir (fastestimator train "
+           f"apphub_vit/pretrain.py), or a ViTModel checkpoint such as its vit_pretrain_best_accuracy.pt.")
+
+
+def read_weights(path: str, what: str = "Encoder weights", get_one: str = GET_ONE,
+                 inside: str = ENCODER_FILE) -> Any:
+    """A torch file's contents, read with `weights_only=True`; for anything else an error that says what the file is
+    (`what` names it) and how to get a good one (`get_one`); a folder is pointed to the `inside` file."""
+    if os.path.isdir(path):
+        found = os.path.join(path, inside)
+        hint = f"pass '{found}'" if os.path.isfile(found) else f"pass the '{inside}' inside a run's save_dir"
+        raise EncoderMismatchError(f"{what} '{path}' is a folder: {hint}.")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"Encoder weights '{path}' do not exist. Pass the '{ENCODER_FILE}' written by "
-                                f"pretraining (in its save_dir), or a ViTModel checkpoint.")
+        raise FileNotFoundError(f"{what} '{path}' do not exist. {get_one}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise EncoderMismatchError(f"{what} '{path}' is an empty file (0 bytes). {get_one}")
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":  # torch.save's zip archive, or its legacy pickle format
+        raise EncoderMismatchError(f"{what} '{path}' is not a file torch.save wrote (it starts with {head!r}). "
+                                   f"{get_one}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated file, not a torch file, pickled objects we refuse to execute
-        raise EncoderMismatchError(f"Cannot read encoder weights '{path}': {type(err).__name__}: {err}") from err
+    except pickle.UnpicklingError:  # weights_only refused a global: the file holds more than tensors
+        raise EncoderMismatchError(f"{what} '{path}' holds Python objects besides tensors and plain values; not "
+                                   f"loading it, since unpickling those could run code. {get_one}") from None
+    except Exception as err:  # a zip archive cut short, a damaged file
+        raise EncoderMismatchError(f"{what} '{path}' is truncated or damaged ({type(err).__name__}); copy it "
+                                   f"again. {get_one}") from None
 
 
 def _loaded(state_dict: Mapping[str, Any], config: Optional[Dict[str, Any]], source: str) -> Dict[str, Any]:
@@ -79,7 +105,7 @@ def load_encoder_state(source: Union[str, torch.nn.Module, Mapping[str, Any]]) -
         if not isinstance(encoder, ViTEncoder):
             raise TypeError(f"pretrained must be a ViTModel, a ViTEncoder or a path, got {type(module).__name__}")
         return _loaded(encoder.state_dict(), asdict(encoder.config), name)
-    data = _read(source) if isinstance(source, str) else source
+    data = read_weights(source) if isinstance(source, str) else source
     if not isinstance(data, Mapping):
         raise EncoderMismatchError(f"'{name}' holds a {type(data).__name__}, not ViT encoder weights.")
     if data.get("format") == ENCODER_FORMAT:
@@ -137,6 +163,9 @@ class EncoderSaver(Trace):
         self.saved: Optional[str] = None
 
     def on_end(self, data: Data) -> None:
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            print("FastEstimator-EncoderSaver: not saving the encoder: its weights are not finite (the run diverged)")
+            return
         # A second fit() of the same estimator replaces what its own first fit() wrote.
         self.saved = save_encoder(self.model, self.path, overwrite=self.overwrite or self.saved is not None)
         print(f"FastEstimator-EncoderSaver: Saved encoder to {self.saved}")

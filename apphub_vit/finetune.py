@@ -3,9 +3,10 @@
     fastestimator train apphub_vit/finetune.py --encoder_weights runs/pretrain-.../vit_encoder.pt --epochs 1
     fastestimator train apphub_vit/finetune.py --from_scratch True --epochs 100   # the same ViT, no pretraining
     fastestimator train apphub_vit/finetune.py --encoder_weights ... --data_dir ~/data   # cifar-10-batches-py here
+    fastestimator train apphub_vit/finetune.py --dataset cifar10_split_b --data_dir /tmp/c10 --encoder_weights ...
 
-Unlike the apphub, the head has 10 classes. The architecture is read from the encoder file (or model); an override
-that contradicts it is an error naming the field.
+Unlike the apphub, the head has 10 classes (5 on a CIFAR-10 split: `apphub_vit.data.num_classes_of`). The
+architecture is read from the encoder file (or model); an override that contradicts it is an error naming the field.
 """
 from typing import Any, List, Optional, Union
 
@@ -14,6 +15,7 @@ import torch
 
 from apphub_vit import options
 from apphub_vit.common import run_options
+from apphub_vit.data import num_classes_of
 from apphub_vit.encoder_io import load_encoder, load_encoder_state, pretrained_architecture
 from apphub_vit.vit_app import build_vit_estimator, resolve_vit_recipe, saved_architecture
 
@@ -36,9 +38,11 @@ def get_estimator(epochs: Optional[int] = 1,
                   num_process: Optional[int] = None,
                   log_steps: int = 100,
                   overwrite: bool = False,
+                  resume: bool = False,
+                  seed: Optional[int] = None,
                   synthetic_size: Optional[List[int]] = None,
                   **overrides: Any) -> fe.Estimator:
-    """The finetuning Estimator: a 10-class ViT whose encoder starts from `encoder_weights`.
+    """The finetuning Estimator: a 10-class ViT (5 on a CIFAR-10 split) whose encoder starts from `encoder_weights`.
 
     Args:
         epochs: Training epochs (the apphub finetunes for 1; None: the recipe's, 100).
@@ -46,8 +50,9 @@ def get_estimator(epochs: Optional[int] = 1,
         from_scratch: Train without pretrained weights (for comparison); excludes encoder_weights.
         weights_path: A saved finetuned model (`vit_finetune_best_accuracy.pt`) to start from, e.g. for
             `fastestimator test`; needs neither encoder_weights nor from_scratch.
-        Everything else: as `apphub_vit.pretrain.get_estimator`; the model fields of a pretrained encoder come from
-        it (an override of `pool`, which only the head reads, is allowed).
+        Everything else: as `apphub_vit.pretrain.get_estimator` (dataset: "cifair10", "synthetic" or a CIFAR-10
+        split); the model fields of a pretrained encoder come from it (an override of `pool`, which only the head
+        reads, is allowed).
     """
     from_scratch = options.boolean("from_scratch", from_scratch)
     if from_scratch and encoder_weights is not None:
@@ -67,16 +72,17 @@ def get_estimator(epochs: Optional[int] = 1,
     resolved, applied = resolve_vit_recipe("finetune", recipe, run, {**saved_architecture(weights_path), **overrides},
                                            pretrained=fixed)
     source = encoder_weights if isinstance(encoder_weights, str) or encoder_weights is None else pretrained["source"]
-    return build_vit_estimator(app="finetune", num_classes=10, dataset=dataset, data_dir=data_dir, recipe=resolved,
-                               overrides=applied, run=run, save_dir=save_dir, overwrite=overwrite,
-                               device_augment=device_augment, precision=precision, compile=compile,
-                               cuda_graph=cuda_graph, num_process=num_process, weights_path=weights_path,
+    return build_vit_estimator(app="finetune", num_classes=num_classes_of(dataset, 10), dataset=dataset,
+                               data_dir=data_dir, recipe=resolved, overrides=applied, run=run, save_dir=save_dir,
+                               overwrite=overwrite, device_augment=device_augment, precision=precision, compile=compile,
+                               cuda_graph=cuda_graph, num_process=num_process, resume=resume, seed=seed,
+                               weights_path=weights_path,
                                init_model=init, hparams={"encoder_weights": source, "from_scratch": from_scratch})
 
 
 def finetune(pretrained: Union[None, str, torch.nn.Module], **kwargs: Any) -> torch.nn.Module:
     """Finetune from `pretrained` (a model from `pretrain()`, or a weights path; None with from_scratch=True) and
-    return the trained 10-class `ViTModel`. Other arguments as `get_estimator`."""
+    return the trained 10-class (or 5-class) `ViTModel`. Other arguments as `get_estimator`."""
     estimator = get_estimator(encoder_weights=pretrained, **kwargs)
     estimator.fit(warmup=False)
     return estimator.model

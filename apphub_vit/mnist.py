@@ -60,6 +60,8 @@ def get_estimator(recipe: str = "small_data",
                   num_process: Optional[int] = None,
                   log_steps: int = 100,
                   overwrite: bool = False,
+                  resume: bool = False,
+                  seed: Optional[int] = None,
                   synthetic_size: Optional[List[int]] = None,
                   **overrides: Any) -> fe.Estimator:
     """The MNIST ViT Estimator.
@@ -74,8 +76,8 @@ def get_estimator(recipe: str = "small_data",
         dataset: "mnist" (real digits) or "synthetic" (rendered digits, no download).
         weights_path: A saved model (`mnist_vit_best_accuracy.pt`) to start from, e.g. for `fastestimator test`.
         grid_size: Eval images in prediction_grid.png.
-        precision, cuda_graph, num_process, log_steps, overwrite, synthetic_size: As `apphub_vit.pretrain`
-            (synthetic default 8,000 / 2,000 digits).
+        precision, cuda_graph, num_process, log_steps, overwrite, resume, seed, synthetic_size: As
+            `apphub_vit.pretrain` (synthetic default 8,000 / 2,000 digits).
         compile: `torch.compile` the model (off by default).
         **overrides: Any recipe field by name (`apphub_vit.recipes.Recipe`, its model's fields), e.g. lr=1e-3,
             augment="none", ff_dim=128.
@@ -86,7 +88,8 @@ def get_estimator(recipe: str = "small_data",
     grid_size = options.positive_int("grid_size", grid_size)
     hw = resolve_hardware(resolved, device_augment=False, precision=precision, compile=compile,
                           num_process=num_process, cuda_graph=cuda_graph)
-    save_dir, overwrite = start_run("mnist", save_dir, [best_model_file(MODEL_NAME, "accuracy"), GRID_FILE], overwrite)
+    folder = start_run("mnist", save_dir, [best_model_file(MODEL_NAME, "accuracy"), GRID_FILE], overwrite, resume, seed)
+    save_dir = folder.save_dir
     model = build_vit(MODEL_NAME, 10, resolved, hw,
                       init=None if weights_path is None else lambda m: load_weights(m, weights_path))
 
@@ -105,10 +108,10 @@ def get_estimator(recipe: str = "small_data",
               "data_dir": data_dir, "weights_path": weights_path, "num_train": len(train_data),
               "num_eval": len(eval_data), **{k: v for k, v in run.items() if k not in ("epochs", "batch_size")}}
     return finish_estimator(
-        pipeline=pipeline, network=network, models=[model], app=MODEL_NAME, save_dir=save_dir,
+        pipeline=pipeline, network=network, models=[model], app=MODEL_NAME, folder=folder,
         dataset="MNIST" if dataset == "mnist" else "synthetic digits", hparams=config, epochs=resolved.epochs,
         train_steps_per_epoch=run["train_steps_per_epoch"], eval_steps_per_epoch=run["eval_steps_per_epoch"],
-        log_steps=run["log_steps"], overwrite=overwrite, metrics=[Accuracy(true_key="y", pred_key="y_pred")],
+        log_steps=run["log_steps"], metrics=[Accuracy(true_key="y", pred_key="y_pred")],
         traces=([] if schedule is None else [LRScheduler(model=model, lr_fn=schedule)]) + [
             PredictionGrid("x", "y", "y_pred", mnist_class_names(), save_dir, n=grid_size, mean=MNIST_MEAN,
                            std=MNIST_STD)

@@ -16,6 +16,8 @@ from fastestimator.trace import Trace
 from fastestimator.util.data import Data
 from fastestimator.util.util import to_number
 
+from apphub_vit.runs import atomic_path
+
 GRID_FILE = "prediction_grid.png"
 RIGHT, WRONG = "#1a9641", "#d7191c"  # green, red
 Stats = Union[None, float, Sequence[float]]
@@ -87,7 +89,8 @@ def draw_prediction_grid(images: Sequence[np.ndarray], true: Sequence[int], pred
     fig.suptitle(f"{title + ': ' if title else ''}true / predicted, {correct} of {n} right", fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return fig
 

@@ -160,6 +160,8 @@ class RunRecorder(Trace):
         self.notes: List[str] = list(notes)
         self.written: Optional[str] = None
         self.record: Optional[Dict[str, Any]] = None
+        self.ended = "finished"  # or how the run stopped (e.g. a DivergenceGuard's message)
+        self.resumed: List[int] = []  # epochs after which a killed run was resumed
         self._check_free()
 
     def add_note(self, note: str) -> None:
@@ -220,8 +222,28 @@ class RunRecorder(Trace):
             return
         self._eval_seconds += elapsed
         metrics = {k: scalar(v) for k, v in data.read_logs().items()}
-        self._eval.append({"epoch": self.system.epoch_idx, "step": self.system.global_step or 0,
-                           "metrics": {k: v for k, v in metrics.items() if v is not None}})
+        entry = {"epoch": self.system.epoch_idx, "step": self.system.global_step or 0,
+                 "metrics": {k: v for k, v in metrics.items() if v is not None}}
+        if self._eval and self._eval[-1]["epoch"] == entry["epoch"]:  # the eval FastEstimator repeats on a resume
+            self._eval[-1] = entry
+        else:
+            self._eval.append(entry)
+
+    def state(self) -> Dict[str, Any]:
+        """What a resumed run needs to continue this record (`apphub_vit.runs.Checkpoint`)."""
+        return {"elapsed": time.perf_counter() - self._start, "started_at": self._started_at,
+                "train_seconds": self._train_seconds, "eval_seconds": self._eval_seconds,
+                "train_images": self._train_images, "batch_size": self._batch_size,
+                "train_epochs": self._train_epochs, "eval": self._eval, "train_log": self._train_log,
+                "epoch": self.system.epoch_idx}
+
+    def load_state(self, state: Dict[str, Any]) -> None:
+        self._start = time.perf_counter() - state["elapsed"]
+        self._started_at = state["started_at"]
+        self._train_seconds, self._eval_seconds = state["train_seconds"], state["eval_seconds"]
+        self._train_images, self._batch_size = state["train_images"], state["batch_size"]
+        self._train_epochs, self._eval, self._train_log = state["train_epochs"], state["eval"], state["train_log"]
+        self.resumed.append(state["epoch"])
 
     def on_end(self, data: Data) -> None:
         self.record = self.build_record()
@@ -230,7 +252,7 @@ class RunRecorder(Trace):
         with open(tmp, "w") as f:
             json.dump(self.record, f, indent=2)
             f.write("\n")
-        os.replace(tmp, self.path)  # a crash mid-write never leaves a truncated record under the real name
+        os.replace(tmp, self.path)  # a kill mid-write never leaves a truncated record under the real name
         self.written = self.path
         print(f"FastEstimator-RunRecorder: Saved run record to {self.path}")
 
@@ -257,6 +279,8 @@ class RunRecorder(Trace):
             "hparams": to_json_value(self.hparams),
             "notes": list(self.notes),
             "started": self._started_at,
+            "ended": self.ended,
+            "resumed_after_epochs": list(self.resumed),
             "schedule": {
                 "epochs": self.system.total_epochs,
                 "train_epochs_run": self._train_epochs,

@@ -37,7 +37,9 @@ def get_estimator(epochs: int = 10,
                   num_process: Optional[int] = None,
                   log_steps: int = 100,
                   synthetic_size: Optional[List[int]] = None,
-                  weights_path: Optional[str] = None) -> fe.Estimator:
+                  weights_path: Optional[str] = None,
+                  resume: bool = False,
+                  seed: Optional[int] = None) -> fe.Estimator:
     """The ResNet-18 baseline Estimator.
 
     Args:
@@ -59,6 +61,7 @@ def get_estimator(epochs: int = 10,
         log_steps: Log the training loss every this many steps.
         synthetic_size: [train, eval] image counts for dataset="synthetic" (default 50,000 / 10,000).
         weights_path: A model this app saved (its `*_best_accuracy.pt`) to start from, e.g. for `fastestimator test`.
+        resume, seed: As `apphub_vit.pretrain.get_estimator`.
     """
     return build_classifier_estimator(
         model_name="resnet18", model_fn=lambda: resnet18_classifier(10, weights, freeze_backbone), num_classes=10,
@@ -66,7 +69,7 @@ def get_estimator(epochs: int = 10,
         train_steps_per_epoch=train_steps_per_epoch, eval_steps_per_epoch=eval_steps_per_epoch,
         save_dir=save_dir, image_size=image_size, augment=False, lr=lr,
         overwrite=overwrite, grid_size=grid_size, num_process=num_process, log_steps=log_steps,
-        synthetic_size=synthetic_size, weights_path=weights_path)
+        synthetic_size=synthetic_size, weights_path=weights_path, resume=resume, seed=seed)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,8 @@ def saved_architecture(weights_path: Optional[str]) -> Dict[str, Any]:
 def build_vit_estimator(*, app: str, num_classes: int, dataset: str, data_dir: Optional[str], recipe: Recipe,
                         overrides: Dict[str, Any], run: Dict[str, Any], save_dir: Optional[str], overwrite: Any,
                         device_augment: Optional[bool], precision: Optional[str], compile: Optional[bool],
-                        cuda_graph: Optional[bool], num_process: Optional[int], weights_path: Optional[str] = None,
+                        cuda_graph: Optional[bool], num_process: Optional[int], resume: Any = False,
+                        seed: Optional[int] = None, weights_path: Optional[str] = None,
                         init_model: Optional[Callable[[torch.nn.Module], None]] = None, save_encoder: bool = False,
                         hparams: Optional[Dict[str, Any]] = None) -> fe.Estimator:
     """A FastEstimator Estimator training the `ViTModel` of `recipe` on a CIFAR-shaped task.
@@ -79,7 +80,8 @@ def build_vit_estimator(*, app: str, num_classes: int, dataset: str, data_dir: O
         raise options.OptionError(f"augment={recipe.augment!r} runs as batched ops: use device_augment=True with it, "
                                   f"or augment='apphub' for the per-sample pipeline")
     outputs = [best_model_file(model_name, "accuracy"), GRID_FILE] + ([ENCODER_FILE] if save_encoder else [])
-    save_dir, overwrite = start_run(app, save_dir, outputs, overwrite)
+    folder = start_run(app, save_dir, outputs, overwrite, resume, seed)
+    save_dir = folder.save_dir
     init = init_model if weights_path is None else (lambda model: load_weights(model, weights_path))
     # the model (and any pretrained or saved weights) before the data: a bad weights file fails in seconds
     if hw.gpu:
@@ -112,16 +114,16 @@ def build_vit_estimator(*, app: str, num_classes: int, dataset: str, data_dir: O
     if schedule is not None:
         traces.append(LRScheduler(model=model, lr_fn=schedule))
     if save_encoder:
-        traces.append(EncoderSaver(model, save_dir, overwrite=overwrite))
+        traces.append(EncoderSaver(model, save_dir, overwrite=folder.overwrite))
     # eval images as the model sees them: normalised, channels first, in both pipeline paths
     traces.append(PredictionGrid("x", "y", "y_pred", class_names(num_classes, dataset), save_dir, mean=CIFAR_MEAN,
                                  std=CIFAR_STD, channels_first=True))
     config = {"recipe": asdict(recipe), "overrides": overrides, "hardware": asdict(hw), "num_classes": num_classes,
               "dataset": dataset, "data_dir": data_dir, "weights_path": weights_path, **(hparams or {}),
               **{k: v for k, v in run.items() if k not in ("epochs", "batch_size")}}
-    return finish_estimator(pipeline=pipeline, network=network, models=[model], app=model_name, save_dir=save_dir,
+    return finish_estimator(pipeline=pipeline, network=network, models=[model], app=model_name, folder=folder,
                             dataset=f"synthetic CIFAR-{num_classes}" if dataset == "synthetic" else dataset,
                             hparams=config, epochs=recipe.epochs,
                             train_steps_per_epoch=run["train_steps_per_epoch"],
                             eval_steps_per_epoch=run["eval_steps_per_epoch"], log_steps=run["log_steps"],
-                            overwrite=overwrite, metrics=[Accuracy(true_key="y", pred_key="y_pred")], traces=traces)
+                            metrics=[Accuracy(true_key="y", pred_key="y_pred")], traces=traces)

@@ -43,7 +43,9 @@ def get_estimator(epochs: int = 5,
                   num_process: Optional[int] = None,
                   log_steps: int = 100,
                   synthetic_size: Optional[List[int]] = None,
-                  weights_path: Optional[str] = None) -> fe.Estimator:
+                  weights_path: Optional[str] = None,
+                  resume: bool = False,
+                  seed: Optional[int] = None) -> fe.Estimator:
     """The ViT-B/16 baseline Estimator.
 
     Args:
@@ -65,6 +67,7 @@ def get_estimator(epochs: int = 5,
         log_steps: Log the training loss every this many steps.
         synthetic_size: [train, eval] image counts for dataset="synthetic" (default 50,000 / 10,000).
         weights_path: A model this app saved (its `*_best_accuracy.pt`) to start from, e.g. for `fastestimator test`.
+        resume, seed: As `apphub_vit.pretrain.get_estimator`.
     """
     def model_fn():
         return vit_b16_classifier(100, weights, trainable_blocks=trainable_blocks, image_size=image_size,
@@ -76,7 +79,8 @@ def get_estimator(epochs: int = 5,
         batch_size=batch_size, train_steps_per_epoch=train_steps_per_epoch,
         eval_steps_per_epoch=eval_steps_per_epoch, save_dir=save_dir,
         image_size=image_size, augment=True, lr=lr, overwrite=overwrite, grid_size=grid_size,
-        num_process=num_process, log_steps=log_steps, synthetic_size=synthetic_size, weights_path=weights_path)
+        num_process=num_process, log_steps=log_steps, synthetic_size=synthetic_size, weights_path=weights_path,
+        resume=resume, seed=seed)
 
 
 if __name__ == "__main__":

@@ -148,7 +148,7 @@ def test_missing_and_garbage_weight_files(tmp_path):
         finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path), encoder_weights=str(tmp_path / "x.pt"))
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a torch file")
-    with pytest.raises(EncoderMismatchError, match="Cannot read encoder weights"):
+    with pytest.raises(EncoderMismatchError, match="is not a file torch.save wrote"):
         finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path), encoder_weights=str(junk))
 
 

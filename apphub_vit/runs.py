@@ -1,0 +1,319 @@
+"""A run's life in its save_dir: one run per folder, files that a kill never truncates, a checkpoint after every epoch
+to resume from, and a stop with a clear message when the loss stops being a number.
+
+* `RunLock`: `<save_dir>/run.lock` holds the process id of the run using the folder, from `get_estimator` to the end of
+  `fit()` (or the process). A second run into the folder is refused while that process lives; a lock left by a killed
+  run (its process gone) is taken over.
+* `atomic_path`: every file the apps write goes to `<name>.partial` first and is renamed over `<name>` when complete
+  (`os.replace` is atomic), so a kill mid-write leaves the previous file whole.
+* `Checkpoint`: after every eval epoch, `<save_dir>/checkpoint.pt` holds the models and optimisers, epoch and step,
+  the best-so-far metrics, the run record's history and every random generator's state; `resume=True` continues a
+  killed run from there (FastEstimator's `RestoreWizard` pickles every op, which fails for compiled ones on Python
+  3.11). The learning-rate schedule follows from the restored step. On CPU with a fixed `seed` the continued run
+  computes what an uninterrupted one does.
+* `DivergenceGuard`: a non-finite training loss stops training within `check_every` steps; nothing non-finite is
+  saved (`SafeBestModelSaver`, `encoder_io.save_encoder` check the weights), the record says how the run ended, and
+  `fit()` raises `TrainingDiverged` (the command line exits non-zero).
+"""
+import atexit
+import contextlib
+import json
+import os
+import random
+import threading
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+
+import fastestimator as fe
+import numpy as np
+import torch
+from fastestimator.trace import Trace
+from fastestimator.trace.io import BestModelSaver
+from fastestimator.util.data import Data
+
+LOCK_FILE = "run.lock"
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FORMAT = "apphub_vit.checkpoint/1"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """Yield a temporary name beside `path` to write to; on success it replaces `path` in one rename."""
+    tmp = f"{path}.partial"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a live process of another user
+        return True
+    return True
+
+
+class RunLock:
+    """The lock of one save_dir, held by this process until `release()` (or the process's exit)."""
+    _held: Dict[str, "RunLock"] = {}  # by folder: this process's locks
+
+    def __init__(self, save_dir: str) -> None:
+        self.path = os.path.join(save_dir, LOCK_FILE)
+
+    @classmethod
+    def acquire(cls, save_dir: str) -> "RunLock":
+        """Take the folder's lock; refuse, naming the process, if another live process holds it."""
+        lock = cls._held.get(save_dir) or cls(save_dir)
+        while True:
+            try:
+                fd = os.open(lock.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                owner = lock.owner()
+                if owner == os.getpid():  # this process built an estimator here before: still ours
+                    break
+                if owner is not None and _alive(owner):
+                    raise RuntimeError(f"save_dir '{save_dir}' is in use by another run (process {owner}, lock file "
+                                       f"{lock.path}). Wait for it to finish, or choose another save_dir.") from None
+                os.remove(lock.path)  # stale: its process is gone (killed); take it over
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()}\n")
+            break
+        cls._held[save_dir] = lock
+        return lock
+
+    def owner(self) -> Optional[int]:
+        try:
+            with open(self.path) as f:
+                return int(f.read().strip() or -1)
+        except (OSError, ValueError):
+            return None
+
+    def release(self) -> None:
+        if self.owner() == os.getpid():
+            os.remove(self.path)
+        self._held.pop(os.path.dirname(self.path), None)
+
+
+@atexit.register
+def _release_all() -> None:
+    for lock in list(RunLock._held.values()):
+        lock.release()
+
+
+def all_finite(module: torch.nn.Module) -> bool:
+    """Whether every floating-point tensor of `module`'s state is finite."""
+    return all(torch.isfinite(v).all() for v in module.state_dict().values() if torch.is_floating_point(v))
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss stopped being a finite number; the message says where and what to try."""
+
+
+class DivergenceGuard(Trace):
+    """Stops training at a non-finite training loss, read every `check_every` steps (on a GPU a read waits for the
+    step, so not at every one) and at the end of every training epoch, before its eval."""
+    def __init__(self, loss_key: str, on_diverge: Callable[[str], None], check_every: int = 10) -> None:
+        super().__init__(inputs=loss_key, mode="train")
+        self.loss_key, self.on_diverge, self.check_every = loss_key, on_diverge, check_every
+        self.diverged: Optional[str] = None
+        self._finite: Optional[torch.Tensor] = None
+
+    def on_batch_end(self, data: Data) -> None:
+        loss = torch.as_tensor(data[self.loss_key])
+        finite = torch.isfinite(loss.detach()).all()
+        self._finite = finite if self._finite is None else self._finite & finite
+        if self.system.global_step % self.check_every == 0 or loss.device.type == "cpu":
+            self._check(loss)
+
+    def on_epoch_end(self, data: Data) -> None:
+        self._check(None)
+
+    def _check(self, loss: Optional[torch.Tensor]) -> None:
+        if self._finite is None or bool(self._finite):
+            return
+        value = "" if loss is None else f" ({float(loss.float().mean())})"
+        self.diverged = (f"training diverged: the loss {self.loss_key!r} is not finite by step "
+                         f"{self.system.global_step}{value}, so the run stopped; nothing non-finite was saved. Lower "
+                         f"the learning rate (--lr), or raise warmup_epochs.")
+        print(f"FastEstimator-DivergenceGuard: {self.diverged}", flush=True)
+        self.on_diverge(self.diverged)
+        self.system.stop_training = True
+
+
+class SafeBestModelSaver(BestModelSaver):
+    """FastEstimator's BestModelSaver, writing each file whole (`atomic_path`) and never weights that are not finite;
+    its best-so-far survives a resume (`state` / `load_state`)."""
+    def __init__(self, model: torch.nn.Module, save_dir: str, metric: str, save_best_mode: str) -> None:
+        super().__init__(model=model, save_dir=save_dir, metric=metric, save_best_mode=save_best_mode)
+        self.rerun_epoch: Optional[int] = None  # the eval FastEstimator repeats after a resume: already counted
+
+    def on_epoch_end(self, data: Data) -> None:
+        if self.system.epoch_idx == self.rerun_epoch:
+            self.rerun_epoch = None
+            data.write_with_log(self.outputs[0], self.since_best)
+            data.write_with_log(self.outputs[1], self.best)
+            return
+        value = data[self.metric]
+        if self.monitor_op(value, self.best) and not all_finite(self.model):
+            print(f"FastEstimator-BestModelSaver: not saving {self.model.model_name}: its weights are not finite")
+            value = self.best  # counts as no improvement
+        if self.monitor_op(value, self.best):
+            self.best, self.since_best = float(value), 0
+            path = os.path.join(self.save_dir, f"{self.model_name}.pt")  # FastEstimator's name
+            with atomic_path(path) as tmp:
+                torch.save(_unwrapped(self.model).state_dict(), tmp)
+            self.model_path = path
+            print(f"FastEstimator-BestModelSaver: Saved model to {path}")
+        else:
+            self.since_best += 1
+        data.write_with_log(self.outputs[0], self.since_best)
+        data.write_with_log(self.outputs[1], self.best)
+
+    def state(self) -> Dict[str, Any]:
+        return {"best": float(self.best), "since_best": self.since_best, "model_path": self.model_path}
+
+    def load_state(self, state: Dict[str, Any]) -> None:
+        self.best, self.since_best, self.model_path = state["best"], state["since_best"], state["model_path"]
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.DataParallel) else model
+
+
+def _rng_state() -> Dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+            "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()]}
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+class Checkpoint(Trace):
+    """Writes `<save_dir>/checkpoint.pt` after every eval epoch (in a background thread, from a copy on the CPU) and,
+    with `resume`, restores it when training begins; releases the run's lock at the end.
+
+    stateful: traces with `state()` / `load_state(state)` (the best-model savers, the run recorder), restored in order.
+    config: what the run was built with (JSON-able); a resume with another configuration is refused, naming the
+    fields that differ."""
+    def __init__(self, save_dir: str, models: Sequence[torch.nn.Module], stateful: Sequence[Any],
+                 config: Dict[str, Any], lock: Optional[RunLock], resume: bool = False) -> None:
+        super().__init__(inputs="*", mode=["train", "eval"])  # "*": after every trace that writes metrics
+        self.path = os.path.join(save_dir, CHECKPOINT_FILE)
+        self.models, self.stateful, self.lock, self.resume = list(models), list(stateful), lock, resume
+        self.config = json.loads(json.dumps(config, default=repr))  # as the file stores it
+        self.resumed_from: Optional[int] = None
+        self._writer: Optional[threading.Thread] = None
+        if resume:
+            self._saved = load_checkpoint(self.path)
+            differ = sorted(k for k in set(self.config) | set(self._saved["config"])
+                            if self.config.get(k) != self._saved["config"].get(k))
+            if differ:
+                raise ValueError(f"resume=True, but this run's options differ from the checkpointed run's in "
+                                 f"{', '.join(differ)}: run the same command as the first time, with --resume True")
+
+    def on_begin(self, data: Data) -> None:
+        if not self.resume:
+            return
+        saved = self._saved
+        for model in self.models:
+            model.load_state_dict(saved["models"][model.model_name])
+            if model.optimizer is not None and model.model_name in saved["optimizers"]:
+                model.optimizer.load_state_dict(saved["optimizers"][model.model_name])
+        for trace, state in zip(self.stateful, saved["traces"]):
+            trace.load_state(state)
+            if isinstance(trace, SafeBestModelSaver):
+                trace.rerun_epoch = saved["epoch"]  # FastEstimator repeats the last eval epoch after a restore
+        self.system.epoch_idx, self.system.global_step = saved["epoch"], saved["step"]
+        _set_rng_state(saved["rng"])
+        self.resumed_from = saved["epoch"]
+        print(f"FastEstimator-Checkpoint: resumed after epoch {saved['epoch']} (step {saved['step']}) from "
+              f"{self.path}")
+
+    def on_epoch_end(self, data: Data) -> None:
+        if self.system.mode != "eval" or self.system.epoch_idx == self.resumed_from:
+            return
+        state = {"format": CHECKPOINT_FORMAT, "epoch": self.system.epoch_idx, "step": self.system.global_step,
+                 "config": self.config, "rng": _rng_state(),
+                 "models": {m.model_name: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
+                            for m in self.models},
+                 "optimizers": {m.model_name: _cpu(m.optimizer.state_dict()) for m in self.models
+                                if m.optimizer is not None},
+                 "traces": _cpu([trace.state() for trace in self.stateful])}
+        self._join()
+        self._writer = threading.Thread(target=self._write, args=(state, ), daemon=False)
+        self._writer.start()
+
+    def _write(self, state: Dict[str, Any]) -> None:
+        with atomic_path(self.path) as tmp:
+            torch.save(state, tmp)
+
+    def _join(self) -> None:
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+
+    def on_end(self, data: Data) -> None:
+        self._join()
+        if self.lock is not None:
+            self.lock.release()
+
+
+def _cpu(value: Any) -> Any:
+    """`value` with its tensors copied to the CPU and numpy scalars as Python numbers (FastEstimator's `set_lr` leaves
+    a numpy float in the optimizer), which `torch.load(weights_only=True)` reads back."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {k: _cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cpu(v) for v in value)
+    return value
+
+
+def load_checkpoint(path: str) -> Dict[str, Any]:
+    """A checkpoint written by `Checkpoint`, read with `weights_only=True`; a clear error if there is none."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"resume=True, but there is no checkpoint to resume from ('{path}' does not exist): "
+                                f"a run writes it after its first epoch. Run without --resume to start over.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"Cannot read the checkpoint '{path}' ({type(err).__name__}); it was not written by this "
+                         f"project's apps, or is damaged. Run without --resume to start over.") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"'{path}' is not a checkpoint of this project's apps (format {CHECKPOINT_FORMAT}).")
+    return state
+
+
+class AppEstimator(fe.Estimator):
+    """`fe.Estimator` whose `fit()` raises `TrainingDiverged` when its `DivergenceGuard` stopped the run (after every
+    trace's on_end: the record is written), so the command line exits non-zero."""
+    guard: Optional[DivergenceGuard] = None
+
+    def fit(self, *args: Any, **kwargs: Any) -> Any:
+        summary = super().fit(*args, **kwargs)
+        if self.guard is not None and self.guard.diverged:
+            raise TrainingDiverged(self.guard.diverged)
+        return summary
+
+
+def stateful_traces(traces: List[Trace]) -> List[Any]:
+    """The traces of `traces` that carry state over a resume."""
+    return [t for t in traces if hasattr(t, "state") and hasattr(t, "load_state")]

@@ -1,0 +1,207 @@
+"""The fault matrix: what a user can get wrong or what can go wrong in a run, through the command line as users run it,
+and what the apps do then. Nothing a user already has is lost, and every refusal says what is wrong.
+
+| case | the app |
+| --- | --- |
+| a boolean that is not True / False (`--overwrite no`) | refuses before reading data, names the option |
+| `--batch_size 0`, an unknown option | refuses, names it |
+| a loss that is not finite (`--lr 1e3`) | stops, exits non-zero, saves nothing non-finite, the record says so |
+| a second run into a folder in use | refuses at start, naming the running process |
+| SIGKILL mid-epoch | `--resume True` continues from the last epoch and ends as an uninterrupted run |
+| a CIFAR pickle that runs a command | refuses it, runs nothing |
+| an empty / random / truncated / folder `--encoder_weights` | says what the file is and how to get a good one |
+"""
+import os
+import pickle
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from apphub_vit.data import load_cifar
+from apphub_vit.encoder_io import ENCODER_FILE
+from apphub_vit.records import RECORD_FILE, read_record
+from apphub_vit.runs import CHECKPOINT_FILE, LOCK_FILE
+from tests.conftest import REPO, cli_env, fastestimator_cmd
+
+PRETRAIN = str(REPO / "apphub_vit" / "pretrain.py")
+TINY = ["--dataset", "synthetic", "--batch_size", "16", "--eval_steps_per_epoch", "2", "--num_process", "0",
+        "--num_layers", "1", "--em_dim", "16", "--num_heads", "2", "--ff_dim", "32", "--patch_size", "8"]
+
+
+def _cli(args, cwd, command="train"):
+    return subprocess.run(fastestimator_cmd() + [command] + [str(a) for a in args], capture_output=True, text=True,
+                          env=cli_env(), cwd=cwd, timeout=600)
+
+
+def _message(out):
+    """The last line of the error: what a user reads."""
+    return out.stderr.strip().splitlines()[-1] if out.stderr.strip() else ""
+
+
+def _run(save_dir, *extra, steps=3, epochs=1, size="[96,32]"):
+    return [PRETRAIN, "--save_dir", save_dir, "--epochs", epochs, "--train_steps_per_epoch", steps, "--synthetic_size",
+            size, *TINY, *extra]
+
+
+def test_strict_options_refuse_before_anything_is_replaced(tmp_path):
+    done = tmp_path / "done"
+    assert _cli(_run(done), tmp_path).returncode == 0
+    before = {p.name: p.read_bytes() for p in done.iterdir()}
+    for option, value, message in (("--overwrite", "no", "overwrite must be True or False, got 'no'"),
+                                   ("--compile", "no", "compile must be True or False, got 'no'"),
+                                   ("--device_augment", "1", "device_augment must be True or False, got 1"),
+                                   ("--norm_first", "no", "norm_first must be True or False, got 'no'"),
+                                   ("--batch_size", "0", "batch_size must be a positive whole number, got 0"),
+                                   ("--lrr", "0.1", "has no option 'lrr' (did you mean 'lr'?)")):
+        out = _cli(_run(done, option, value), tmp_path)
+        assert out.returncode != 0 and message in _message(out), (option, _message(out))
+    assert {p.name: p.read_bytes() for p in done.iterdir()} == before  # the finished run's files, untouched
+
+
+def test_a_diverging_run_stops_exits_non_zero_and_saves_nothing_non_finite(tmp_path):
+    out = _cli(_run(tmp_path / "run", "--lr", "1e3", steps=20, epochs=2), tmp_path)
+    assert out.returncode != 0
+    assert "training diverged: the loss 'ce' is not finite by step" in _message(out) and "--lr" in _message(out)
+    record = read_record(str(tmp_path / "run" / RECORD_FILE))
+    assert record["ended"].startswith("training diverged") and record["schedule"]["stopped_early"]
+    for name in os.listdir(tmp_path / "run"):
+        if name.endswith(".pt") and name != CHECKPOINT_FILE:
+            state = torch.load(tmp_path / "run" / name, weights_only=True)
+            state = state["state_dict"] if name == ENCODER_FILE else state
+            assert all(torch.isfinite(v).all() for v in state.values() if torch.is_floating_point(v)), name
+    assert not (tmp_path / "run" / LOCK_FILE).exists()
+
+
+def _wait_for(predicate, proc, seconds=300):
+    start = time.time()
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() - start < seconds, "timed out"
+        time.sleep(0.05)
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_naming_the_first(tmp_path):
+    long_run = _run(tmp_path / "run", steps=4, epochs=100000, size="[64,32]")  # runs until killed below
+    first = subprocess.Popen(fastestimator_cmd() + ["train"] + [str(a) for a in long_run], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=tmp_path)
+    try:
+        _wait_for(lambda: (tmp_path / "run" / LOCK_FILE).exists(), first)
+        out = _cli(_run(tmp_path / "run", "--overwrite", "True"), tmp_path)
+        assert first.poll() is None  # still running while the second was refused
+        assert out.returncode != 0 and f"is in use by another run (process {first.pid}" in _message(out)
+    finally:
+        first.kill()
+        first.wait()
+
+
+def _checkpoint_epoch(path):
+    try:
+        return torch.load(path, weights_only=True)["epoch"]
+    except (OSError, RuntimeError, EOFError, KeyError):
+        return 0
+
+
+def test_a_run_killed_mid_epoch_resumes_and_ends_as_an_uninterrupted_run(tmp_path):
+    # the default recipe, random augmentation included: the checkpoint carries every generator's state
+    args = dict(steps=40, epochs=4, size="[640,32]")
+    whole = _cli(_run(tmp_path / "whole", "--seed", "0", **args), tmp_path)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(fastestimator_cmd() + ["train"] + [str(a) for a in _run(run, "--seed", "0", **args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=tmp_path)
+    _wait_for(lambda: _checkpoint_epoch(run / CHECKPOINT_FILE) >= 2, proc)
+    time.sleep(0.3)  # into epoch 3
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL  # killed, not finished
+    assert not (run / RECORD_FILE).exists() and (run / LOCK_FILE).exists()  # a killed run leaves its (stale) lock
+    saved = torch.load(run / "vit_pretrain_best_accuracy.pt", weights_only=True)  # whole: written to a temporary name
+    assert saved and not [p for p in os.listdir(run) if p.endswith(".partial") and p != CHECKPOINT_FILE + ".partial"]
+    again = _cli(_run(run, "--seed", "0", **args), tmp_path)  # the same command without --resume: refused
+    assert again.returncode != 0 and "not overwriting" in _message(out=again) + again.stderr
+    resumed = _cli(_run(run, "--seed", "0", "--resume", "True", **args), tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed after epoch" in resumed.stdout
+    a, b = read_record(str(tmp_path / "whole" / RECORD_FILE)), read_record(str(run / RECORD_FILE))
+    assert b["resumed_after_epochs"] and b["resumed_after_epochs"][0] >= 2 and b["ended"] == "finished"
+    assert [e["epoch"] for e in b["eval"]] == [1, 2, 3, 4]
+    assert [(e["step"], e["metrics"]) for e in b["eval"]] == [(e["step"], e["metrics"]) for e in a["eval"]]
+    enc_a = torch.load(tmp_path / "whole" / ENCODER_FILE, weights_only=True)["state_dict"]
+    enc_b = torch.load(run / ENCODER_FILE, weights_only=True)["state_dict"]
+    assert all(torch.equal(enc_a[k], enc_b[k]) for k in enc_a)  # the same final weights
+
+
+def test_resume_without_a_checkpoint_or_with_other_options_is_refused(tmp_path):
+    out = _cli(_run(tmp_path / "new", "--resume", "True"), tmp_path)
+    assert out.returncode != 0 and "no checkpoint to resume from" in _message(out)
+    assert _cli(_run(tmp_path / "done"), tmp_path).returncode == 0
+    out = _cli(_run(tmp_path / "done", "--resume", "True", "--lr", "0.5"), tmp_path)
+    assert out.returncode != 0 and "options differ from the checkpointed run's in overrides, recipe" in _message(out)
+
+
+def _write_cifar100(folder, payload=None):
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, n in (("train", 20), ("test", 10)):
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"fine_labels": [i % 100 for i in range(n)],
+                 b"coarse_labels": [0] * n, b"filenames": [b"x.png"] * n}
+        if payload is not None and name == "train":
+            batch[b"filenames"] = payload
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({b"fine_label_names": [f"c{i}".encode() for i in range(100)]}, f)
+
+
+class _Payload:
+    """What a doctored data file can hold: unpickling it runs a command."""
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}", ))
+
+
+def test_a_cifar_pickle_that_would_run_a_command_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "the_payload_ran"
+    _write_cifar100(tmp_path / "data" / "cifar-100-python", payload=_Payload(marker))
+    out = _cli([PRETRAIN, "--data_dir", tmp_path / "data", "--dataset", "cifair100", "--save_dir", tmp_path / "run",
+                "--epochs", "1", *TINY[2:]], tmp_path)
+    assert out.returncode != 0 and "refers to posix.system" in _message(out), _message(out)
+    assert not marker.exists()
+    _write_cifar100(tmp_path / "clean" / "cifar-100-python")  # the same files without the payload load
+    train, _ = load_cifar(100, "cifair100", str(tmp_path / "clean"))
+    assert len(train) == 20
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("empty", "is an empty file (0 bytes)"),
+    ("random", "is not a file torch.save wrote"),
+    ("truncated", "is truncated or damaged"),
+    ("folder", "is a folder: pass '"),
+    ("objects", "holds Python objects besides tensors"),
+])
+def test_bad_encoder_files_say_what_they_are(tmp_path, kind, message):
+    good = tmp_path / "pre"
+    assert _cli(_run(good), tmp_path).returncode == 0
+    path = tmp_path / f"{kind}.pt"
+    data = (good / ENCODER_FILE).read_bytes()
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "random":
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif kind == "truncated":
+        path.write_bytes(data[:len(data) // 2])
+    elif kind == "folder":
+        path = good
+    else:
+        torch.save({"config": {}, "state_dict": {}, "extra": _Payload(tmp_path / "x")}, path)
+    out = _cli([str(REPO / "apphub_vit" / "finetune.py"), "--encoder_weights", path, "--save_dir", tmp_path / "fine",
+                "--epochs", "1", *TINY[:8]], tmp_path)
+    assert out.returncode != 0 and message in _message(out), _message(out)
+    assert "weights_only=False" not in out.stderr  # never advise a user to load a file that can run code
+    assert not (tmp_path / "x").exists()

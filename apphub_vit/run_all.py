@@ -2,6 +2,8 @@
 
     python -m apphub_vit.run_all --out runs/compare-cpu --budget cpu --mnist_dir ../shared/data/mnist   # ~10 min
     python -m apphub_vit.run_all --out runs/compare-gpu --budget gpu --mnist_dir ../shared/data/mnist   # a GPU
+    python -m apphub_vit.run_all --out runs/compare-gpu --budget gpu --mnist_dir ../shared/data/mnist \
+        --cifar10_dir /tmp/c10                        # and the real-photo transfer runs (a cifar-10-batches-py here)
 
 The runs, each into OUT/<run> with its `run_record.json`, in this order:
 
@@ -13,15 +15,20 @@ The runs, each into OUT/<run> with its `run_record.json`, in this order:
   train, the last 2,000 evaluate); without --mnist_dir on synthetic rendered digits;
 * ``mnist_autoencoder``: the MNIST autoencoder (`apphub_vit.autoencoder`), same data (no accuracy: loss only);
 * ``resnet18``: the ResNet-18 baseline (`apphub_vit.resnet`) on synthetic CIFAR-10;
-* ``vit_b16``: the ViT-B/16 baseline (`apphub_vit.vit_b16`) on synthetic CIFAR-100.
+* ``vit_b16``: the ViT-B/16 baseline (`apphub_vit.vit_b16`) on synthetic CIFAR-100;
+* with --cifar10_dir (a local CIFAR-10 folder) only, the transfer question on real photos, after ``vit_scratch``:
+  ``real_pretrain`` (the ViT pretrained on five CIFAR-10 classes, ``cifar10_split_a``), ``real_finetune`` (its
+  encoder finetuned on the five others, ``cifar10_split_b``) and ``real_scratch`` (the same ViT and budget on split b
+  from random weights). `benchmarks/transfer.py --task real` asks that question alone, over seeds.
 
 The two torchvision baselines use the ImageNet weights when they are in the torch hub cache; otherwise they train from
 random weights (ResNet-18 with every layer trainable; ViT-B/16 still with only its last blocks and head trainable) and
 the record's notes say so. Under the cpu budget they also run at CIFAR's 32x32 (ViT-B/16 at a tiny width and depth),
 since 224x224 images cost minutes per step on two cores; the record's hparams hold the exact sizes.
 
-Budgets: ``cpu`` fits about 10 minutes on a 2-core CPU (small models, a few hundred steps each); ``gpu`` trains the
-apps' default models at full size on more data for longer. ``tiny`` (seconds, for tests) checks the plumbing only.
+Budgets: ``cpu`` fits about 10 minutes on a 2-core CPU (small models, a few hundred steps each; --cifar10_dir adds
+about 4); ``gpu`` trains the apps' default models at full size on more data for longer. ``tiny`` (seconds, for tests)
+checks the plumbing only.
 Apps are called in-process through their ``get_estimator(...)`` and ``fit()``; a RunRecorder is attached to any app
 that does not add its own. A run that fails is reported and the others go on; the comparison covers those that
 finished, and the exit status is then 1. Existing run folders or comparison files are never replaced unless --force.
@@ -38,12 +45,17 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import fastestimator as fe
 
 from apphub_vit.compare import OUTPUT_FILES, compare
+from apphub_vit.data import CIFAR10_SPLITS, DataNotFoundError, find_cifar_folder
 from apphub_vit.records import attach_recorder
 
 RUNS = ("vit_pretrain", "vit_finetune", "vit_scratch", "mnist_vit", "mnist_autoencoder", "resnet18", "vit_b16")
+REAL_RUNS = ("real_pretrain", "real_finetune", "real_scratch")  # only with a CIFAR-10 folder (--cifar10_dir)
+SCRATCH_APP = {"vit_scratch": "vit_finetune", "real_scratch": "real_finetune"}  # the app a from-scratch run records
 
 # Per budget and run: the get_estimator arguments. The ViT finetune and scratch runs share one entry ("vit_transfer")
-# so their budgets cannot drift apart; "vit" is the architecture all three ViT runs use.
+# so their budgets cannot drift apart; "vit" is the architecture all three ViT runs use. "real_pretrain" and
+# "real_transfer" are the same for the real-photo runs (CIFAR-10 split a -> split b, 25,000 training and 5,000 test
+# images each), with the same "vit" architecture; `benchmarks/transfer.py --task real` finetunes with "real_transfer".
 BUDGETS: Dict[str, Dict[str, Dict[str, Any]]] = {
     "tiny": {
         "vit": dict(num_layers=1, em_dim=16, num_heads=2, ff_dim=32, patch_size=8),
@@ -51,6 +63,8 @@ BUDGETS: Dict[str, Dict[str, Dict[str, Any]]] = {
                              synthetic_size=[64, 32]),
         "vit_transfer": dict(epochs=1, batch_size=16, train_steps_per_epoch=2, eval_steps_per_epoch=1,
                              synthetic_size=[64, 32]),
+        "real_pretrain": dict(epochs=1, batch_size=16, train_steps_per_epoch=2, eval_steps_per_epoch=1),
+        "real_transfer": dict(epochs=2, batch_size=16, train_steps_per_epoch=2, eval_steps_per_epoch=1),
         "mnist_vit": dict(epochs=1, batch_size=16, train_steps_per_epoch=2, eval_steps_per_epoch=1, num_layers=1,
                           em_dim=16, num_heads=2, ff_dim=32, synthetic_size=[64, 32]),
         "mnist_autoencoder": dict(epochs=1, batch_size=16, train_steps_per_epoch=2, eval_steps_per_epoch=1,
@@ -69,6 +83,9 @@ BUDGETS: Dict[str, Dict[str, Dict[str, Any]]] = {
                              synthetic_size=[19200, 1024], lr=2e-3, augment="apphub"),
         "vit_transfer": dict(epochs=6, batch_size=64, train_steps_per_epoch=100, eval_steps_per_epoch=16,
                              synthetic_size=[6400, 1024], lr=2e-3, augment="apphub"),
+        # real photos, the same settings: whole epochs (390 steps of 25,000 images), eval on all 5,000 test images
+        "real_pretrain": dict(epochs=8, batch_size=64, lr=2e-3, augment="apphub"),
+        "real_transfer": dict(epochs=3, batch_size=64, lr=2e-3, augment="apphub"),
         # the app's default "small_data" recipe cut to 10 of its 30 epochs; 8,000 train / 2,000 eval digits
         "mnist_vit": dict(epochs=10, batch_size=128),
         "mnist_autoencoder": dict(epochs=10, batch_size=128),
@@ -82,6 +99,9 @@ BUDGETS: Dict[str, Dict[str, Dict[str, Any]]] = {
         "vit": dict(),  # the apps' defaults: the apphub's 6 layers, dim 256, patch 4 (3.2M parameters)
         "vit_pretrain": dict(epochs=20, batch_size=128),  # synthetic CIFAR-100 at CIFAR's size, 50,000 / 10,000
         "vit_transfer": dict(epochs=5, batch_size=128),
+        # the default recipe as it is (batch 256, warmup capped at a fifth of the run), all images, eval every epoch
+        "real_pretrain": dict(epochs=60),
+        "real_transfer": dict(epochs=10),
         "mnist_vit": dict(batch_size=128),  # the app's default "small_data" recipe in full (30 epochs)
         "mnist_autoencoder": dict(epochs=10, batch_size=128),
         "resnet18": dict(epochs=5, batch_size=32, image_size=224, synthetic_size=[10000, 2000]),  # the recipe's 224
@@ -106,9 +126,10 @@ class Plan:
         self.name, self.module, self.kwargs, self.dataset, self.notes = name, module, kwargs, dataset, list(notes)
 
 
-def make_plans(budget: str, out: str, mnist_dir: Optional[str], force: bool,
-               num_process: Optional[int]) -> List[Plan]:
-    """The seven runs of the comparison under `budget`, writing into OUT/<run>."""
+def make_plans(budget: str, out: str, mnist_dir: Optional[str], force: bool, num_process: Optional[int],
+               cifar10_dir: Optional[str] = None) -> List[Plan]:
+    """The seven runs of the comparison under `budget`, writing into OUT/<run>; with `cifar10_dir` (a local CIFAR-10
+    folder) the three real-photo transfer runs (`REAL_RUNS`) too, after vit_scratch."""
     preset = BUDGETS[budget]
     common = lambda name: dict(save_dir=os.path.join(out, name), overwrite=force, num_process=num_process)  # noqa
     vit = preset["vit"]
@@ -132,6 +153,7 @@ def make_plans(budget: str, out: str, mnist_dir: Optional[str], force: bool,
              dict(preset["vit_transfer"], dataset="synthetic", from_scratch=True, **_arch(vit),
                   **common("vit_scratch")), "synthetic CIFAR-10",
              ["the vit_finetune ViT and budget, from random weights (no pretraining)"]),
+        *(real_plans(preset, vit, cifar10_dir, common) if cifar10_dir else []),
         Plan("mnist_vit", "apphub_vit.mnist", dict(mnist_kwargs, **mnist_data, **common("mnist_vit")),
              "MNIST" if mnist_dir else "synthetic digits", mnist_note),
         Plan("mnist_autoencoder", "apphub_vit.autoencoder", dict(ae_kwargs, **mnist_data, **common("mnist_autoencoder")),
@@ -149,6 +171,29 @@ def make_plans(budget: str, out: str, mnist_dir: Optional[str], force: bool,
                             else ""))
         plans.append(Plan(name, module, kwargs, dataset, notes))
     return plans
+
+
+def real_plans(preset: Dict[str, Dict[str, Any]], vit: Dict[str, Any], cifar10_dir: str,
+               common: Callable[[str], Dict[str, Any]]) -> List[Plan]:
+    """The real-photo transfer runs of a budget's `preset`: pretrain on CIFAR-10 split a, finetune its encoder on split
+    b, and the same ViT and finetuning budget on split b from random weights."""
+    a, b = (", ".join(CIFAR10_SPLITS[f"cifar10_split_{k}"]) for k in "ab")
+    return [
+        Plan("real_pretrain", "apphub_vit.pretrain",
+             dict(preset["real_pretrain"], dataset="cifar10_split_a", data_dir=cifar10_dir, **vit,
+                  **common("real_pretrain")), "CIFAR-10 split a", [f"real photos: the CIFAR-10 classes {a}"]),
+        Plan("real_finetune", "apphub_vit.finetune",
+             dict(preset["real_transfer"], dataset="cifar10_split_b", data_dir=cifar10_dir,
+                  encoder_weights=os.path.join(common("real_pretrain")["save_dir"], "vit_encoder.pt"), **_arch(vit),
+                  **common("real_finetune")), "CIFAR-10 split b",
+             [f"real photos: the CIFAR-10 classes {b}",
+              "encoder pretrained by the real_pretrain run of this comparison, on the five other classes"]),
+        Plan("real_scratch", "apphub_vit.finetune",
+             dict(preset["real_transfer"], dataset="cifar10_split_b", data_dir=cifar10_dir, from_scratch=True,
+                  **_arch(vit), **common("real_scratch")), "CIFAR-10 split b",
+             [f"real photos: the CIFAR-10 classes {b}",
+              "the real_finetune ViT and budget, from random weights (no pretraining)"]),
+    ]
 
 
 def _arch(vit: Dict[str, Any]) -> Dict[str, Any]:
@@ -180,7 +225,7 @@ def run_plan(plan: Plan, seed: int, log: Callable[[str], None] = print) -> float
     app = importlib.import_module(plan.module)
     estimator = app.get_estimator(**plan.kwargs)
     hparams = {k: v for k, v in plan.kwargs.items() if k not in ("save_dir", "overwrite")}
-    attach_recorder(estimator, app=plan.name if plan.name != "vit_scratch" else "vit_finetune",
+    attach_recorder(estimator, app=SCRATCH_APP.get(plan.name, plan.name),
                     save_dir=plan.kwargs["save_dir"], dataset=plan.dataset, hparams=hparams,
                     overwrite=plan.kwargs["overwrite"], notes=plan.notes)
     estimator.fit(warmup=False)
@@ -190,7 +235,8 @@ def run_plan(plan: Plan, seed: int, log: Callable[[str], None] = print) -> float
 
 
 def run_all(out: str, budget: str = "cpu", mnist_dir: Optional[str] = None, force: bool = False,
-            only: Optional[Sequence[str]] = None, num_process: Optional[int] = None, seed: int = 0) -> int:
+            only: Optional[Sequence[str]] = None, num_process: Optional[int] = None, seed: int = 0,
+            cifar10_dir: Optional[str] = None) -> int:
     """Run the comparison (see the module doc); returns the exit status: 0, or 1 if a run failed."""
     start = time.perf_counter()
     out_arg, out = out, os.path.abspath(os.path.expanduser(out))
@@ -199,15 +245,23 @@ def run_all(out: str, budget: str = "cpu", mnist_dir: Optional[str] = None, forc
     if mnist_dir is not None and not os.path.isdir(mnist_dir):
         raise FileNotFoundError(f"--mnist_dir '{mnist_dir}' is not a folder (expected the MNIST IDX files, e.g. "
                                 f"../shared/data/mnist).")
-    plans = make_plans(budget, out, mnist_dir, force, num_process)
+    if cifar10_dir is not None:
+        try:  # before any training: a wrong folder fails now, saying what it holds
+            find_cifar_folder(cifar10_dir, 10)
+        except DataNotFoundError as err:
+            raise DataNotFoundError(f"--cifar10_dir: {err}") from None
+    plans = make_plans(budget, out, mnist_dir, force, num_process, cifar10_dir)
     if only:
-        unknown = sorted(set(only) - set(RUNS))
+        names = RUNS + (REAL_RUNS if cifar10_dir else ())
+        unknown = sorted(set(only) - set(names))
         if unknown:
-            raise ValueError(f"--only: unknown run(s) {unknown}; choose from {', '.join(RUNS)}")
-        if "vit_finetune" in only and "vit_pretrain" not in only and not os.path.isfile(
-                plans[1].kwargs["encoder_weights"]):
-            raise ValueError("--only vit_finetune needs the encoder of vit_pretrain: add vit_pretrain, or run it first "
-                             "into the same --out.")
+            hint = "" if cifar10_dir else f" ({', '.join(REAL_RUNS)} need --cifar10_dir)"
+            raise ValueError(f"--only: unknown run(s) {unknown}; choose from {', '.join(names)}{hint}")
+        by_name = {p.name: p for p in plans}
+        for tuned, pre in (("vit_finetune", "vit_pretrain"), ("real_finetune", "real_pretrain")):
+            if tuned in only and pre not in only and not os.path.isfile(by_name[tuned].kwargs["encoder_weights"]):
+                raise ValueError(f"--only {tuned} needs the encoder of {pre}: add {pre}, or run it first into the "
+                                 f"same --out.")
         plans = [p for p in plans if p.name in only]
     check_outputs_free(out, plans, force)
     os.makedirs(out, exist_ok=True)
@@ -227,7 +281,8 @@ def run_all(out: str, budget: str = "cpu", mnist_dir: Optional[str] = None, forc
         return 1
     wall = time.perf_counter() - start
     command = " ".join(["python -m apphub_vit.run_all", "--out", out_arg, "--budget", budget]
-                       + (["--mnist_dir", mnist_dir] if mnist_dir else []))
+                       + (["--mnist_dir", mnist_dir] if mnist_dir else [])
+                       + (["--cifar10_dir", cifar10_dir] if cifar10_dir else []))
     footer = (f"Produced by `{command}` in {wall / 60:.1f} min wall time (all runs with their data generation and "
               f"evaluation; Python's start and imports, about 15 s on 2 cores, not included; per run: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + ")."
               + (f" Failed: {', '.join(failed)}." if failed else ""))
@@ -246,14 +301,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="cpu: ~10 min on 2 cores; gpu: full-size models, longer; tiny: seconds, a smoke test")
     parser.add_argument("--mnist_dir", help="folder with real MNIST IDX files (e.g. ../shared/data/mnist); without "
                         "it the MNIST apps use synthetic digits")
-    parser.add_argument("--only", help=f"comma-separated subset of: {', '.join(RUNS)}")
+    parser.add_argument("--cifar10_dir", help="a local CIFAR-10 folder (cifar-10-batches-py or its parent, e.g. from "
+                        "`python ../shared/data/cifar10/to_batches.py /tmp/c10`): add the real-photo transfer runs "
+                        f"{', '.join(REAL_RUNS)}")
+    parser.add_argument("--only", help=f"comma-separated subset of: {', '.join(RUNS + REAL_RUNS)}")
     parser.add_argument("--num_process", type=int, help="pipeline workers (default: 0 on cpu/tiny, FE's on gpu)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="replace runs and comparison files already in OUT")
     args = parser.parse_args(argv)
     try:
         return run_all(args.out, args.budget, args.mnist_dir, args.force,
-                       only=args.only.split(",") if args.only else None, num_process=args.num_process, seed=args.seed)
+                       only=args.only.split(",") if args.only else None, num_process=args.num_process, seed=args.seed,
+                       cifar10_dir=args.cifar10_dir)
     except (FileExistsError, FileNotFoundError, ValueError) as err:
         print(f"run_all: error: {err}", file=sys.stderr)
         return 1

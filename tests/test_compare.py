@@ -213,3 +213,50 @@ def test_run_all_budgets_fit_the_apps_signatures(budget, tmp_path):
     by_name = {p.name: p.kwargs for p in plans}
     budget_keys = ("epochs", "batch_size", "train_steps_per_epoch", "synthetic_size", "num_layers", "em_dim")
     assert all(by_name["vit_finetune"].get(k) == by_name["vit_scratch"].get(k) for k in budget_keys)
+
+
+@pytest.mark.parametrize("budget", ["tiny", "cpu", "gpu"])
+def test_run_all_adds_the_real_photo_runs_only_with_a_cifar10_folder(budget, tmp_path):
+    """With cifar10_dir the three real-photo runs come after vit_scratch (pretrain on split a, finetune and scratch on
+    split b, one budget for both); their arguments fit the apps; the other seven runs stay as they were."""
+    import importlib
+    import inspect
+
+    from apphub_vit.run_all import REAL_RUNS, RUNS, make_plans
+    plain = make_plans(budget, str(tmp_path), None, False, 0)
+    plans = make_plans(budget, str(tmp_path), None, False, 0, cifar10_dir="/data/c10")
+    assert [p.name for p in plans] == list(RUNS[:3] + REAL_RUNS + RUNS[3:])
+    assert [(p.name, p.kwargs) for p in plans if p.name in RUNS] == [(p.name, p.kwargs) for p in plain]
+    real = {p.name: p.kwargs for p in plans if p.name in REAL_RUNS}
+    for plan in plans:
+        inspect.signature(importlib.import_module(plan.module).get_estimator).bind(**plan.kwargs)
+    assert real["real_pretrain"]["dataset"] == "cifar10_split_a"
+    assert real["real_finetune"]["dataset"] == real["real_scratch"]["dataset"] == "cifar10_split_b"
+    assert all(kwargs["data_dir"] == "/data/c10" for kwargs in real.values())
+    assert real["real_finetune"]["encoder_weights"] == str(tmp_path / "real_pretrain" / "vit_encoder.pt")
+    assert real["real_scratch"]["from_scratch"] is True
+    budget_keys = ("epochs", "batch_size", "train_steps_per_epoch", "eval_steps_per_epoch", "lr", "num_layers",
+                   "em_dim", "patch_size")
+    tuned, scratch = ({k: real[name].get(k) for k in budget_keys} for name in ("real_finetune", "real_scratch"))
+    assert tuned == scratch
+
+
+def test_run_all_real_photo_runs_end_to_end_and_refused_without_the_folder(tmp_path, capsys):
+    from apphub_vit.run_all import main as run_all_main
+    from tests.test_data import _write_cifar10
+    _write_cifar10(tmp_path / "c10" / "cifar-10-batches-py", n=20)
+    runs = "real_pretrain,real_finetune,real_scratch"
+    out = tmp_path / "out"
+    assert run_all_main(["--out", str(out), "--budget", "tiny", "--cifar10_dir", str(tmp_path / "c10"), "--only",
+                         runs]) == 0
+    rows = rows_by_run(out)
+    assert list(rows) == runs.split(",")
+    assert [rows[r]["dataset"] for r in rows] == ["cifar10_split_a", "cifar10_split_b", "cifar10_split_b"]
+    assert "--cifar10_dir" in (out / "comparison.md").read_text()
+    capsys.readouterr()
+    assert run_all_main(["--out", str(tmp_path / "x"), "--budget", "tiny", "--only", "real_pretrain"]) == 1
+    assert "need --cifar10_dir" in capsys.readouterr().err
+    assert run_all_main(["--out", str(tmp_path / "y"), "--budget", "tiny", "--cifar10_dir", str(tmp_path / "no"),
+                         "--only", runs]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()  # refused before any run

@@ -6,18 +6,20 @@ import numpy as np
 import pytest
 
 from apphub_vit import data as data_mod
-from apphub_vit.data import DataNotFoundError, class_names, load_cifar
+from apphub_vit.data import (CIFAR10_CLASSES, DataNotFoundError, balanced_subset, class_names, load_cifar,
+                             num_classes_of)
 from apphub_vit.synthetic import make_synthetic
 from networks.online import online
 
 
 def _write_cifar10(folder, n=20, seed=0):
+    """A cifar-10-batches-py folder of random images: n per file, every class n // 10 times (in random order)."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True)
     images = {}
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         x = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
-        y = rng.integers(0, 10, n).tolist()
+        y = rng.permutation(np.arange(n) % 10).tolist()
         with open(folder / name, "wb") as f:
             pickle.dump({b"data": x, b"labels": y}, f)
         images[name] = (x, y)
@@ -155,3 +157,53 @@ def test_class_names():
     assert len(class_names(100, "cifair100")) == len(set(class_names(100, "cifair100"))) == 100
     assert class_names(10, "cifair10")[0] == "airplane"
     assert len(class_names(100, "synthetic")) == 100 and len(class_names(10, "synthetic")) == 10
+
+
+def _by_image(written, files):
+    """{image bytes: CIFAR-10 label} of the images written into `files` (random images: each is unique)."""
+    return {x.tobytes(): y for name in files for x, y in zip(*written[name])}
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_cifar10_splits_hold_exactly_their_named_classes_disjoint_and_labelled_0_to_4(tmp_path, split):
+    written = _write_cifar10(tmp_path / "cifar-10-batches-py", n=30)
+    files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    origin = _by_image(written, files)
+    seen = {}
+    for dataset, names in (("cifar10_split_a", CIFAR10_CLASSES[:5]), ("cifar10_split_b", CIFAR10_CLASSES[5:])):
+        assert class_names(5, dataset) == list(names)
+        data = data_mod.dataset_arrays(load_cifar(5, dataset, data_dir=str(tmp_path))[0 if split == "train" else 1])
+        assert data["x"].shape[1:] == (32, 32, 3) and data["y"].dtype == np.uint8
+        assert sorted(set(data["y"].tolist())) == [0, 1, 2, 3, 4]
+        keys = [x.transpose(2, 0, 1).tobytes() for x in data["x"]]  # back to the file's R, G, B planes
+        # every image keeps its class, under the name of its new label, and every image of those classes is there
+        assert [CIFAR10_CLASSES[origin[k]] for k in keys] == [names[y] for y in data["y"]]
+        assert sorted(keys) == sorted(k for k, y in origin.items() if CIFAR10_CLASSES[y] in names)
+        seen[dataset] = set(keys)
+    assert not seen["cifar10_split_a"] & seen["cifar10_split_b"]  # disjoint
+    assert seen["cifar10_split_a"] | seen["cifar10_split_b"] == set(origin)  # together: all of CIFAR-10
+
+
+def test_cifar10_splits_have_five_classes_and_need_a_local_folder(tmp_path):
+    assert num_classes_of("cifar10_split_a", 100) == num_classes_of("cifar10_split_b", 10) == 5
+    assert num_classes_of("cifair100", 100) == 100 and num_classes_of("synthetic", 10) == 10
+    start = time.perf_counter()
+    with pytest.raises(DataNotFoundError, match=r"needs a local CIFAR-10 folder.*to_batches\.py /tmp/c10"):
+        load_cifar(5, "cifar10_split_a")
+    assert time.perf_counter() - start < 2
+    _write_cifar100(tmp_path / "cifar-100-python")
+    with pytest.raises(DataNotFoundError, match="needs CIFAR-10"):
+        load_cifar(5, "cifar10_split_b", data_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="has 5 classes, not 100"):
+        load_cifar(100, "cifar10_split_a", data_dir=str(tmp_path))
+
+
+def test_balanced_subset_is_balanced_and_fixed_by_its_seed():
+    labels = np.random.default_rng(0).integers(0, 5, 1000)
+    subset = balanced_subset(labels, 50, seed=3)
+    assert len(subset) == len(set(subset.tolist())) == 250
+    assert np.bincount(labels[subset], minlength=5).tolist() == [50] * 5
+    assert np.array_equal(subset, balanced_subset(labels, 50, seed=3))  # the same subset for the same seed
+    assert not np.array_equal(subset, balanced_subset(labels, 50, seed=4))
+    with pytest.raises(ValueError, match="fewer than the 1000 asked"):
+        balanced_subset(labels, 1000)

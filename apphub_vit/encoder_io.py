@@ -14,7 +14,7 @@ import torch
 from fastestimator.trace import Trace
 from fastestimator.util.data import Data
 
-from networks.util import state_dict_mismatches
+from networks.util import non_finite, state_dict_mismatches
 from networks.vit import ViTConfig, ViTEncoder, ViTModel
 
 ENCODER_FORMAT = "apphub_vit.vit_encoder/1"
@@ -47,7 +47,7 @@ def save_encoder(model: torch.nn.Module, path: str, overwrite: bool = False) -> 
                               f"pass overwrite=True to replace it.")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     state = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
-    bad = [k for k, v in state.items() if torch.is_floating_point(v) and not torch.isfinite(v).all()]
+    bad = non_finite(state)
     if bad:
         raise ValueError(f"Not saving the encoder to '{path}': its weights are not finite ({', '.join(bad[:3])}...); "
                          f"the training diverged. Lower the learning rate and train again.")
@@ -163,7 +163,7 @@ class EncoderSaver(Trace):
         self.saved: Optional[str] = None
 
     def on_end(self, data: Data) -> None:
-        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+        if non_finite(self.model.state_dict()):
             print("FastEstimator-EncoderSaver: not saving the encoder: its weights are not finite (the run diverged)")
             return
         # A second fit() of the same estimator replaces what its own first fit() wrote.

@@ -21,7 +21,7 @@ import json
 import os
 import random
 import threading
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence
 
 import fastestimator as fe
 import numpy as np
@@ -29,6 +29,9 @@ import torch
 from fastestimator.trace import Trace
 from fastestimator.trace.io import BestModelSaver
 from fastestimator.util.data import Data
+
+from apphub_vit.encoder_io import unwrap
+from networks.util import non_finite
 
 LOCK_FILE = "run.lock"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -105,11 +108,6 @@ def _release_all() -> None:
         lock.release()
 
 
-def all_finite(module: torch.nn.Module) -> bool:
-    """Whether every floating-point tensor of `module`'s state is finite."""
-    return all(torch.isfinite(v).all() for v in module.state_dict().values() if torch.is_floating_point(v))
-
-
 class TrainingDiverged(RuntimeError):
     """The training loss stopped being a finite number; the message says where and what to try."""
 
@@ -159,14 +157,14 @@ class SafeBestModelSaver(BestModelSaver):
             data.write_with_log(self.outputs[1], self.best)
             return
         value = data[self.metric]
-        if self.monitor_op(value, self.best) and not all_finite(self.model):
+        if self.monitor_op(value, self.best) and non_finite(self.model.state_dict()):
             print(f"FastEstimator-BestModelSaver: not saving {self.model.model_name}: its weights are not finite")
             value = self.best  # counts as no improvement
         if self.monitor_op(value, self.best):
             self.best, self.since_best = float(value), 0
             path = os.path.join(self.save_dir, f"{self.model_name}.pt")  # FastEstimator's name
             with atomic_path(path) as tmp:
-                torch.save(_unwrapped(self.model).state_dict(), tmp)
+                torch.save(unwrap(self.model).state_dict(), tmp)
             self.model_path = path
             print(f"FastEstimator-BestModelSaver: Saved model to {path}")
         else:
@@ -179,10 +177,6 @@ class SafeBestModelSaver(BestModelSaver):
 
     def load_state(self, state: Dict[str, Any]) -> None:
         self.best, self.since_best, self.model_path = state["best"], state["since_best"], state["model_path"]
-
-
-def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if isinstance(model, torch.nn.DataParallel) else model
 
 
 def _rng_state() -> Dict[str, Any]:
@@ -249,8 +243,7 @@ class Checkpoint(Trace):
             return
         state = {"format": CHECKPOINT_FORMAT, "epoch": self.system.epoch_idx, "step": self.system.global_step,
                  "config": self.config, "rng": _rng_state(),
-                 "models": {m.model_name: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
-                            for m in self.models},
+                 "models": {m.model_name: _cpu(m.state_dict()) for m in self.models},
                  "optimizers": {m.model_name: _cpu(m.optimizer.state_dict()) for m in self.models
                                 if m.optimizer is not None},
                  "traces": _cpu([trace.state() for trace in self.stateful])}
@@ -312,8 +305,3 @@ class AppEstimator(fe.Estimator):
         if self.guard is not None and self.guard.diverged:
             raise TrainingDiverged(self.guard.diverged)
         return summary
-
-
-def stateful_traces(traces: List[Trace]) -> List[Any]:
-    """The traces of `traces` that carry state over a resume."""
-    return [t for t in traces if hasattr(t, "state") and hasattr(t, "load_state")]

@@ -35,3 +35,9 @@ def state_dict_mismatches(own: Mapping[str, torch.Tensor], loaded: Mapping[str, 
               if k in own and tuple(v.shape) != tuple(own[k].shape)]
     return (([f"missing {missing[:limit]}"] if missing else []) +
             ([f"unexpected {unexpected[:limit]}"] if unexpected else []) + shapes[:limit])
+
+
+def non_finite(state: Mapping[str, torch.Tensor]) -> List[str]:
+    """The names of the floating-point tensors of a state_dict that hold a NaN or an infinity (weights a diverged
+    training left), in order; empty when every one is finite."""
+    return [k for k, v in state.items() if torch.is_floating_point(v) and not torch.isfinite(v).all()]

@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 
 from apphub_vit.records import count_parameters as records_count_parameters
-from networks.util import count_parameters, state_dict_mismatches
+from networks.util import count_parameters, non_finite, state_dict_mismatches
 
 
 def test_count_parameters_totals_trainable_and_per_model_with_shared_parameters_once():
@@ -55,3 +55,10 @@ def test_state_dict_mismatches_is_what_strict_loading_accepts():
             pass
         else:
             raise AssertionError(f"strict loading accepted {sorted(bad)}")
+
+
+def test_non_finite_names_the_tensors_holding_nan_or_inf_and_ignores_integers():
+    state = {"w": torch.ones(2), "b": torch.tensor([1.0, float("nan")]), "s": torch.tensor(float("inf")),
+             "n": torch.tensor([3])}
+    assert non_finite(state) == ["b", "s"]
+    assert non_finite({"w": torch.zeros(3)}) == []

@@ -14,6 +14,11 @@ from apphub_vit import options
 from apphub_vit.recipes import Recipe
 
 PRECISIONS = ("fp32", "bf16", "fp16")  # bf16: autocast, no loss scaling; fp16: FastEstimator's mixed_precision
+# Eval batches on a GPU. An eval step is a forward pass alone, and FastEstimator's eval loop does per-batch work on the
+# host (its op chain, a copy of the predictions to the host for the metric traces); at the train batch (256) that host
+# work, not the GPU, set the eval speed. 2,500 divides the CIFAR test sets (10,000) and a five-class split's (5,000),
+# so every eval batch has one shape (one compiled graph); its activations take a few hundred MB.
+GPU_EVAL_BATCH = 2500
 
 
 @dataclass(frozen=True)
@@ -24,6 +29,7 @@ class Hardware:
     compile: bool
     num_process: Optional[int]  # pipeline worker processes of the per-sample pipeline (None: FastEstimator's default)
     cuda_graph: bool
+    eval_batch_size: int  # images per eval (and test) batch
 
 
 def cuda_graph_blockers(recipe: Recipe, precision: str) -> List[str]:
@@ -57,4 +63,5 @@ def resolve_hardware(recipe: Recipe, device_augment: Optional[bool] = None, prec
         raise options.OptionError(f"cuda_graph=True cannot capture this configuration: {'; '.join(blockers)}. Use "
                                   f"cuda_graph=False (or None, which picks it where it works)")
     return Hardware(gpu=gpu, device_augment=device_augment, precision=precision, compile=compile,
-                    num_process=num_process, cuda_graph=gpu and not blockers if cuda_graph is None else cuda_graph)
+                    num_process=num_process, cuda_graph=gpu and not blockers if cuda_graph is None else cuda_graph,
+                    eval_batch_size=GPU_EVAL_BATCH if gpu and device_augment else recipe.batch_size)

@@ -8,12 +8,14 @@ The record is what `apphub_vit.compare` reads to put runs side by side. It holds
   whether a trace stopped training early;
 * ``parameters``: total and trainable counts over all models given (shared parameters counted once), and per model;
 * ``metrics``: which eval key is the accuracy (None when the app has none, as the MNIST autoencoder) and which the loss;
-* ``eval``: one entry per eval epoch, ``{"epoch", "step", "metrics": {key: value}}`` with every numeric scalar the
-  eval epoch logged (the same values FastEstimator's Logger prints and writes into `System.summary`);
+* ``eval``: one entry per eval epoch, ``{"epoch", "step", "metrics": {key: value}, "elapsed", "time"}`` with every
+  numeric scalar the eval epoch logged (the same values FastEstimator's Logger prints and writes into
+  `System.summary`), the seconds since `fit()` began and the Unix time at the epoch's end (for time to accuracy);
 * ``train_log``: the training values FastEstimator logged every `log_steps` steps (loss, steps/sec), with their step;
 * ``best_accuracy`` / ``best_accuracy_step`` / ``final_accuracy`` and ``best_loss`` / ``final_loss`` (None if absent);
 * ``timing``: train seconds (the train epochs only: eval epochs and the time between are excluded), eval seconds,
-  total seconds, train images seen and train images per second;
+  total seconds, the Unix time `fit()` began (``fit_started``: what came before it in the process is start-up), train
+  images seen and train images per second;
 * ``device`` (cpu, or the CUDA device's name; GPU count, CPU count, torch threads) and ``versions`` (python, torch,
   torchvision, fastestimator, numpy).
 
@@ -178,6 +180,7 @@ class RunRecorder(Trace):
         self._models = self.models if self.models is not None else list(self.system.network.models)
         self._start = time.perf_counter()
         self._started_at = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        self._fit_started = time.time()
         self._epoch_start = 0.0
         self._train_seconds = self._eval_seconds = 0.0
         self._train_images = 0
@@ -223,7 +226,8 @@ class RunRecorder(Trace):
         self._eval_seconds += elapsed
         metrics = {k: scalar(v) for k, v in data.read_logs().items()}
         entry = {"epoch": self.system.epoch_idx, "step": self.system.global_step or 0,
-                 "metrics": {k: v for k, v in metrics.items() if v is not None}}
+                 "metrics": {k: v for k, v in metrics.items() if v is not None},
+                 "elapsed": round(time.perf_counter() - self._start, 3), "time": round(time.time(), 3)}
         if self._eval and self._eval[-1]["epoch"] == entry["epoch"]:  # the eval FastEstimator repeats on a resume
             self._eval[-1] = entry
         else:
@@ -232,6 +236,7 @@ class RunRecorder(Trace):
     def state(self) -> Dict[str, Any]:
         """What a resumed run needs to continue this record (`apphub_vit.runs.Checkpoint`)."""
         return {"elapsed": time.perf_counter() - self._start, "started_at": self._started_at,
+                "fit_started": self._fit_started,
                 "train_seconds": self._train_seconds, "eval_seconds": self._eval_seconds,
                 "train_images": self._train_images, "batch_size": self._batch_size,
                 "train_epochs": self._train_epochs, "eval": self._eval, "train_log": self._train_log,
@@ -240,6 +245,7 @@ class RunRecorder(Trace):
     def load_state(self, state: Dict[str, Any]) -> None:
         self._start = time.perf_counter() - state["elapsed"]
         self._started_at = state["started_at"]
+        self._fit_started = state.get("fit_started", self._fit_started)
         self._train_seconds, self._eval_seconds = state["train_seconds"], state["eval_seconds"]
         self._train_images, self._batch_size = state["train_images"], state["batch_size"]
         self._train_epochs, self._eval, self._train_log = state["train_epochs"], state["eval"], state["train_log"]
@@ -304,6 +310,7 @@ class RunRecorder(Trace):
                 "train_seconds": train_seconds,
                 "eval_seconds": round(self._eval_seconds, 3),
                 "total_seconds": round(time.perf_counter() - self._start, 3),
+                "fit_started": round(self._fit_started, 3),
                 "train_images": self._train_images,
                 "train_images_per_second": round(self._train_images / train_seconds, 2) if train_seconds else None,
             },

@@ -93,7 +93,7 @@ def build_vit_estimator(*, app: str, num_classes: int, dataset: str, data_dir: O
     #    split is both the eval and the test data.
     train_data, eval_data = load_cifar(num_classes, dataset, data_dir, **synthetic_sizes(run["synthetic_size"]))
     if hw.device_augment:
-        held_out = BatchLoader(dataset_arrays(eval_data), recipe.batch_size, shuffle=False)
+        held_out = BatchLoader(dataset_arrays(eval_data), hw.eval_batch_size, shuffle=False)
         pipeline = fe.Pipeline(train_data=BatchLoader(dataset_arrays(train_data), recipe.batch_size, shuffle=True,
                                                       drop_last=True), eval_data=held_out, test_data=held_out)
         augment_ops = batched_cifar_ops(CIFAR_MEAN, CIFAR_STD, strong=strong, num_classes=num_classes,

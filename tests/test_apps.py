@@ -407,3 +407,29 @@ def test_the_command_line_refuses_an_unknown_option_naming_it(tmp_path):
                          capture_output=True, text=True, env=cli_env(), cwd=tmp_path, timeout=600)
     assert out.returncode != 0 and "has no option 'lrr' (did you mean 'lr'?)" in out.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_fit_freezes_what_outlives_an_epoch_and_unfreezes_at_the_end(tmp_path):
+    """FastEstimator's Pipeline runs a full gc.collect() after every epoch; the AppEstimator freezes what survived each
+    epoch so that those collections stop scanning it (most of a CIFAR eval epoch on a GPU host), and unfreezes at
+    the end so the run's own reference cycles can be collected afterwards."""
+    import gc
+
+    from fastestimator.trace import Trace
+
+    class FrozenAtEpochStart(Trace):
+        def __init__(self):
+            super().__init__(mode="train")
+            self.counts = []
+
+        def on_epoch_begin(self, data):
+            self.counts.append(gc.get_freeze_count())
+
+    gc.unfreeze()
+    est = finetune_app.get_estimator(from_scratch=True, dataset="synthetic", save_dir=str(tmp_path),
+                                     **dict(TINY_RUN, epochs=2), **TINY_VIT)
+    probe = FrozenAtEpochStart()
+    est.traces.append(probe)
+    est.fit()
+    assert probe.counts[0] == 0 and probe.counts[1] > 1000, probe.counts  # epoch 2 starts with epoch 1's heap frozen
+    assert gc.get_freeze_count() == 0

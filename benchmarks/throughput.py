@@ -16,7 +16,14 @@ eval is excluded and so are the first `--skip` steps of the timed epoch, where c
    without the per-image policy (`augment="apphub"`), and without SPT + LSA; on a GPU also without the CUDA graph;
 3. the apphub pipeline alone (six per-sample ops, its batch), and ours (uint8 batching only, its batch);
 4. the model's training step alone (forward, backward, optimizer step) at our path's settings, with our batched
-   augmentation ops included, data already on the device.
+   augmentation ops included, data already on the device;
+5. the peer: the training loop a PyTorch user would write by hand for a ViT of the same size, timm's
+   `VisionTransformer` (6 x 256, 8 heads, MLP 512, patch 4, CLS token), data on the device, random crop (reflect pad
+   4) and flip on the device, label smoothing 0.1, fused AdamW, and on a GPU bf16 autocast and `torch.compile`
+   (skipped, saying so, where timm is not installed: `pip install -e ".[bench]"`).
+
+Each row also gives its achieved TFLOP/s: the images/s times the FLOPs of one training image (forward and backward,
+counted by torch's FlopCounterMode on that row's model; the optimizer and augmentation are not counted).
 """
 import argparse
 import os
@@ -34,6 +41,7 @@ from fastestimator.trace import Trace  # noqa: E402
 
 from apphub_vit import pretrain  # noqa: E402
 from apphub_vit.recipes import VIT_RECIPES  # noqa: E402
+from networks.vit import ViTModel  # noqa: E402
 
 SIZES = {"full": dict(num_layers=6, em_dim=256, num_heads=8, ff_dim=512, patch_size=4),
          "tiny": dict(num_layers=2, em_dim=32, num_heads=2, ff_dim=64, patch_size=8)}
@@ -122,6 +130,79 @@ def model_step_alone(kwargs: Dict, batch_size: int, steps: int, skip: int) -> fl
     return steps * batch_size / (time.perf_counter() - start)
 
 
+def train_flops_per_image(model: torch.nn.Module, batch: int = 2, backward: bool = True) -> float:
+    """FLOPs of one image's forward (and backward) pass through `model`, counted by FlopCounterMode (matmuls,
+    convolutions) on the CPU with attention run as plain matmuls (the counter has no formula for the CPU's fused
+    attention kernel); the model is left as it was."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    model = model.cpu().train()
+    x = torch.randn(batch, 3, 32, 32)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        out = model(x)
+        if backward:
+            out.float().logsumexp(dim=1).sum().backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / batch
+
+
+def vit_flops(kwargs: Dict) -> float:
+    """`train_flops_per_image` of the ViT an end-to-end row trains (the recipe's model with the row's overrides)."""
+    from dataclasses import replace
+    recipe = VIT_RECIPES[kwargs.get("recipe", "vit")]
+    fields = {k: v for k, v in kwargs.items() if k in recipe.model.__dataclass_fields__}
+    return train_flops_per_image(ViTModel.from_config(100, replace(recipe.model, **fields)))
+
+
+def timm_vit(arch: Dict):
+    """timm's VisionTransformer of our size (None where timm is not installed)."""
+    try:
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError:
+        return None
+    return VisionTransformer(img_size=32, patch_size=arch["patch_size"], num_classes=100, embed_dim=arch["em_dim"],
+                             depth=arch["num_layers"], num_heads=arch["num_heads"],
+                             mlp_ratio=arch["ff_dim"] / arch["em_dim"], class_token=True, global_pool="token")
+
+
+def timm_loop(arch: Dict, batch_size: int, steps: int, skip: int) -> float:
+    """The hand-written loop of row 5: images/s over `steps` steps after `skip` untimed ones."""
+    import torch.nn.functional as F
+    gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if gpu else "cpu")
+    model = timm_vit(arch).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05, fused=gpu)
+    forward = torch.compile(model) if gpu else model
+    images = torch.randint(0, 256, (50000 if gpu else 4 * batch_size, 32, 32, 3), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, 100, (len(images), ), device=device)
+    mean = torch.tensor([0.4914, 0.4822, 0.4465], device=device).view(1, 3, 1, 1)
+    std = torch.tensor([0.2470, 0.2435, 0.2616], device=device).view(1, 3, 1, 1)
+    rows = torch.arange(32, device=device)
+
+    def step(index: torch.Tensor) -> None:
+        x = (images[index].permute(0, 3, 1, 2).float() / 255 - mean) / std  # [B, 3, 32, 32]
+        x = torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(3), x)
+        x = F.pad(x, (4, 4, 4, 4), mode="reflect")  # [B, 3, 40, 40]
+        dy, dx = torch.randint(0, 9, (2, len(x), 1), device=device)
+        x = x[torch.arange(len(x), device=device)[:, None, None, None], torch.arange(3, device=device)[None, :, None,
+              None], (dy + rows)[:, None, :, None], (dx + rows)[:, None, None, :]]  # a 32 x 32 crop per image
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
+            loss = F.cross_entropy(forward(x), labels[index], label_smoothing=0.1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    order = torch.randperm(len(images), device=device)
+    for i in range(skip + steps):
+        if i == skip:
+            _sync()
+            start = time.perf_counter()
+        first = (i * batch_size) % (len(images) - batch_size)
+        step(order[first:first + batch_size])
+    _sync()
+    return steps * batch_size / (time.perf_counter() - start)
+
+
 def main(argv: List[str] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="full")
@@ -148,39 +229,58 @@ def main(argv: List[str] = None) -> None:
         with fastestimator_sampler_as_shipped():
             return end_to_end(apphub, 128, steps, skip, epochs=1)
 
+    ours_flops, plain_flops = vit_flops(ours), vit_flops(dict(ours, spt=False, lsa=False))
+    peer = timm_vit(arch)
+    peer_name = (f"peer: hand-written timm ViT loop, same size (batch {ours_batch}"
+                 f"{', bf16, torch.compile' if gpu else ', fp32'})")
+    # (name, measure, FLOPs per training image or None for rows without a model)
     measurements = [
         ("apphub recipe, end to end (batch 128, fp32, per-sample ops)",
-         lambda: end_to_end(apphub, 128, steps, skip, epochs=1)),
+         lambda: end_to_end(apphub, 128, steps, skip, epochs=1), vit_flops(apphub)),
         ("the same without our FastEstimator sampler fix (as FastEstimator 1.7.0 runs it on this torch)",
-         apphub_as_shipped),
+         apphub_as_shipped, vit_flops(apphub)),
         (f"our path, end to end (batch {ours_batch}, app defaults for this device)",
          lambda: end_to_end(ours, ours_batch, steps, skip, epochs=2 if gpu else 1, profile=args.profile,
-                            sync_debug=args.sync_debug)),
+                            sync_debug=args.sync_debug), ours_flops),
         *([(f"our path without the CUDA graph step, end to end (batch {ours_batch})",
-            lambda: end_to_end(dict(ours, cuda_graph=False), ours_batch, steps, skip, epochs=2))] if gpu else []),
+            lambda: end_to_end(dict(ours, cuda_graph=False), ours_batch, steps, skip, epochs=2), ours_flops)]
+          if gpu else []),
         (f"our path without the per-image policy (--augment apphub), end to end (batch {ours_batch})",
-         lambda: end_to_end(dict(ours, augment="apphub"), ours_batch, steps, skip, epochs=2 if gpu else 1)),
+         lambda: end_to_end(dict(ours, augment="apphub"), ours_batch, steps, skip, epochs=2 if gpu else 1),
+         ours_flops),
         # Shifted Patch Tokenization + Locality Self-Attention (Lee et al. 2021), on in the default recipe for 4 points
         # of accuracy on CIFAR-10 (docs/results-cifar10.md); this row weighs what they cost in speed.
         (f"our path without SPT + LSA (--spt False --lsa False), end to end (batch {ours_batch})",
-         lambda: end_to_end(dict(ours, spt=False, lsa=False), ours_batch, steps, skip, epochs=2 if gpu else 1)),
-        ("apphub pipeline alone (six per-sample ops, batch 128)", lambda: pipeline_alone(apphub, 128, steps)),
+         lambda: end_to_end(dict(ours, spt=False, lsa=False), ours_batch, steps, skip, epochs=2 if gpu else 1),
+         plain_flops),
+        ("apphub pipeline alone (six per-sample ops, batch 128)", lambda: pipeline_alone(apphub, 128, steps), None),
         (f"our pipeline alone (uint8 batches gathered on the device, batch {ours_batch})",
-         lambda: pipeline_alone(ours, ours_batch, steps)),
+         lambda: pipeline_alone(ours, ours_batch, steps), None),
         (f"our model step alone (augment + fwd + bwd + update, batch {ours_batch})",
-         lambda: model_step_alone(ours, ours_batch, steps, skip)),
+         lambda: model_step_alone(ours, ours_batch, steps, skip), ours_flops),
+        *([(peer_name, lambda: timm_loop(arch, ours_batch, steps, skip), train_flops_per_image(peer))]
+          if peer is not None else []),
     ]
     rows = []
-    for name, measure in measurements:
-        rows.append((name, measure()))
+    for name, measure, flops in measurements:
+        rows.append((name, measure(), flops))
         print(f"MEASURED {name}: {rows[-1][1]:,.0f} images/s", flush=True)  # as soon as known, in case a later row fails
+    if peer is None:
+        print("peer row skipped: timm is not installed (pip install -e \".[bench]\")")
     base = rows[0][1]
-    width = max(len(name) for name, _ in rows)
-    rw = max(8, *(len(f"{rate:,.0f}") for _, rate in rows))  # the pipeline rows run to millions on a GPU
-    print(f"\n| {'what'.ljust(width)} | {'images/s'.rjust(rw)} | vs apphub end to end |")
-    print(f"| {'-' * width} | {'-' * (rw - 1)}: | -------------------: |")
-    for name, rate in rows:
-        print(f"| {name.ljust(width)} | {rate:{rw},.0f} | {rate / base:19.2f}x |")
+    ours_rate = rows[2][1]
+    peer_rate = rows[-1][1] if peer is not None else None
+    width = max(len(name) for name, _, _ in rows)
+    rw = max(8, *(len(f"{rate:,.0f}") for _, rate, _ in rows))  # the pipeline rows run to millions on a GPU
+    print(f"\nFLOPs per training image (forward + backward): ours {ours_flops / 1e9:.3f} G, without SPT + LSA "
+          f"{plain_flops / 1e9:.3f} G" + (f", the timm peer {rows[-1][2] / 1e9:.3f} G" if peer is not None else ""))
+    print(f"\n| {'what'.ljust(width)} | {'images/s'.rjust(rw)} | vs apphub end to end | TFLOP/s |")
+    print(f"| {'-' * width} | {'-' * (rw - 1)}: | -------------------: | ------: |")
+    for name, rate, flops in rows:
+        tflops = f"{rate * flops / 1e12:7.2f}" if flops else "      -"
+        print(f"| {name.ljust(width)} | {rate:{rw},.0f} | {rate / base:19.2f}x | {tflops} |")
+    if peer_rate:
+        print(f"\nour path end to end / the hand-written timm loop: {ours_rate / peer_rate:.2f}x")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,17 @@ def test_throughput_prints_every_row_with_its_ratio(capsys, monkeypatch):
     throughput.main(["--size", "tiny", "--steps", "3", "--skip", "1", "--batch_size", "24"])
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| ") and "images/s" not in line and "---" not in line]
-    assert len(rows) == 8, out[-3000:]
+    has_timm = throughput.timm_vit(throughput.SIZES["tiny"]) is not None
+    assert len(rows) == 8 + has_timm, out[-3000:]
+    if has_timm:  # the hand-written peer loop, last, and the ratio of our path to it
+        assert rows[-1].startswith("| peer: hand-written timm ViT loop") and "our path end to end / the hand" in out
+    else:
+        assert "peer row skipped: timm is not installed" in out
+    # TFLOP/s for the rows that train a model, from a FLOP count of that row's model
+    flops = re.search(r"FLOPs per training image \(forward \+ backward\): ours ([0-9.]+) G, without SPT \+ LSA "
+                      r"([0-9.]+) G", out)
+    assert flops and float(flops.group(1)) > float(flops.group(2)) > 0, out[-2000:]  # SPT's wider patch embedding
+    assert [row.split("|")[4].strip() == "-" for row in rows[:8]] == [False] * 5 + [True, True, False]
     assert "our path without SPT + LSA" in out
     # that row, and only it, turns them off (the default recipe has them); likewise the per-image policy
     assert [k["batch_size"] for k in built if k.get("spt") is False and k.get("lsa") is False] == [24]
@@ -111,3 +121,47 @@ def test_resnet9_reference_augments_as_page_and_trains(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(";")[0] for line in lines[:2]] == ["resnet9_reference: epoch 1", "resnet9_reference: epoch 2"]
     assert "on the original CIFAR-10: 94.06%" in lines[-1]
+
+
+def test_flop_count_of_a_vit_matches_its_matmuls_by_hand():
+    from networks.vit import ViTConfig, ViTModel
+    config = ViTConfig(num_layers=1, em_dim=16, num_heads=2, ff_dim=32, patch_size=8, drop=0.0, pool="mean")
+    patches, tokens, dim = 16, 17, 16  # (32 / 8)^2 patches, and the CLS token (kept with mean pooling)
+    forward = 2 * (patches * (3 * 8 * 8) * dim  # patch embedding
+                   + tokens * dim * 3 * dim + 2 * tokens * tokens * dim + tokens * dim * dim  # qkv, attention, out
+                   + 2 * tokens * dim * 32  # MLP
+                   ) + 2 * dim * 10  # head
+    model = ViTModel.from_config(10, config)
+    assert throughput.train_flops_per_image(model, batch=3, backward=False) == pytest.approx(forward, rel=0.01)
+    # backward: twice the forward, less the gradient of the images, which nothing needs (the patch embedding's input)
+    backward = 2 * forward - 2 * patches * (3 * 8 * 8) * dim
+    assert throughput.train_flops_per_image(model, batch=3) == pytest.approx(forward + backward, rel=0.01)
+
+
+def test_time_to_accuracy_reads_each_target_from_the_runs_records(tmp_path, capsys):
+    import json
+    import time_to_accuracy
+    out = tmp_path / "tta"
+    assert time_to_accuracy.main(["--budget", "tiny", "--seeds", "2", "--targets", "0.0,1.01", "--out", str(out),
+                                  "--epochs", "2"]) == 0
+    text = capsys.readouterr().out
+    rows = [line for line in text.splitlines() if line.startswith("| seed")]
+    assert len(rows) == 2 and "| mean |" in text and "| std |" in text, text[-2000:]
+    for seed, row in enumerate(rows):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        record = json.loads((out / f"seed{seed}" / "run_record.json").read_text())
+        first_eval = record["eval"][0]
+        startup, wall = float(cells[5]), float(cells[4])
+        # 0%: reached at the first eval, which ends after start-up and before the process exits
+        assert startup < float(cells[1]) <= wall
+        assert abs(float(cells[1]) - (first_eval["time"] - record["timing"]["fit_started"]) - startup) < 0.2
+        assert cells[2] == "-"  # 101% is never reached
+        assert cells[3] == f"{record['final_accuracy']:.2%}"
+        assert float(cells[6]) == pytest.approx(record["timing"]["train_seconds"], abs=0.06)
+
+
+def test_time_to_accuracy_needs_data_or_the_tiny_budget(tmp_path, capsys):
+    import time_to_accuracy
+    with pytest.raises(SystemExit):
+        time_to_accuracy.main(["--out", str(tmp_path)])
+    assert "--data_dir is needed" in capsys.readouterr().err

@@ -1,0 +1,160 @@
+"""Time to accuracy, airbench-style: how long from the process start until the ViT reaches 80 / 85 / 90 / 93% on
+the CIFAR-10 test set, over several seeds, each run alone.
+
+    python ../shared/data/cifar10/to_batches.py /tmp/c10                    # once: the real images as pickles
+    python benchmarks/time_to_accuracy.py --data_dir /tmp/c10               # recipe "vit", no flags, 3 seeds
+    python benchmarks/time_to_accuracy.py --data_dir /tmp/c10 --recipe apphub --epochs 15    # any app option
+    python benchmarks/time_to_accuracy.py --budget tiny                     # CPU smoke test on generated data
+
+Each run is a new process of FastEstimator's command line (`fastestimator train apphub_vit/finetune.py
+--from_scratch True --data_dir D --seed K ...`, or `--cli` as given): what a user types, so the clock starts where a
+user's does, before Python imports anything, and counts start-up (imports, data loading, model build, compilation and
+CUDA-graph capture) and every eval. The app evaluates on the test images after every epoch and its `run_record.json`
+holds the time at the end of each eval; the first eval at or above a target is the time to that target. Every option
+this script does not know goes to the app as it is (`--epochs 50 --lr 3e-3`), so the app checks it.
+
+Printed: per seed and as mean / sample standard deviation, the wall time (from process start) at which each target was
+first reached (or "-" if never), the final test accuracy, and the run's split: start-up (process start to `fit()`),
+train, eval, and the rest (between epochs: traces, checkpoints) to the process's exit. Exits 1 if a run fails.
+Measured: docs/performance.md.
+"""
+import argparse
+import json
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional, Sequence
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+APP = os.path.join(REPO, "apphub_vit", "finetune.py")
+TARGETS = (0.80, 0.85, 0.90, 0.93)
+# The tiny budget: generated CIFAR-shaped data and a 1-layer ViT, a few seconds per run on a CPU (plumbing only).
+TINY = ["--dataset", "synthetic", "--synthetic_size", "[64, 32]", "--epochs", "2", "--batch_size", "16",
+        "--num_layers", "1", "--em_dim", "16", "--num_heads", "2", "--ff_dim", "32", "--patch_size", "8",
+        "--augment", "apphub"]
+
+
+def default_cli() -> List[str]:
+    """FastEstimator's command line: the `fastestimator` script where it is installed, else the same from Python."""
+    script = shutil.which("fastestimator")
+    return [script] if script else [sys.executable, "-c",
+                                    "import sys; from fastestimator.cli.main import run_main; run_main(sys.argv[1:])"]
+
+
+def run_once(cli: Sequence[str], app_args: Sequence[str], save_dir: str, seed: int, log: str) -> Dict:
+    """One training process; returns its record with `wall` (seconds from the start to the exit) and `t0`."""
+    command = [*cli, "train", APP, "--from_scratch", "True", "--seed", str(seed), "--save_dir", save_dir, *app_args]
+    print(f"seed {seed}: {shlex.join(command)}", flush=True)
+    t0 = time.time()
+    with open(log, "w") as out:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+        code = subprocess.call(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)  # this checkout
+    wall = time.time() - t0
+    if code:
+        with open(log) as f:
+            tail = "".join(f.readlines()[-20:])
+        raise RuntimeError(f"seed {seed}: the run exited with {code} (log {log}):\n{tail}")
+    with open(os.path.join(save_dir, "run_record.json")) as f:
+        record = json.load(f)
+    record.update(wall=wall, t0=t0)
+    return record
+
+
+def summarize(record: Dict, targets: Sequence[float]) -> Dict[str, Optional[float]]:
+    """Seconds from process start to each target (None if never reached), final accuracy, and the run's split."""
+    key = record["metrics"]["accuracy_key"] or "accuracy"
+    evals = [e for e in record["eval"] if key in e["metrics"]]
+    out: Dict[str, Optional[float]] = {}
+    for target in targets:
+        first = next((e for e in evals if e["metrics"][key] >= target), None)
+        out[f"{target:.0%}"] = None if first is None else first["time"] - record["t0"]
+    timing = record["timing"]
+    startup = timing["fit_started"] - record["t0"]
+    out.update(final=record["final_accuracy"], wall=record["wall"], startup=startup, train=timing["train_seconds"],
+               eval=timing["eval_seconds"],
+               other=record["wall"] - startup - timing["train_seconds"] - timing["eval_seconds"])
+    return out
+
+
+def fmt(value: Optional[float], column: str) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2%}" if column == "final" else f"{value:.1f}"
+
+
+def table(rows: List[Dict[str, Optional[float]]], targets: Sequence[float]) -> str:
+    columns = [f"{t:.0%}" for t in targets] + ["final", "wall", "startup", "train", "eval", "other"]
+    head = ["run"] + [f"to {c} (s)" if c.endswith("%") else (c if c == "final" else f"{c} (s)") for c in columns]
+    lines = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * len(columns)]
+    for i, row in enumerate(rows):
+        lines.append(f"| seed {i} | " + " | ".join(fmt(row[c], c) for c in columns) + " |")
+    if len(rows) > 1:
+        means, stds = [], []
+        for c in columns:
+            values = [row[c] for row in rows if row[c] is not None]
+            reached = len(values) == len(rows)
+            means.append(fmt(statistics.mean(values), c) + ("" if reached else f" ({len(values)}/{len(rows)})")
+                         if values else "-")
+            stds.append(fmt(statistics.stdev(values), c) if len(values) > 1 else "-")
+        lines.append("| mean | " + " | ".join(means) + " |")
+        lines.append("| std | " + " | ".join(stds) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_dir", default=None, help="a local CIFAR-10 folder (cifar-10-batches-py or its parent)")
+    parser.add_argument("--seeds", type=int, default=3, help="runs, seeds 0..N-1, one after another (default 3)")
+    parser.add_argument("--targets", default=",".join(f"{t:g}" for t in TARGETS),
+                        help="test accuracies to time, as fractions (default 0.8,0.85,0.9,0.93)")
+    parser.add_argument("--budget", choices=("full", "tiny"), default="full",
+                        help="full: the app as asked on --data_dir; tiny: generated data, a 1-layer ViT (smoke test)")
+    parser.add_argument("--out", default=None, help="folder for the runs (default: a new temporary folder); must not "
+                                                    "hold earlier runs")
+    parser.add_argument("--cli", default=None, help="the command that runs FastEstimator's command line (default: "
+                                                    "`fastestimator`)")
+    args, app_args = parser.parse_known_args(argv)
+    try:
+        targets = [float(t) for t in args.targets.split(",")]
+    except ValueError:
+        parser.error(f"--targets must be fractions separated by commas (e.g. 0.8,0.9), got {args.targets!r}")
+    if args.seeds < 1:
+        parser.error(f"--seeds must be at least 1, got {args.seeds}")
+    if args.budget == "tiny":
+        app_args = TINY + app_args
+    elif args.data_dir is None:
+        parser.error("--data_dir is needed: a local CIFAR-10 folder (python ../shared/data/cifar10/to_batches.py "
+                     "/tmp/c10 writes one); or --budget tiny for a smoke test on generated data")
+    else:
+        app_args = ["--data_dir", os.path.abspath(args.data_dir)] + app_args
+    out = os.path.abspath(args.out or tempfile.mkdtemp(prefix="time_to_accuracy-"))
+    os.makedirs(out, exist_ok=True)
+    taken = [name for name in os.listdir(out) if name.startswith("seed")]
+    if taken:
+        parser.error(f"--out '{out}' already holds runs ({', '.join(sorted(taken))}); choose another folder")
+    cli = shlex.split(args.cli) if args.cli else default_cli()
+    rows = []
+    for seed in range(args.seeds):
+        try:
+            record = run_once(cli, app_args, os.path.join(out, f"seed{seed}"), seed,
+                              os.path.join(out, f"seed{seed}.log"))
+        except RuntimeError as err:
+            print(err, file=sys.stderr)
+            return 1
+        rows.append(summarize(record, targets))
+        print(f"seed {seed}: final {rows[-1]['final']:.2%}, {rows[-1]['wall']:.1f} s from process start", flush=True)
+    device = record["device"].get("name", "?") if isinstance(record.get("device"), dict) else record.get("device")
+    print(f"\ntime to test accuracy, seconds from process start; {record['app']}, {record['dataset']}, "
+          f"{record['schedule']['epochs']} epochs of batch {record['schedule']['batch_size']}, device {device}; "
+          f"runs in {out}\n")
+    print(table(rows, targets))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

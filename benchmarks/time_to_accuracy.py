@@ -11,7 +11,8 @@ Each run is a new process of FastEstimator's command line (`fastestimator train 
 user's does, before Python imports anything, and counts start-up (imports, data loading, model build, compilation and
 CUDA-graph capture) and every eval. The app evaluates on the test images after every epoch and its `run_record.json`
 holds the time at the end of each eval; the first eval at or above a target is the time to that target. Every option
-this script does not know goes to the app as it is (`--epochs 50 --lr 3e-3`), so the app checks it.
+this script does not know goes to the app as it is (`--epochs 50 --lr 3e-3`), so the app checks it; without
+--epochs, the recipe's epochs (100 for "vit"; finetune.py alone trains one epoch, as the apphub finetunes).
 
 Printed: per seed and as mean / sample standard deviation, the wall time (from process start) at which each target was
 first reached (or "-" if never), the final test accuracy, and the run's split: start-up (process start to `fit()`),
@@ -31,6 +32,8 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from apphub_vit.recipes import VIT_RECIPES  # noqa: E402
 APP = os.path.join(REPO, "apphub_vit", "finetune.py")
 TARGETS = (0.80, 0.85, 0.90, 0.93)
 # The tiny budget: generated CIFAR-shaped data and a 1-layer ViT, a few seconds per run on a CPU (plumbing only).
@@ -132,6 +135,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                      "/tmp/c10 writes one); or --budget tiny for a smoke test on generated data")
     else:
         app_args = ["--data_dir", os.path.abspath(args.data_dir)] + app_args
+    if "--epochs" not in app_args:  # finetune.py's own default is the apphub's one epoch; here the recipe's
+        recipe = app_args[app_args.index("--recipe") + 1] if "--recipe" in app_args[:-1] else "vit"
+        if recipe not in VIT_RECIPES:
+            parser.error(f"--recipe {recipe!r} is not one of {', '.join(VIT_RECIPES)}")
+        app_args = app_args + ["--epochs", str(VIT_RECIPES[recipe].epochs)]
     out = os.path.abspath(args.out or tempfile.mkdtemp(prefix="time_to_accuracy-"))
     os.makedirs(out, exist_ok=True)
     taken = [name for name in os.listdir(out) if name.startswith("seed")]

@@ -30,6 +30,7 @@ from fastestimator.trace import Trace
 from fastestimator.trace.io import BestModelSaver
 from fastestimator.util.data import Data
 
+from apphub_vit.distributed import all_ranks
 from apphub_vit.encoder_io import unwrap
 from networks.util import non_finite
 
@@ -132,7 +133,9 @@ class DivergenceGuard(Trace):
         self._check(None)
 
     def _check(self, loss: Optional[torch.Tensor]) -> None:
-        if self._finite is None or bool(self._finite):
+        # under torchrun every rank checks at the same steps and all stop together when one saw a non-finite loss:
+        # a rank that stopped alone would leave the others waiting at their next gradient all-reduce
+        if all_ranks(self._finite is None or bool(self._finite)):
             return
         value = "" if loss is None else f" ({float(loss.float().mean())})"
         self.diverged = (f"training diverged: the loss {self.loss_key!r} is not finite by step "
@@ -203,12 +206,13 @@ class Checkpoint(Trace):
 
     stateful: traces with `state()` / `load_state(state)` (the best-model savers, the run recorder), restored in order.
     config: what the run was built with (JSON-able); a resume with another configuration is refused, naming the
-    fields that differ."""
+    fields that differ. write: write checkpoints (False: only restore one, as torchrun's ranks but rank 0 do)."""
     def __init__(self, save_dir: str, models: Sequence[torch.nn.Module], stateful: Sequence[Any],
-                 config: Dict[str, Any], lock: Optional[RunLock], resume: bool = False) -> None:
+                 config: Dict[str, Any], lock: Optional[RunLock], resume: bool = False, write: bool = True) -> None:
         super().__init__(inputs="*", mode=["train", "eval"])  # "*": after every trace that writes metrics
         self.path = os.path.join(save_dir, CHECKPOINT_FILE)
         self.models, self.stateful, self.lock, self.resume = list(models), list(stateful), lock, resume
+        self.write = write
         self.config = json.loads(json.dumps(config, default=repr))  # as the file stores it
         self.resumed_from: Optional[int] = None
         self._writer: Optional[threading.Thread] = None
@@ -239,7 +243,7 @@ class Checkpoint(Trace):
               f"{self.path}")
 
     def on_epoch_end(self, data: Data) -> None:
-        if self.system.mode != "eval" or self.system.epoch_idx == self.resumed_from:
+        if not self.write or self.system.mode != "eval" or self.system.epoch_idx == self.resumed_from:
             return
         state = {"format": CHECKPOINT_FORMAT, "epoch": self.system.epoch_idx, "step": self.system.global_step,
                  "config": self.config, "rng": _rng_state(),

@@ -26,6 +26,7 @@ import json
 import os
 import sys
 import types
+from collections import ChainMap
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, Dict, List, Optional, Sequence, TypeVar, Union
@@ -36,6 +37,7 @@ from fastestimator.op.tensorop.model import UpdateOp
 from fastestimator.trace import Trace
 from fastestimator.util.cli_util import parse_cli_to_dictionary
 from fastestimator.util.data import Data
+from fastestimator.util.traceability_util import FEID
 
 T = TypeVar("T")
 LAUNCH = "torchrun --nproc_per_node {n} -m apphub_vit.distributed pretrain|finetune [--option value ...]"
@@ -217,6 +219,13 @@ def single_device(model: torch.nn.Module) -> torch.nn.Module:
             continue
         if isinstance(value, types.MethodType) and value.__self__ is model:
             value = types.MethodType(value.__func__, inner)  # fe_summary, bound to the wrapper
+        if isinstance(value, ChainMap):  # FastEstimator's traceability tables, keyed by the wrapper's id
+            tables = dict(value)
+            table = tables.pop(FEID(id(model)), None)
+            if table is not None:
+                table.fe_id, table.type = FEID(id(inner)), type(inner)
+                tables[table.fe_id] = table
+            value = ChainMap(tables)
         setattr(inner, name, value)
     if launched().size <= 1 and not _told_single_gpu:
         _told_single_gpu = True

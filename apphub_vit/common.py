@@ -142,7 +142,7 @@ def finish_estimator(*, pipeline: fe.Pipeline, network: fe.Network, models: Sequ
     estimator = AppEstimator(pipeline=pipeline, network=network, epochs=epochs,
                              traces=[*metrics, *savers, *traces, guard, *stateful[len(savers):], checkpoint],
                              train_steps_per_epoch=train_steps_per_epoch, eval_steps_per_epoch=eval_steps_per_epoch,
-                             log_steps=log_steps)
+                             log_steps=log_steps if ranks.main else None)  # one log: rank 0's
     estimator.guard = guard
     estimator.model = models[0]
     estimator.config = hparams

@@ -36,6 +36,18 @@ def _torchrun(args, cwd, nproc=2):
     return out.stdout
 
 
+def test_a_loss_that_is_not_finite_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    # rank 1 alone sees it: stopping alone would leave rank 0 waiting at its next gradient all-reduce
+    step = [REPO / "tests" / "distributed_step.py", tmp_path / "run"]
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+                         + [str(a) for a in step + _tiny_run(1, 6)], capture_output=True, text=True,
+                         env=dict(cli_env(), NAN_LOSS_ON_RANK="1"), cwd=tmp_path, timeout=300)
+    assert out.returncode != 0  # TrainingDiverged on both ranks
+    assert out.stdout.count("training diverged: the loss 'ce' is not finite by step 2") == 2, out.stdout[-3000:]
+    record = read_record(str(tmp_path / "run" / RECORD_FILE))
+    assert record["ended"].startswith("training diverged") and record["schedule"]["global_steps"] == 2
+
+
 def _tiny_run(epochs, steps):
     return TINY + ["--epochs", epochs, "--batch_size", "16", "--train_steps_per_epoch", steps, "--eval_steps_per_epoch",
                    "2", "--synthetic_size", "[256,64]"]
@@ -75,7 +87,7 @@ def test_two_ranks_of_half_the_batch_train_the_weights_one_process_trains_with_t
 def test_a_two_rank_pretraining_and_finetuning_write_one_set_of_files_and_the_encoder_finetunes_alone(tmp_path):
     out = _torchrun(["-m", "apphub_vit.distributed", "pretrain", "--save_dir", tmp_path / "pre"] + _tiny_run(2, 3),
                     tmp_path)
-    assert out.count("FastEstimator-Start") == 2  # both ranks trained
+    assert out.count("FastEstimator-Start") == 1  # rank 0's log alone (torchrun's exit status 0: both ranks')
     assert out.count("Saved encoder to") == 1 and out.count("Saved run record to") == 1  # rank 0 alone wrote
     assert _files(tmp_path / "pre") == sorted([CHECKPOINT_FILE, ENCODER_FILE, RECORD_FILE, "prediction_grid.png",
                                                "vit_pretrain_best_accuracy.pt"])

@@ -140,6 +140,15 @@ def all_ranks(flag: bool) -> bool:
     return bool(value.item())
 
 
+def gather_to_main(value: T) -> Optional[List[T]]:
+    """Every rank's (picklable) `value`, in rank order, on rank 0; None on the others (a collective)."""
+    if world().size == 1:
+        return [value]
+    gathered: Optional[List[Any]] = [None] * world().size if world().main else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered
+
+
 def shared_seed(seed: Optional[int]) -> int:
     """A seed every rank agrees on: `seed` when given, else one rank 0 draws (for the shard order)."""
     return run_on_main(lambda: int(seed) if seed is not None else int(torch.randint(0, 2**62, ()).item()))

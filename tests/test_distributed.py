@@ -3,6 +3,7 @@ and a machine with several GPUs without torchrun (FastEstimator's DataParallel u
 import json
 import subprocess
 import sys
+import time
 from unittest import mock
 
 import fastestimator as fe
@@ -111,6 +112,44 @@ def test_a_two_rank_pretraining_and_finetuning_write_one_set_of_files_and_the_en
     assert read_record(str(tmp_path / "alone" / RECORD_FILE))["distributed"]["world_size"] == 1
     saved = load_encoder_state(str(encoder))["state_dict"]
     assert any(not torch.equal(v.cpu(), saved[k]) for k, v in tuned.vit_encoder.state_dict().items())  # trained
+
+
+def _checkpoint_epoch(path):
+    try:
+        return torch.load(path, weights_only=True)["epoch"]
+    except (OSError, RuntimeError, EOFError, KeyError):
+        return 0
+
+
+def test_a_two_rank_run_stopped_mid_epoch_resumes_and_ends_as_the_uninterrupted_run(tmp_path):
+    # the default recipe, random augmentation included: the checkpoint holds every rank's generators
+    def command(folder, *extra):
+        return ["-m", "apphub_vit.distributed", "pretrain", "--save_dir", folder, "--seed", "0", *extra] + TINY + [
+            "--epochs", "4", "--batch_size", "16", "--train_steps_per_epoch", "40", "--eval_steps_per_epoch", "2",
+            "--synthetic_size", "[640,32]"]
+
+    _torchrun(command(tmp_path / "whole"), tmp_path)
+    run = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+                            + [str(a) for a in command(run)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=cli_env(), cwd=tmp_path)
+    start = time.time()
+    while _checkpoint_epoch(run / CHECKPOINT_FILE) < 2:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() - start < 240, "timed out"
+        time.sleep(0.05)
+    time.sleep(0.3)  # into epoch 3
+    proc.terminate()  # torchrun stops both ranks
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0 and not (run / RECORD_FILE).exists()
+    out = _torchrun(command(run, "--resume", "True"), tmp_path)
+    assert out.count("resumed after epoch") == 2  # both ranks restored the checkpoint
+    a, b = read_record(str(tmp_path / "whole" / RECORD_FILE)), read_record(str(run / RECORD_FILE))
+    assert b["resumed_after_epochs"][0] >= 2 and [e["epoch"] for e in b["eval"]] == [1, 2, 3, 4]
+    assert [(e["step"], e["metrics"]) for e in b["eval"]] == [(e["step"], e["metrics"]) for e in a["eval"]]
+    enc_a = torch.load(tmp_path / "whole" / ENCODER_FILE, weights_only=True)["state_dict"]
+    enc_b = torch.load(run / ENCODER_FILE, weights_only=True)["state_dict"]
+    assert all(torch.equal(enc_a[k], enc_b[k]) for k in enc_a)  # the same final weights
 
 
 def _epoch(loader, epoch):

@@ -10,6 +10,7 @@ import torch
 from fastestimator.trace import Trace
 
 from apphub_vit import options
+from apphub_vit.distributed import LAUNCH, launched, run_on_main, world
 from apphub_vit.encoder_io import read_weights, unwrap
 from apphub_vit.records import RECORD_FILE, RunRecorder
 from apphub_vit.runs import (CHECKPOINT_FILE, AppEstimator, Checkpoint, DivergenceGuard, RunLock, SafeBestModelSaver,
@@ -49,28 +50,43 @@ def best_model_file(model_name: str, metric: str) -> str:
 
 @dataclass(frozen=True)
 class RunFolder:
-    """A run's save_dir, held by its lock; `overwrite`: the run may replace the files there (its own, on a resume)."""
+    """A run's save_dir, held by its lock; `overwrite`: the run may replace the files there (its own, on a resume).
+    Under torchrun only rank 0 holds the lock (the other ranks' `lock` is None: they write nothing)."""
     save_dir: str
     overwrite: bool
     resume: bool
-    lock: RunLock
+    lock: Optional[RunLock]
 
 
 def start_run(app: str, save_dir: Optional[str], outputs: Sequence[str], overwrite: Any, resume: Any = False,
-              seed: Any = None) -> RunFolder:
+              seed: Any = None, distributed: bool = False) -> RunFolder:
     """The run's folder, made and locked (`apphub_vit.runs.RunLock`), checked to hold none of `outputs` unless
-    overwrite, or to hold a checkpoint to resume from; `seed` seeds every generator (`fe.enable_deterministic`)."""
+    overwrite, or to hold a checkpoint to resume from; `seed` seeds every generator (`fe.enable_deterministic`).
+
+    distributed: the app trains under torchrun (`apphub_vit.distributed`); rank 0 alone makes, checks and locks the
+    folder, the others take its path (and its error, if any); rank r seeds its generators with seed + r, so that the
+    ranks' augmentations differ. An app without it refuses to start under torchrun."""
     overwrite, resume = options.boolean("overwrite", overwrite), options.boolean("resume", resume)
     seed = None if seed is None else options.whole_number("seed", seed)
-    save_dir = resolve_save_dir(save_dir, app)
-    if resume:
-        load_checkpoint(os.path.join(save_dir, CHECKPOINT_FILE))  # fails fast, saying why, when there is none
-    else:
-        ensure_outputs_free(save_dir, [*outputs, RECORD_FILE, CHECKPOINT_FILE], overwrite)
-    lock = RunLock.acquire(save_dir)
+    if launched().size > 1 and not distributed:
+        raise options.OptionError(f"{app} trains in one process, but torchrun started {launched().size} (every one "
+                                  f"would train alone and write the same files). Run it without torchrun; torchrun "
+                                  f"runs the ViT apps: {LAUNCH.format(n=launched().size)}")
+    held: List[RunLock] = []
+
+    def claim() -> str:
+        folder = resolve_save_dir(save_dir, app)
+        if resume:
+            load_checkpoint(os.path.join(folder, CHECKPOINT_FILE))  # fails fast, saying why, when there is none
+        else:
+            ensure_outputs_free(folder, [*outputs, RECORD_FILE, CHECKPOINT_FILE], overwrite)
+        held.append(RunLock.acquire(folder))
+        return folder
+
+    folder = run_on_main(claim)
     if seed is not None:
-        fe.enable_deterministic(seed)
-    return RunFolder(save_dir, overwrite or resume, resume, lock)
+        fe.enable_deterministic(seed + world().rank)
+    return RunFolder(folder, overwrite or resume, resume, held[0] if held else None)
 
 
 def run_options(epochs: Any, batch_size: Any, train_steps_per_epoch: Any, eval_steps_per_epoch: Any, log_steps: Any,
@@ -112,15 +128,21 @@ def finish_estimator(*, pipeline: fe.Pipeline, network: fe.Network, models: Sequ
     the app's other `traces`, the RunRecorder (after every metric), the divergence guard on the training `loss_key`
     and the per-epoch checkpoint (`apphub_vit.runs`). `estimator.model` is the first model (what `pretrain()` /
     `finetune()` return), `estimator.config` the hparams."""
-    savers = [SafeBestModelSaver(m, folder.save_dir, metric=best[0], save_best_mode=best[1]) for m in models]
+    ranks = world()
+    # under torchrun the other ranks save nothing and record nothing; every rank restores a checkpoint on a resume
+    savers = [SafeBestModelSaver(m, folder.save_dir, metric=best[0], save_best_mode=best[1])
+              for m in models] if ranks.main else []
     record = RunRecorder(app, folder.save_dir, dataset, hparams=hparams, models=list(models),
-                         overwrite=folder.overwrite, **recorder)
-    guard = DivergenceGuard(loss_key, on_diverge=lambda message: setattr(record, "ended", message))
-    checkpoint = Checkpoint(folder.save_dir, models, [*savers, record], hparams, folder.lock, resume=folder.resume)
+                         overwrite=folder.overwrite, world_size=ranks.size, **recorder) if ranks.main else None
+    guard = DivergenceGuard(loss_key,
+                            on_diverge=lambda message: record is not None and setattr(record, "ended", message))
+    stateful = [*savers, record] if record is not None else []
+    checkpoint = Checkpoint(folder.save_dir, models, stateful, hparams, folder.lock, resume=folder.resume,
+                            write=ranks.main)
     estimator = AppEstimator(pipeline=pipeline, network=network, epochs=epochs,
-                             traces=[*metrics, *savers, *traces, guard, record, checkpoint],
+                             traces=[*metrics, *savers, *traces, guard, *stateful[len(savers):], checkpoint],
                              train_steps_per_epoch=train_steps_per_epoch, eval_steps_per_epoch=eval_steps_per_epoch,
-                             log_steps=log_steps)
+                             log_steps=log_steps if ranks.main else None)  # one log: rank 0's
     estimator.guard = guard
     estimator.model = models[0]
     estimator.config = hparams

@@ -32,7 +32,7 @@ import gc
 from typing import Any, Dict, List, MutableMapping, Optional, Sequence, Tuple
 
 import torch
-from fastestimator.network import TorchNetwork
+from fastestimator.network import BaseNetwork, TorchNetwork
 from fastestimator.util.base_util import NonContext
 
 
@@ -55,7 +55,13 @@ class DeviceNetwork(TorchNetwork):
 
     def __init__(self, ops: Sequence[Any], autocast_dtype: Optional[torch.dtype] = None, cuda_graph: bool = False,
                  graph_warmup: int = 3) -> None:
-        super().__init__(ops=ops)
+        # FastEstimator's TorchNetwork always runs on cuda:0; this one on the current GPU, which is the rank's own
+        # under torchrun (`apphub_vit.distributed.setup`) and cuda:0 otherwise
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        if device is None:
+            super().__init__(ops=ops)
+        else:
+            BaseNetwork.__init__(self, target_type="torch", device=device, ops=ops)
         if cuda_graph and self.device.type != "cuda":
             raise ValueError("cuda_graph=True needs a CUDA GPU; none is visible. Use cuda_graph=False on a CPU.")
         self.autocast_dtype, self.cuda_graph, self.graph_warmup = autocast_dtype, cuda_graph, graph_warmup

@@ -4,6 +4,7 @@
     fastestimator train apphub_vit/finetune.py --from_scratch True --epochs 100   # the same ViT, no pretraining
     fastestimator train apphub_vit/finetune.py --encoder_weights ... --data_dir ~/data   # cifar-10-batches-py here
     fastestimator train apphub_vit/finetune.py --dataset cifar10_split_b --data_dir /tmp/c10 --encoder_weights ...
+    torchrun --nproc_per_node 4 -m apphub_vit.distributed finetune --encoder_weights ...   # one process per GPU
 
 Unlike the apphub, the head has 10 classes (5 on a CIFAR-10 split: `apphub_vit.data.num_classes_of`). The
 architecture is read from the encoder file (or model); an override that contradicts it is an error naming the field.

@@ -6,6 +6,7 @@
     fastestimator train apphub_vit/pretrain.py --dataset cifar10_split_a --data_dir /tmp/c10   # 5 CIFAR-10 classes
     fastestimator train apphub_vit/pretrain.py --recipe apphub                    # the FastEstimator apphub's recipe
     fastestimator train apphub_vit/pretrain.py --lr 1e-3 --spt False              # any recipe field, by name
+    torchrun --nproc_per_node 4 -m apphub_vit.distributed pretrain --data_dir ~/data   # one process per GPU (README)
 
 The run writes `<save_dir>/vit_encoder.pt` (the encoder at the end of training, for `finetune.py`), the best model
 by eval accuracy (`vit_pretrain_best_accuracy.pt`, FastEstimator's BestModelSaver), `prediction_grid.png` and

@@ -15,7 +15,9 @@ The record is what `apphub_vit.compare` reads to put runs side by side. It holds
 * ``best_accuracy`` / ``best_accuracy_step`` / ``final_accuracy`` and ``best_loss`` / ``final_loss`` (None if absent);
 * ``timing``: train seconds (the train epochs only: eval epochs and the time between are excluded), eval seconds,
   total seconds, the Unix time `fit()` began (``fit_started``: what came before it in the process is start-up), train
-  images seen and train images per second;
+  images seen and train images per second (both summed over torchrun's ranks);
+* ``distributed``: ``world_size`` (1 in one process), ``backend`` (None, "gloo", "nccl"), ``global_batch_size`` and
+  ``per_rank_batch_size`` (``schedule.batch_size`` is the global one), ``train_images_per_second_per_rank``;
 * ``device`` (cpu, or the CUDA device's name; GPU count, CPU count, torch threads) and ``versions`` (python, torch,
   torchvision, fastestimator, numpy).
 
@@ -35,6 +37,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 import fastestimator as fe
 import numpy as np
 import torch
+import torch.distributed as dist
 from fastestimator.summary.summary import ValWithError
 from fastestimator.trace import Trace
 from fastestimator.util.data import Data
@@ -143,10 +146,12 @@ class RunRecorder(Trace):
         accuracy_key: The eval key holding accuracy. A run without it (the autoencoder) records None for accuracies.
         loss_key: The eval key holding the loss; None takes the network's loss key (the first, sorted, if several).
         notes: Free-text remarks stored in the record and shown under the comparison table.
+        world_size: The data-parallel processes training together (torchrun's; the recorder runs on rank 0, whose
+            batches are `1 / world_size` of every step's, all ranks stepping together).
     """
     def __init__(self, app: str, save_dir: str, dataset: str, hparams: Optional[Dict[str, Any]] = None,
                  models: ModelArg = None, overwrite: bool = False, accuracy_key: str = "accuracy",
-                 loss_key: Optional[str] = None, notes: Sequence[str] = ()) -> None:
+                 loss_key: Optional[str] = None, notes: Sequence[str] = (), world_size: int = 1) -> None:
         # "*" as FastEstimator's Logger: the trace sorts after every trace that writes eval metrics, so on_epoch_end
         # sees them all. Train and eval only: an estimator.test() afterwards must not rewrite the record.
         super().__init__(inputs="*", mode=["train", "eval"])
@@ -160,6 +165,7 @@ class RunRecorder(Trace):
         self.accuracy_key = accuracy_key
         self.loss_key = loss_key
         self.notes: List[str] = list(notes)
+        self.world_size = world_size
         self.written: Optional[str] = None
         self.record: Optional[Dict[str, Any]] = None
         self.ended = "finished"  # or how the run stopped (e.g. a DivergenceGuard's message)
@@ -276,6 +282,9 @@ class RunRecorder(Trace):
         loss = series(loss_key)
         best_acc = max(accuracy, key=lambda e: e["metrics"][self.accuracy_key]) if accuracy else None
         train_seconds = round(self._train_seconds, 3)
+        # every rank steps with the same batch size in lockstep (the gradient all-reduce): ranks x this rank's count
+        images = self._train_images * self.world_size
+        per_rank = self._train_images / train_seconds if train_seconds else None
         return {
             "format": RECORD_FORMAT,
             "app": self.app,
@@ -293,7 +302,7 @@ class RunRecorder(Trace):
                 "train_steps_per_epoch": self.system.train_steps_per_epoch,
                 "eval_steps_per_epoch": self.system.eval_steps_per_epoch,
                 "log_steps": self.system.log_steps,
-                "batch_size": self._batch_size,
+                "batch_size": self._batch_size and self._batch_size * self.world_size,
                 "global_steps": self.system.global_step or 0,
                 "stopped_early": self._train_epochs < self.system.total_epochs,
             },
@@ -311,8 +320,15 @@ class RunRecorder(Trace):
                 "eval_seconds": round(self._eval_seconds, 3),
                 "total_seconds": round(time.perf_counter() - self._start, 3),
                 "fit_started": round(self._fit_started, 3),
-                "train_images": self._train_images,
-                "train_images_per_second": round(self._train_images / train_seconds, 2) if train_seconds else None,
+                "train_images": images,
+                "train_images_per_second": round(images / train_seconds, 2) if train_seconds else None,
+            },
+            "distributed": {
+                "world_size": self.world_size,
+                "backend": dist.get_backend() if dist.is_available() and dist.is_initialized() else None,
+                "global_batch_size": self._batch_size and self._batch_size * self.world_size,
+                "per_rank_batch_size": self._batch_size,
+                "train_images_per_second_per_rank": None if per_rank is None else round(per_rank, 2),
             },
             "device": device_info(self._models, self.system.num_devices, self._device),
             "versions": library_versions(),

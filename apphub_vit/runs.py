@@ -7,10 +7,10 @@ to resume from, and a stop with a clear message when the loss stops being a numb
 * `atomic_path`: every file the apps write goes to `<name>.partial` first and is renamed over `<name>` when complete
   (`os.replace` is atomic), so a kill mid-write leaves the previous file whole.
 * `Checkpoint`: after every eval epoch, `<save_dir>/checkpoint.pt` holds the models and optimisers, epoch and step,
-  the best-so-far metrics, the run record's history and every random generator's state; `resume=True` continues a
-  killed run from there (FastEstimator's `RestoreWizard` pickles every op, which fails for compiled ones on Python
-  3.11). The learning-rate schedule follows from the restored step. On CPU with a fixed `seed` the continued run
-  computes what an uninterrupted one does.
+  the best-so-far metrics, the run record's history and every random generator's state (every torchrun rank's);
+  `resume=True` continues a killed run from there (FastEstimator's `RestoreWizard` pickles every op, which fails for
+  compiled ones on Python 3.11). The learning-rate schedule follows from the restored step. On CPU with a fixed `seed`
+  the continued run computes what an uninterrupted one does (under torchrun too, with as many ranks).
 * `DivergenceGuard`: a non-finite training loss stops training within `check_every` steps; nothing non-finite is
   saved (`SafeBestModelSaver`, `encoder_io.save_encoder` check the weights), the record says how the run ended, and
   `fit()` raises `TrainingDiverged` (the command line exits non-zero).
@@ -31,6 +31,7 @@ from fastestimator.trace import Trace
 from fastestimator.trace.io import BestModelSaver
 from fastestimator.util.data import Data
 
+from apphub_vit.distributed import all_ranks, gather_to_main, world
 from apphub_vit.encoder_io import unwrap
 from networks.util import non_finite
 
@@ -133,7 +134,9 @@ class DivergenceGuard(Trace):
         self._check(None)
 
     def _check(self, loss: Optional[torch.Tensor]) -> None:
-        if self._finite is None or bool(self._finite):
+        # under torchrun every rank checks at the same steps and all stop together when one saw a non-finite loss:
+        # a rank that stopped alone would leave the others waiting at their next gradient all-reduce
+        if all_ranks(self._finite is None or bool(self._finite)):
             return
         value = "" if loss is None else f" ({float(loss.float().mean())})"
         self.diverged = (f"training diverged: the loss {self.loss_key!r} is not finite by step "
@@ -204,12 +207,14 @@ class Checkpoint(Trace):
 
     stateful: traces with `state()` / `load_state(state)` (the best-model savers, the run recorder), restored in order.
     config: what the run was built with (JSON-able); a resume with another configuration is refused, naming the
-    fields that differ."""
+    fields that differ. write: write checkpoints (False: only restore one, as torchrun's ranks but rank 0 do)."""
     def __init__(self, save_dir: str, models: Sequence[torch.nn.Module], stateful: Sequence[Any],
-                 config: Dict[str, Any], lock: Optional[RunLock], resume: bool = False) -> None:
+                 config: Dict[str, Any], lock: Optional[RunLock], resume: bool = False, write: bool = True) -> None:
         super().__init__(inputs="*", mode=["train", "eval"])  # "*": after every trace that writes metrics
         self.path = os.path.join(save_dir, CHECKPOINT_FILE)
         self.models, self.stateful, self.lock, self.resume = list(models), list(stateful), lock, resume
+        self.write = write
+        self._ranks_rng: Optional[list] = None
         self.config = json.loads(json.dumps(config, default=repr))  # as the file stores it
         self.resumed_from: Optional[int] = None
         self._writer: Optional[threading.Thread] = None
@@ -235,15 +240,23 @@ class Checkpoint(Trace):
                 trace.rerun_epoch = saved["epoch"]  # FastEstimator repeats the last eval epoch after a restore
         self.system.epoch_idx, self.system.global_step = saved["epoch"], saved["step"]
         _set_rng_state(saved["rng"])
+        ranks, rank = saved.get("ranks_rng"), world().rank
+        if rank and ranks and len(ranks) == world().size:  # torchrun's other ranks (with as many as before)
+            _set_rng_state(ranks[rank])
         self.resumed_from = saved["epoch"]
         print(f"FastEstimator-Checkpoint: resumed after epoch {saved['epoch']} (step {saved['step']}) from "
               f"{self.path}")
 
     def on_epoch_end(self, data: Data) -> None:
-        if self.system.mode != "eval" or self.system.epoch_idx == self.resumed_from:
+        if self.system.mode == "train":
+            # under torchrun: every rank's generators, for rank 0 to save (the others do nothing until the next
+            # training epoch, while rank 0 evaluates); so that a resume continues each rank's augmentation draws
+            self._ranks_rng = gather_to_main(_rng_state()) if world().size > 1 else None
+            return
+        if not self.write or self.system.mode != "eval" or self.system.epoch_idx == self.resumed_from:
             return
         state = {"format": CHECKPOINT_FORMAT, "epoch": self.system.epoch_idx, "step": self.system.global_step,
-                 "config": self.config, "rng": _rng_state(),
+                 "config": self.config, "rng": _rng_state(), "ranks_rng": self._ranks_rng,
                  "models": {m.model_name: _cpu(m.state_dict()) for m in self.models},
                  "optimizers": {m.model_name: _cpu(m.optimizer.state_dict()) for m in self.models
                                 if m.optimizer is not None},

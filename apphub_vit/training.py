@@ -7,10 +7,11 @@ import fastestimator as fe
 import torch
 from fastestimator.op.tensorop import TensorOp
 from fastestimator.op.tensorop.loss import CrossEntropy
-from fastestimator.op.tensorop.model import ModelOp, UpdateOp
+from fastestimator.op.tensorop.model import ModelOp
 from fastestimator.schedule import cosine_decay
 
 from apphub_vit.device_network import DeviceNetwork
+from apphub_vit.distributed import DistributedUpdateOp, broadcast_from_main, single_device
 from apphub_vit.hardware import Hardware
 from apphub_vit.recipes import Recipe
 from networks.vit import ViTModel
@@ -41,8 +42,8 @@ def make_optimizer(recipe: Recipe, capturable: bool = False, no_decay: Optional[
 
 def build_vit(model_name: str, num_classes: int, recipe: Recipe, hw: Hardware,
               init: Optional[Callable[[ViTModel], None]] = None) -> torch.nn.Module:
-    """`fe.build` of the recipe's `ViTModel` with its optimiser. init: fills the fresh model's weights (a pretrained
-    encoder, a saved model), before it is compiled."""
+    """`fe.build` of the recipe's `ViTModel` with its optimiser, on one device (`distributed.single_device`). init:
+    fills the fresh model's weights (a pretrained encoder, a saved model), before it is compiled."""
     no_decay: Set[int] = set()
 
     def model_fn() -> ViTModel:
@@ -56,8 +57,10 @@ def build_vit(model_name: str, num_classes: int, recipe: Recipe, hw: Hardware,
             model.compile()  # in place: state_dict keys stay those of the plain model
         return model
 
-    return fe.build(model_fn=model_fn, optimizer_fn=make_optimizer(recipe, hw.cuda_graph, no_decay),
-                    model_name=model_name, mixed_precision=hw.precision == "fp16")
+    model = single_device(fe.build(model_fn=model_fn, optimizer_fn=make_optimizer(recipe, hw.cuda_graph, no_decay),
+                                   model_name=model_name, mixed_precision=hw.precision == "fp16"))
+    broadcast_from_main(model)  # under torchrun: every rank starts from rank 0's weights
+    return model
 
 
 def lr_schedule(recipe: Recipe, steps_per_epoch: int) -> Optional[Callable[[int], float]]:
@@ -104,5 +107,5 @@ def classifier_network(model: torch.nn.Module, augment_ops: List[TensorOp], num_
         ModelOp(model=model, inputs="x", outputs="y_pred"),
         CrossEntropy(inputs=("y_pred", train_label), outputs="ce", from_logits=True, mode="train"),
         CrossEntropy(inputs=("y_pred", "y"), outputs="ce", from_logits=True, mode="!train"),
-        UpdateOp(model=model, loss_name="ce")
+        DistributedUpdateOp(model=model, loss_name="ce")  # UpdateOp, its gradients averaged over torchrun's ranks
     ], autocast_dtype=torch.bfloat16 if hw.precision == "bf16" else None, cuda_graph=hw.cuda_graph)

@@ -2,7 +2,8 @@
 
 `pretrain.py` (CIFAR-100, 100 classes, saves the encoder) and `finetune.py` (CIFAR-10, 10 classes, loads an encoder)
 differ only in what they pass here. What to train comes from a recipe (`apphub_vit/recipes.py`), where to run it from
-`apphub_vit/hardware.py`.
+`apphub_vit/hardware.py`. Under torchrun (`apphub_vit/distributed.py`) every rank builds it: each trains on its
+shard of every global batch, rank 0 alone evaluates and writes the files.
 """
 import json
 import os
@@ -14,7 +15,7 @@ import torch
 from fastestimator.trace.adapt import LRScheduler
 from fastestimator.trace.metric import Accuracy
 
-from apphub_vit import options
+from apphub_vit import distributed, options
 from apphub_vit.common import best_model_file, finish_estimator, load_weights, start_run, synthetic_sizes
 from apphub_vit.data import class_names, dataset_arrays, load_cifar
 from apphub_vit.encoder_io import ENCODER_FILE, EncoderMismatchError, EncoderSaver
@@ -74,13 +75,21 @@ def build_vit_estimator(*, app: str, num_classes: int, dataset: str, data_dir: O
     weights_path: start from this saved model (for `fastestimator test`); init_model: fills the fresh model (a
     pretrained encoder); save_encoder: write `vit_encoder.pt` at the end; hparams: more for the record."""
     model_name = f"vit_{app}"
+    ranks = distributed.setup()  # under torchrun: join the process group on this rank's GPU; else one process
     hw = resolve_hardware(recipe, device_augment, precision, compile, num_process, cuda_graph)
     strong = recipe.augment != "apphub"
     if strong and not hw.device_augment:
         raise options.OptionError(f"augment={recipe.augment!r} runs as batched ops: use device_augment=True with it, "
                                   f"or augment='apphub' for the per-sample pipeline")
+    if ranks.size > 1 and not hw.device_augment:
+        raise options.OptionError(f"device_augment=False (the per-sample pipeline) is not sharded over torchrun's "
+                                  f"{ranks.size} processes: use device_augment=True (the default; augment='apphub' "
+                                  f"runs batched too) with torchrun, or run in one process")
+    if recipe.batch_size % ranks.size:
+        raise options.OptionError(f"batch_size={recipe.batch_size} is the global batch, split evenly over torchrun's "
+                                  f"{ranks.size} processes: pass a multiple of {ranks.size}")
     outputs = [best_model_file(model_name, "accuracy"), GRID_FILE] + ([ENCODER_FILE] if save_encoder else [])
-    folder = start_run(app, save_dir, outputs, overwrite, resume, seed)
+    folder = start_run(app, save_dir, outputs, overwrite, resume, seed, distributed=True)
     save_dir = folder.save_dir
     init = init_model if weights_path is None else (lambda model: load_weights(model, weights_path))
     # the model (and any pretrained or saved weights) before the data: a bad weights file fails in seconds
@@ -90,12 +99,18 @@ def build_vit_estimator(*, app: str, num_classes: int, dataset: str, data_dir: O
 
     # 1. pipeline: per-sample NumpyOps in the workers, or (device_augment) uint8 batches gathered on the device for
     #    the batched ops; full batches only in training (one compiled shape, every step the same size). The held-out
-    #    split is both the eval and the test data.
+    #    split is both the eval and the test data. Under torchrun each rank takes its slice of every global batch, in
+    #    an order all ranks draw from one seed; rank 0 alone evaluates (the others have no eval data).
     train_data, eval_data = load_cifar(num_classes, dataset, data_dir, **synthetic_sizes(run["synthetic_size"]))
+    train_loader = None
     if hw.device_augment:
         held_out = BatchLoader(dataset_arrays(eval_data), hw.eval_batch_size, shuffle=False)
-        pipeline = fe.Pipeline(train_data=BatchLoader(dataset_arrays(train_data), recipe.batch_size, shuffle=True,
-                                                      drop_last=True), eval_data=held_out, test_data=held_out)
+        sharding = dict(rank=ranks.rank, world_size=ranks.size, seed=distributed.shared_seed(seed)) \
+            if ranks.size > 1 else {}
+        train_loader = BatchLoader(dataset_arrays(train_data), recipe.batch_size, shuffle=True, drop_last=True,
+                                   **sharding)
+        pipeline = fe.Pipeline(train_data=train_loader, eval_data=held_out if ranks.main else None,
+                               test_data=held_out)
         augment_ops = batched_cifar_ops(CIFAR_MEAN, CIFAR_STD, strong=strong, num_classes=num_classes,
                                         label_smoothing=recipe.label_smoothing, fuse=True, compile=hw.compile,
                                         policy=recipe.augment if strong else "autoaugment", mix_prob=recipe.mix_prob)
@@ -113,11 +128,13 @@ def build_vit_estimator(*, app: str, num_classes: int, dataset: str, data_dir: O
     schedule = lr_schedule(recipe, run["train_steps_per_epoch"] or len(train_data) // recipe.batch_size)
     if schedule is not None:
         traces.append(LRScheduler(model=model, lr_fn=schedule))
-    if save_encoder:
+    if ranks.size > 1:
+        traces.append(distributed.ShardEpoch(train_loader))
+    if save_encoder and ranks.main:
         traces.append(EncoderSaver(model, save_dir, overwrite=folder.overwrite))
-    # eval images as the model sees them: normalised, channels first, in both pipeline paths
-    traces.append(PredictionGrid("x", "y", "y_pred", class_names(num_classes, dataset), save_dir, mean=CIFAR_MEAN,
-                                 std=CIFAR_STD, channels_first=True))
+    if ranks.main:  # eval images as the model sees them: normalised, channels first, in both pipeline paths
+        traces.append(PredictionGrid("x", "y", "y_pred", class_names(num_classes, dataset), save_dir,
+                                     mean=CIFAR_MEAN, std=CIFAR_STD, channels_first=True))
     config = {"recipe": asdict(recipe), "overrides": overrides, "hardware": asdict(hw), "num_classes": num_classes,
               "dataset": dataset, "data_dir": data_dir, "weights_path": weights_path, **(hparams or {}),
               **{k: v for k, v in run.items() if k not in ("epochs", "batch_size")}}

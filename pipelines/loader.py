@@ -29,23 +29,57 @@ class BatchLoader(DataLoader):
 
     shuffle: a new random order every epoch (else the arrays' order). drop_last: only full batches (training).
     device: where the arrays and batches live; None: the GPU when there is one, else the CPU.
+
+    Sharding over data-parallel processes (PyTorch's `DistributedSampler`, per batch): with `world_size` > 1,
+    `batch_size` is the global batch and this process (`rank`) yields its contiguous slice of each global batch,
+    `batch_size // world_size` images; every rank draws the same order, from `seed` and the epoch (`set_epoch`), so
+    the ranks' batches of one step are disjoint and together are the batch one process would take. Every image is
+    seen once per epoch across the ranks (but the last partial global batch, as with drop_last in one process).
+    seed: draw the order from it instead of torch's global generator (needed when sharded).
     """
     def __init__(self, arrays: Dict[str, np.ndarray], batch_size: int, shuffle: bool, drop_last: bool = False,
-                 device: Optional[torch.device] = None) -> None:
+                 device: Optional[torch.device] = None, rank: int = 0, world_size: int = 1,
+                 seed: Optional[int] = None) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"BatchLoader rank must be in [0, world_size) = [0, {world_size}), got {rank}")
+        if batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} (the global batch) does not split evenly over {world_size} "
+                             f"processes: every rank takes an equal share of each batch. Pass a multiple of "
+                             f"{world_size}, e.g. {max(world_size, batch_size // world_size * world_size)}.")
+        if world_size > 1 and not drop_last:
+            raise ValueError("A sharded BatchLoader (world_size > 1) needs drop_last=True: a last partial batch would "
+                             "leave some ranks without images. Evaluate unsharded (on one rank).")
+        if world_size > 1 and shuffle and seed is None:
+            raise ValueError("A sharded, shuffled BatchLoader needs a seed: every rank must draw the same order.")
         device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         super().__init__(_Arrays(arrays, device), batch_size=None)
-        self.images_per_batch, self.shuffle, self.full_batches_only = batch_size, shuffle, drop_last
+        self.global_batch, self.images_per_batch = batch_size, batch_size // world_size
+        self.shuffle, self.full_batches_only = shuffle, drop_last
+        self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, 0
         self.device = device
 
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose order the next iteration draws (with a seed; as `DistributedSampler.set_epoch`)."""
+        self.epoch = epoch
+
     def __len__(self) -> int:
-        n, b = len(self.dataset), self.images_per_batch
+        n, b = len(self.dataset), self.global_batch
         return n // b if self.full_batches_only else -(-n // b)
 
+    def _order(self, n: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(n, device=self.device)
+        if self.seed is None:
+            return torch.randperm(n, device=self.device)
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)  # on the CPU: the same on every device
+        return torch.randperm(n, generator=generator).to(self.device)
+
     def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
-        n, b = len(self.dataset), self.images_per_batch
-        order = torch.randperm(n, device=self.device) if self.shuffle else torch.arange(n, device=self.device)
-        for start in range(0, len(self) * b, b):
-            yield self.dataset[order[start:start + b]]
+        n, b = len(self.dataset), self.global_batch
+        order = self._order(n)
+        share = self.images_per_batch
+        for start in range(self.rank * share, len(self) * b, b):
+            yield self.dataset[order[start:start + share]]
 
     def get_batch_size(self) -> int:
         """FastEstimator's Estimator counts eval steps as len(loader) / get_batch_size(); len() here already counts

@@ -3,7 +3,7 @@
     python benchmarks/transfer.py --budget cpu                 # synthetic: a few minutes on a 2-core CPU
     python benchmarks/transfer.py --budget gpu                 # synthetic: the apps' full-size ViT (3.2M), on a GPU
     python benchmarks/transfer.py --budget cpu --encoder runs/transfer/vit_pretrain/vit_encoder.pt   # reuse one
-    python benchmarks/transfer.py --task real --data_dir /tmp/c10 --budget gpu    # real photos, about 8 min, one H200
+    python benchmarks/transfer.py --task real --data_dir /tmp/c10 --budget gpu    # real photos, about 5 min, one H200
     python benchmarks/transfer.py --task real --data_dir /tmp/c10 --budget cpu    # real photos, ~11 min on 2 cores
 
 ``--task synthetic`` (the default): pretrain the ViT on synthetic CIFAR-100, then finetune it on synthetic CIFAR-10 for

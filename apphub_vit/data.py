@@ -228,6 +228,19 @@ def dataset_arrays(dataset: NumpyDataset) -> Dict[str, np.ndarray]:
     return {key: np.stack([np.asarray(sample[key]) for sample in samples]) for key in samples[0]}
 
 
+def hold_out(train: NumpyDataset, count: int) -> Tuple[NumpyDataset, NumpyDataset]:
+    """(the training images but the last `count`, those last `count`): a validation split held out of the training
+    images, to choose hyperparameters on without looking at the test set. The last images in the files' order, so
+    every run and every choice sees the same split (the CIFAR files are not sorted by class)."""
+    if count >= len(train):
+        raise ValueError(f"validation={count} would hold out every one of the {len(train)} training images: hold out "
+                         f"fewer (e.g. 5000 of CIFAR's 50,000)")
+    arrays = dataset_arrays(train)
+    keep = len(train) - count
+    return (NumpyDataset({k: v[:keep] for k, v in arrays.items()}),
+            NumpyDataset({k: v[keep:] for k, v in arrays.items()}))
+
+
 def class_names(num_classes: int, dataset: str) -> List[str]:
     """Human-readable class names of a CIFAR-shaped task, for prediction grids and reports."""
     if dataset in CIFAR10_SPLITS:

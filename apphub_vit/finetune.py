@@ -41,6 +41,7 @@ def get_estimator(epochs: Optional[int] = 1,
                   overwrite: bool = False,
                   resume: bool = False,
                   seed: Optional[int] = None,
+                  validation: int = 0,
                   synthetic_size: Optional[List[int]] = None,
                   **overrides: Any) -> fe.Estimator:
     """The finetuning Estimator: a 10-class ViT (5 on a CIFAR-10 split) whose encoder starts from `encoder_weights`.
@@ -77,6 +78,7 @@ def get_estimator(epochs: Optional[int] = 1,
                                data_dir=data_dir, recipe=resolved, overrides=applied, run=run, save_dir=save_dir,
                                overwrite=overwrite, device_augment=device_augment, precision=precision, compile=compile,
                                cuda_graph=cuda_graph, num_process=num_process, resume=resume, seed=seed,
+                               validation=validation,
                                weights_path=weights_path,
                                init_model=init, hparams={"encoder_weights": source, "from_scratch": from_scratch})
 

@@ -40,6 +40,7 @@ def get_estimator(epochs: Optional[int] = None,
                   overwrite: bool = False,
                   resume: bool = False,
                   seed: Optional[int] = None,
+                  validation: int = 0,
                   synthetic_size: Optional[List[int]] = None,
                   **overrides: Any) -> fe.Estimator:
     """The pretraining Estimator: a 100-class ViT (5 on a CIFAR-10 split), saving its encoder at the end.
@@ -66,6 +67,8 @@ def get_estimator(epochs: Optional[int] = None,
         resume: Continue the run a kill interrupted in save_dir, from its last completed epoch (same command again,
             with resume=True).
         seed: Seed every random generator (`fe.enable_deterministic`) for a reproducible run.
+        validation: Hold out the last this many training images (e.g. 5000 of 50,000) and evaluate, and pick the best
+            model, on them instead of the test set: for choosing hyperparameters (0: train on all of them).
         synthetic_size: [train, eval] image counts for dataset="synthetic" (default 50,000 / 10,000).
         **overrides: Any recipe field by name (`apphub_vit.recipes.Recipe` and its model's `MODEL_FIELDS`), e.g.
             lr=1e-3, weight_decay=0.05, spt=False, num_layers=9.
@@ -76,6 +79,7 @@ def get_estimator(epochs: Optional[int] = None,
                                data_dir=data_dir, recipe=resolved, overrides=applied, run=run, save_dir=save_dir,
                                overwrite=overwrite, device_augment=device_augment, precision=precision, compile=compile,
                                cuda_graph=cuda_graph, num_process=num_process, resume=resume, seed=seed,
+                               validation=validation,
                                weights_path=weights_path,
                                save_encoder=True)
 

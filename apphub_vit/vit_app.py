@@ -17,7 +17,7 @@ from fastestimator.trace.metric import Accuracy
 
 from apphub_vit import distributed, options
 from apphub_vit.common import best_model_file, finish_estimator, load_weights, start_run, synthetic_sizes
-from apphub_vit.data import class_names, dataset_arrays, load_cifar
+from apphub_vit.data import class_names, dataset_arrays, hold_out, load_cifar
 from apphub_vit.encoder_io import ENCODER_FILE, EncoderMismatchError, EncoderSaver
 from apphub_vit.hardware import resolve_hardware
 from apphub_vit.prediction_grid import GRID_FILE, PredictionGrid
@@ -68,13 +68,16 @@ def build_vit_estimator(*, app: str, num_classes: int, dataset: str, data_dir: O
                         cuda_graph: Optional[bool], num_process: Optional[int], resume: Any = False,
                         seed: Optional[int] = None, weights_path: Optional[str] = None,
                         init_model: Optional[Callable[[torch.nn.Module], None]] = None, save_encoder: bool = False,
-                        hparams: Optional[Dict[str, Any]] = None) -> fe.Estimator:
+                        hparams: Optional[Dict[str, Any]] = None, validation: Any = 0) -> fe.Estimator:
     """A FastEstimator Estimator training the `ViTModel` of `recipe` on a CIFAR-shaped task.
 
     run: the checked run options (`common.run_options`); overrides: the user's, as applied (for the record);
     weights_path: start from this saved model (for `fastestimator test`); init_model: fills the fresh model (a
-    pretrained encoder); save_encoder: write `vit_encoder.pt` at the end; hparams: more for the record."""
+    pretrained encoder); save_encoder: write `vit_encoder.pt` at the end; hparams: more for the record; validation:
+    evaluate (and pick the best model) on the last this many training images instead of the test set, which then
+    stays for `fastestimator test` alone."""
     model_name = f"vit_{app}"
+    validation = options.whole_number("validation", validation)
     ranks = distributed.setup()  # under torchrun: join the process group on this rank's GPU; else one process
     hw = resolve_hardware(recipe, device_augment, precision, compile, num_process, cuda_graph)
     strong = recipe.augment != "apphub"
@@ -98,24 +101,27 @@ def build_vit_estimator(*, app: str, num_classes: int, dataset: str, data_dir: O
     model = build_vit(model_name, num_classes, recipe, hw, init)
 
     # 1. pipeline: per-sample NumpyOps in the workers, or (device_augment) uint8 batches gathered on the device for
-    #    the batched ops; full batches only in training (one compiled shape, every step the same size). The held-out
-    #    split is both the eval and the test data. Under torchrun each rank takes its slice of every global batch, in
-    #    an order all ranks draw from one seed; rank 0 alone evaluates (the others have no eval data).
-    train_data, eval_data = load_cifar(num_classes, dataset, data_dir, **synthetic_sizes(run["synthetic_size"]))
+    #    the batched ops; full batches only in training (one compiled shape, every step the same size). The test split
+    #    is both the eval and the test data, unless `validation` holds out the last training images to evaluate on.
+    #    Under torchrun each rank takes its slice of every global batch, in an order all ranks draw from one seed;
+    #    rank 0 alone evaluates (the others have no eval data).
+    train_data, test_data = load_cifar(num_classes, dataset, data_dir, **synthetic_sizes(run["synthetic_size"]))
+    train_data, eval_data = hold_out(train_data, validation) if validation else (train_data, test_data)
     train_loader = None
     if hw.device_augment:
         held_out = BatchLoader(dataset_arrays(eval_data), hw.eval_batch_size, shuffle=False)
+        test = (held_out if eval_data is test_data
+                else BatchLoader(dataset_arrays(test_data), hw.eval_batch_size, shuffle=False))
         sharding = dict(rank=ranks.rank, world_size=ranks.size, seed=distributed.shared_seed(seed)) \
             if ranks.size > 1 else {}
         train_loader = BatchLoader(dataset_arrays(train_data), recipe.batch_size, shuffle=True, drop_last=True,
                                    **sharding)
-        pipeline = fe.Pipeline(train_data=train_loader, eval_data=held_out if ranks.main else None,
-                               test_data=held_out)
+        pipeline = fe.Pipeline(train_data=train_loader, eval_data=held_out if ranks.main else None, test_data=test)
         augment_ops = batched_cifar_ops(CIFAR_MEAN, CIFAR_STD, strong=strong, num_classes=num_classes,
                                         label_smoothing=recipe.label_smoothing, fuse=True, compile=hw.compile,
                                         policy=recipe.augment if strong else "autoaugment", mix_prob=recipe.mix_prob)
     else:
-        pipeline = cifar_pipeline(train_data, eval_data, batch_size=recipe.batch_size, test_data=eval_data,
+        pipeline = cifar_pipeline(train_data, eval_data, batch_size=recipe.batch_size, test_data=test_data,
                                   num_process=hw.num_process)
         augment_ops = []
 
@@ -136,7 +142,8 @@ def build_vit_estimator(*, app: str, num_classes: int, dataset: str, data_dir: O
         traces.append(PredictionGrid("x", "y", "y_pred", class_names(num_classes, dataset), save_dir,
                                      mean=CIFAR_MEAN, std=CIFAR_STD, channels_first=True))
     config = {"recipe": asdict(recipe), "overrides": overrides, "hardware": asdict(hw), "num_classes": num_classes,
-              "dataset": dataset, "data_dir": data_dir, "weights_path": weights_path, **(hparams or {}),
+              "dataset": dataset, "data_dir": data_dir, "weights_path": weights_path, "validation": validation,
+              **(hparams or {}),
               **{k: v for k, v in run.items() if k not in ("epochs", "batch_size")}}
     return finish_estimator(pipeline=pipeline, network=network, models=[model], app=model_name, folder=folder,
                             dataset=f"synthetic CIFAR-{num_classes}" if dataset == "synthetic" else dataset,

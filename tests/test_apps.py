@@ -433,3 +433,58 @@ def test_fit_freezes_what_outlives_an_epoch_and_unfreezes_at_the_end(tmp_path):
     est.fit()
     assert probe.counts[0] == 0 and probe.counts[1] > 1000, probe.counts  # epoch 2 starts with epoch 1's heap frozen
     assert gc.get_freeze_count() == 0
+
+
+def test_validation_holds_out_the_last_training_images_and_keeps_the_test_set_for_test(tmp_path):
+    import numpy as np
+
+    from apphub_vit.data import load_cifar
+    from apphub_vit.options import OptionError
+    full_train, test = load_cifar(10, "synthetic", num_train=256, num_eval=64)
+    est = finetune_app.get_estimator(from_scratch=True, dataset="synthetic", save_dir=str(tmp_path), validation=48,
+                                     **dict(TINY_RUN, synthetic_size=[256, 64]), **TINY_VIT)
+    x = {mode: est.pipeline.data[mode][""].dataset.arrays["x"].cpu().numpy() for mode in ("train", "eval", "test")}
+    full = np.stack([full_train[i]["x"] for i in range(256)])
+    assert np.array_equal(x["train"], full[:208]) and np.array_equal(x["eval"], full[208:])
+    assert np.array_equal(x["test"], np.stack([test[i]["x"] for i in range(64)]))
+    assert est.config["validation"] == 48
+    with pytest.raises(ValueError, match="would hold out every one of the 256 training images"):
+        finetune_app.get_estimator(from_scratch=True, dataset="synthetic", save_dir=str(tmp_path / "b"),
+                                   validation=256, **dict(TINY_RUN, synthetic_size=[256, 64]), **TINY_VIT)
+    with pytest.raises(OptionError, match="validation"):
+        finetune_app.get_estimator(from_scratch=True, dataset="synthetic", save_dir=str(tmp_path / "c"),
+                                   validation=-1, **TINY_RUN, **TINY_VIT)
+
+
+def _write_cifar100_as_distributed(folder, n=64):
+    """A `cifar-100-python` folder in the exact format of the CIFAR site's python version: pickles (protocol 2, as
+    Python 2's cPickle wrote them) of bytes keys, `data` [N, 3072] uint8 rows (1024 red, green, blue), `fine_labels`,
+    `coarse_labels`, `filenames`, `batch_label`; `meta` holds the label names."""
+    import pickle
+
+    import numpy as np
+    rng = np.random.default_rng(5)
+    folder.mkdir(parents=True)
+    for name in ("train", "test"):
+        batch = {b"filenames": [f"img_{i:05d}.png".encode() for i in range(n)],
+                 b"batch_label": f"{name}ing batch 1 of 1".encode(), b"fine_labels": [i % 100 for i in range(n)],
+                 b"coarse_labels": [i % 20 for i in range(n)],
+                 b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8)}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({b"fine_label_names": [f"class{i}".encode() for i in range(100)],
+                     b"coarse_label_names": [f"super{i}".encode() for i in range(20)]}, f, protocol=2)
+
+
+def test_the_default_recipe_pretrains_on_a_cifar100_python_folder(tmp_path):
+    """CIFAR-100 readiness: no CIFAR-100 exists on these machines, so a generated folder in the distributed format."""
+    _write_cifar100_as_distributed(tmp_path / "data" / "cifar-100-python")
+    model = pretrain_app.pretrain(data_dir=str(tmp_path / "data"), save_dir=str(tmp_path / "run"), epochs=1,
+                                  batch_size=16, train_steps_per_epoch=2, **TINY_VIT)
+    record = read_record(tmp_path / "run" / RECORD_FILE)
+    assert record["hparams"]["recipe"]["name"] == "vit" and record["hparams"]["dataset"] == "cifair100"
+    assert record["hparams"]["recipe"]["model"]["spt"] and record["hparams"]["recipe"]["augment"] == "autoaugment"
+    assert record["schedule"]["global_steps"] == 2 and 0.0 <= record["final_accuracy"] <= 1.0
+    assert model.linear_classifier.out_features == 100
+    assert (tmp_path / "run" / ENCODER_FILE).is_file()

@@ -253,9 +253,9 @@ def train(data_dir: str, epochs: int = 100, batch_size: int = 128, lr: float = 1
 
 
 def write_csv(path: str, rows: List[Dict]) -> None:
-    """epoch, train_loss, test_accuracy (empty where not evaluated), seconds (wall time since the start)."""
+    """epoch, train_loss, test_accuracy (empty where not evaluated), seconds (wall time since train() began)."""
     with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
+        writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["epoch", "train_loss", "test_accuracy", "seconds"])
         for r in rows:
             accuracy = "" if r["test_accuracy"] is None else f"{r['test_accuracy']:.4f}"

@@ -1,0 +1,97 @@
+"""benchmarks/lee_reference.py (Lee, Lee & Song 2021's plain-ViT recipe): its sampler, its batch mixing and loss, and
+an end-to-end smoke run of main() on a generated CIFAR-10 folder with a tiny model (its figures come from GPU runs)."""
+import csv
+import math
+import re
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.conftest import REPO
+from tests.test_data import _write_cifar10
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import lee_reference as ref  # noqa: E402
+
+pytest.importorskip("timm", reason='lee_reference.py needs timm: pip install -e ".[bench]"')
+
+
+def test_repeated_augmentation_sampler_groups_repeats_and_is_seeded_per_epoch():
+    """Each epoch: a permutation with every index 3 times in a row, cut to the dataset's length; the order depends on
+    (seed, epoch) only."""
+    size = 30
+    sampler = ref.RepeatedAugSampler(size, repeats=3, seed=0)
+    orders = []
+    for epoch in range(4):
+        sampler.set_epoch(epoch)
+        full = sampler.full_order().tolist()
+        assert sorted(full) == sorted(list(range(size)) * 3)  # every index, exactly 3 times, before truncation
+        groups = [full[i:i + 3] for i in range(0, len(full), 3)]
+        assert all(len(set(g)) == 1 for g in groups)  # the 3 copies of an image are consecutive
+        assert len({g[0] for g in groups}) == size  # and each image is one group
+        order = list(sampler)
+        assert len(order) == len(sampler) == size and order == full[:size]  # the epoch: the dataset's length
+        assert all(0 <= i < size for i in order)
+        orders.append(order)
+    assert len({tuple(o) for o in orders}) == 4  # a different order every epoch
+    again = ref.RepeatedAugSampler(size, repeats=3, seed=0)
+    again.set_epoch(2)
+    assert list(again) == orders[2]  # the same seed and epoch: the same order
+    other = ref.RepeatedAugSampler(size, repeats=3, seed=1)
+    other.set_epoch(2)
+    assert list(other) != orders[2]
+    with pytest.raises(ValueError, match="size >= 1"):
+        ref.RepeatedAugSampler(0)
+
+
+def test_cutmix_and_mixup_give_soft_targets_summing_to_one():
+    """Mixed batches have soft targets (two labels, weights summing to 1); the smoothed loss is cross-entropy with
+    label smoothing on an unmixed batch."""
+    torch.manual_seed(0)
+    images, labels = torch.rand(8, 3, 32, 32), torch.arange(8) % 10
+    mixer = ref.BatchMixer(prob=1.0, seed=0)
+    seen = set()
+    for _ in range(12):
+        mixed, targets, which = mixer(images.clone(), labels)
+        seen.add(which)
+        assert mixed.shape == images.shape and targets.shape == (8, 10)
+        assert torch.allclose(targets.sum(1), torch.ones(8)) and (targets >= 0).all()
+        assert ((targets > 0).sum(1) <= 2).all() and (targets[torch.arange(8), labels] > 0).all()
+        assert (targets < 1).any()  # mixed: some weight moved to another image's label
+    assert seen == {"cutmix", "mixup"}  # one or the other, chosen at random
+    _, targets, which = ref.BatchMixer(prob=0.0)(images, labels)
+    assert which == "none" and torch.equal(targets, F.one_hot(labels, 10).float())
+    logits = torch.randn(8, 10)
+    assert torch.allclose(ref.soft_target_loss(logits, targets, 0.1),
+                          F.cross_entropy(logits, labels, label_smoothing=0.1), atol=1e-6)
+    assert ref.lr_at(0, 10, 1e-3, 10, 100) == 0 and ref.lr_at(100, 10, 1e-3, 10, 100) == pytest.approx(1e-3)
+    assert ref.lr_at(550, 10, 1e-3, 10, 100) == pytest.approx(5e-4) and ref.lr_at(1000, 10, 1e-3, 10, 100) == 0
+
+
+def test_lee_reference_trains_end_to_end_and_prints_the_summary(tmp_path, capsys):
+    _write_cifar10(tmp_path / "cifar-10-batches-py", n=64)  # 320 training images, 64 test images
+    out = tmp_path / "curve.csv"
+    result = ref.main(["--data_dir", str(tmp_path), "--epochs", "2", "--train_steps", "3", "--batch_size", "16",
+                       "--width", "32", "--depth", "2", "--eval_images", "48", "--workers", "1", "--out", str(out)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("lee_reference: ViT width 32, depth 2, 2 heads:")
+    assert [line.split(";")[0] for line in lines[1:3]] == ["lee_reference: epoch 1/2", "lee_reference: epoch 2/2"]
+    summary = re.match(r"lee_reference: final test accuracy ([\d.]+)%, best ([\d.]+)% \(48 test images\) after 2 "
+                       r"epochs; [\d.]+ s wall, \d+ training images/s on CPU; Lee et al.'s ViT on the original "
+                       r"CIFAR-10: 93.58%", lines[-1])
+    assert summary, lines[-1]
+    final, best = (float(v) / 100 for v in summary.groups())
+    assert 0 <= final <= best <= 1 and final == pytest.approx(result["final"], abs=5e-5)
+    assert result["images"] == 2 * 3 * 16
+    rows = list(csv.DictReader(out.open()))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert all(math.isfinite(float(r["train_loss"])) and 0 <= float(r["test_accuracy"]) <= 1 for r in rows)
+
+
+def test_without_timm_it_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # makes `import timm...` raise ImportError
+    monkeypatch.setitem(sys.modules, "timm.models.vision_transformer", None)
+    with pytest.raises(SystemExit, match=r'needs timm.*pip install -e "\.\[bench\]"'):
+        ref.build_model(32, 2)

@@ -1,7 +1,8 @@
 """A reference point for a ViT on the CIFAR-10 data itself: Lee, Lee & Song's plain-ViT recipe, trained on our copy.
 
-    pip install -e ".[bench]"                                           # timm (torchvision comes with the project)
-    python benchmarks/lee_reference.py --data_dir ../shared/data/cifar10  # 100 epochs, evaluated after each
+    pip install -e ".[bench]"                                      # timm (torchvision comes with the project)
+    python ../shared/data/cifar10/to_batches.py /tmp/c10           # once: the JPEG copy as cifar-10-batches-py
+    python benchmarks/lee_reference.py --data_dir /tmp/c10           # 100 epochs, evaluated after each
 
 Follows S. H. Lee, S. Lee, B. C. Song, "Vision Transformer for Small-Size Datasets", arXiv 2112.13492 (2021; code:
 github.com/aanna0701/SPT_LSA_ViT), whose plain ViT (no SPT, no LSA) reaches 93.58% on the original CIFAR-10, written

@@ -8,9 +8,10 @@ The record is what `apphub_vit.compare` reads to put runs side by side. It holds
   whether a trace stopped training early;
 * ``parameters``: total and trainable counts over all models given (shared parameters counted once), and per model;
 * ``metrics``: which eval key is the accuracy (None when the app has none, as the MNIST autoencoder) and which the loss;
-* ``eval``: one entry per eval epoch, ``{"epoch", "step", "metrics": {key: value}, "elapsed", "time"}`` with every
-  numeric scalar the eval epoch logged (the same values FastEstimator's Logger prints and writes into
-  `System.summary`), the seconds since `fit()` began and the Unix time at the epoch's end (for time to accuracy);
+* ``eval``: one entry per eval epoch, ``{"epoch", "step", "metrics": {key: value}, "images", "elapsed", "time"}`` with
+  every numeric scalar the eval epoch logged (the same values FastEstimator's Logger prints and writes into
+  `System.summary`), the images it evaluated, the seconds since `fit()` began and the Unix time at the epoch's end
+  (for time to accuracy);
 * ``train_log``: the training values FastEstimator logged every `log_steps` steps (loss, steps/sec), with their step;
 * ``best_accuracy`` / ``best_accuracy_step`` / ``final_accuracy`` and ``best_loss`` / ``final_loss`` (None if absent);
 * ``timing``: train seconds (the train epochs only: eval epochs and the time between are excluded), eval seconds,
@@ -188,6 +189,7 @@ class RunRecorder(Trace):
         self._started_at = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
         self._fit_started = time.time()
         self._epoch_start = 0.0
+        self._eval_images = 0
         self._train_seconds = self._eval_seconds = 0.0
         self._train_images = 0
         self._batch_size: Optional[int] = None
@@ -204,9 +206,11 @@ class RunRecorder(Trace):
     def on_epoch_begin(self, data: Data) -> None:
         self._sync()
         self._epoch_start = time.perf_counter()
+        self._eval_images = 0
 
     def on_batch_end(self, data: Data) -> None:
         if self.system.mode != "train":
+            self._eval_images += _batch_size(data) or 0  # eval batches need not be the train batch (on a GPU)
             return
         if self._device is None:
             # Where training runs. FastEstimator moves the models to the GPU for each epoch and back to the CPU at the
@@ -232,7 +236,7 @@ class RunRecorder(Trace):
         self._eval_seconds += elapsed
         metrics = {k: scalar(v) for k, v in data.read_logs().items()}
         entry = {"epoch": self.system.epoch_idx, "step": self.system.global_step or 0,
-                 "metrics": {k: v for k, v in metrics.items() if v is not None},
+                 "metrics": {k: v for k, v in metrics.items() if v is not None}, "images": self._eval_images,
                  "elapsed": round(time.perf_counter() - self._start, 3), "time": round(time.time(), 3)}
         if self._eval and self._eval[-1]["epoch"] == entry["epoch"]:  # the eval FastEstimator repeats on a resume
             self._eval[-1] = entry

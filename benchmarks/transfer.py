@@ -251,9 +251,7 @@ def real_task(args: argparse.Namespace, out: str, num_process: Optional[int]) ->
                 if setting == "curve":
                     curves[plan.name].append(accuracy_curve(plan))
 
-    schedule = read_record(os.path.join(plans["curve"][0].kwargs["save_dir"], RECORD_FILE))["schedule"]
-    eval_steps = schedule["eval_steps_per_epoch"]
-    evaluated = min(eval_steps * schedule["batch_size"], TEST_IMAGES) if eval_steps else TEST_IMAGES
+    evaluated = read_record(os.path.join(plans["curve"][0].kwargs["save_dir"], RECORD_FILE))["eval"][-1]["images"]
     print(f"\nTransfer on real photos, budget '{args.budget}': {pre_line}")
     print(f"finetuning on cifar10_split_b ({', '.join(CIFAR10_SPLITS['cifar10_split_b'])}): test accuracy at the last "
           f"epoch on {evaluated:,} of its {TEST_IMAGES:,} test images (chance 0.2), seeds 0..{args.seeds - 1}; "

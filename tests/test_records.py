@@ -78,6 +78,10 @@ def test_vit_record_fields(vit_run):
     # One eval entry per epoch, at the global step where it ran, with every eval key the app logged.
     assert [(e["epoch"], e["step"]) for e in record["eval"]] == [(1, 3), (2, 6)]
     assert all({"accuracy", "ce"} <= set(e["metrics"]) for e in record["eval"])
+    assert [e["images"] for e in record["eval"]] == [32, 32]  # 2 eval steps of the CPU's eval batch, 16
+    assert record["eval"][0]["elapsed"] < record["eval"][1]["elapsed"] < record["timing"]["total_seconds"]
+    assert record["eval"][1]["time"] - record["eval"][0]["time"] == pytest.approx(
+        record["eval"][1]["elapsed"] - record["eval"][0]["elapsed"], abs=0.05)
     assert record["metrics"] == {"accuracy_key": "accuracy", "loss_key": "ce"}
     accuracies = [e["metrics"]["accuracy"] for e in record["eval"]]
     assert record["best_accuracy"] == max(accuracies) and record["final_accuracy"] == accuracies[-1]

@@ -79,6 +79,8 @@ def test_real_transfer_runs_every_setting_per_seed_and_prints_their_recorded_acc
     curve = r"^\| 1 \| \d\.\d{4} \| \d\.\d{4} \|\n\| 2 \| \d\.\d{4} \| \d\.\d{4} \|$"
     assert re.search(curve, text, re.M), text[-2000:]
     assert (out / "learning_curve.png").stat().st_size > 1000
+    evaluated = read_record(str(out / "curve-pretrained-seed0" / "run_record.json"))["eval"][-1]["images"]
+    assert 0 < evaluated <= 16 and f"at the last epoch on {evaluated:,} of its" in text  # what the eval really read
     gain = float(re.search(r"^\(a\) one_epoch: pretrained - scratch: ([+-]\d\.\d{4}) mean accuracy; pretrained wins "
                            r"\d of 2 seeds$", text, re.M).group(1))
     assert status == (0 if gain > 0 else 1)  # tiny runs learn nothing: either may win, and the status says which

@@ -187,6 +187,17 @@ def test_the_graph_is_on_by_default_only_where_nothing_blocks_it():
         assert resolve_hardware(vit).cuda_graph is False
 
 
+def test_eval_batches_are_large_on_a_gpu_and_the_train_batch_elsewhere():
+    from apphub_vit.hardware import GPU_EVAL_BATCH
+    vit = VIT_RECIPES["vit"]
+    assert GPU_EVAL_BATCH > vit.batch_size and 10000 % GPU_EVAL_BATCH == 5000 % GPU_EVAL_BATCH == 0  # one shape
+    with mock.patch.object(torch.cuda, "is_available", lambda: True):
+        assert resolve_hardware(vit).eval_batch_size == GPU_EVAL_BATCH
+        assert resolve_hardware(vit, device_augment=False).eval_batch_size == vit.batch_size  # per-sample pipeline
+    with mock.patch.object(torch.cuda, "is_available", lambda: False):
+        assert resolve_hardware(vit).eval_batch_size == vit.batch_size
+
+
 @needs_cuda
 def test_mnist_app_trains_with_the_graph_on_a_gpu():
     import tempfile

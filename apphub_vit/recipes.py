@@ -51,6 +51,8 @@ class Recipe:
     label_smoothing: float
     augment: str  # the app's `RecipeBook.augments`
     mix_prob: float = 0.0  # share of training batches mixed by MixUp or CutMix (pipelines.batched.MixUpCutMix)
+    distill: float = 0.0  # weight of a CNN teacher's hard label in the target (DeiT: 0.5; 0: no teacher)
+    teacher_epochs: int = 24  # the teacher's training (apphub_vit/teacher.py), when distill > 0
 
     def field_values(self) -> Dict[str, Any]:
         """Every overridable field by name, the model's included: what `RecipeBook.resolve` accepts."""
@@ -75,6 +77,8 @@ CHECKS: Dict[str, Callable[[str, Any], Any]] = {
     "min_lr": options.number,
     "label_smoothing": _rate,
     "mix_prob": lambda n, v: options.number(n, v, 0.0, 1.0),
+    "distill": lambda n, v: options.number(n, v, 0.0, 1.0),
+    "teacher_epochs": options.positive_int,
     **{name: options.positive_int for name in ("num_layers", "em_dim", "num_heads", "ff_dim", "patch_size")},
     **{name: options.boolean for name in ("norm_first", "spt", "lsa")},
     "pool": lambda n, v: options.choice(n, v, ("cls", "mean")),

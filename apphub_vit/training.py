@@ -14,6 +14,7 @@ from apphub_vit.device_network import DeviceNetwork
 from apphub_vit.distributed import DistributedUpdateOp, broadcast_from_main, single_device
 from apphub_vit.hardware import Hardware
 from apphub_vit.recipes import Recipe
+from apphub_vit.teacher import DistillTargets
 from networks.vit import ViTModel
 from pipelines.batched import smooth_one_hot
 
@@ -94,15 +95,22 @@ class SmoothLabels(TensorOp):
 
 
 def classifier_network(model: torch.nn.Module, augment_ops: List[TensorOp], num_classes: int, recipe: Recipe,
-                       hw: Hardware, train_label: str = "y") -> fe.Network:
+                       hw: Hardware, train_label: str = "y", teacher: Optional[torch.nn.Module] = None) -> fe.Network:
     """The classifier's network: `augment_ops`, the model, cross-entropy against `train_label` in training (smoothed
-    targets when the recipe smooths labels and nothing wrote soft labels yet) and against the true labels otherwise,
-    and the update. `DeviceNetwork`: FastEstimator's TorchNetwork on a CPU in fp32; on a GPU it drops the per-step
-    syncs, runs bf16 autocast and replays the train step as a CUDA graph."""
+    targets when the recipe smooths labels and nothing wrote soft labels yet; with a `teacher`, mixed with its hard
+    labels on the same images by `recipe.distill`, `apphub_vit.teacher.DistillTargets`) and against the true labels
+    otherwise, and the update. `DeviceNetwork`: FastEstimator's TorchNetwork on a CPU in fp32; on a GPU it drops the
+    per-step syncs, runs bf16 autocast and replays the train step (the teacher's forward pass included) as a CUDA
+    graph."""
     ops = list(augment_ops)
-    if train_label == "y" and recipe.label_smoothing:
+    if train_label == "y" and (recipe.label_smoothing or teacher is not None):
         ops.append(SmoothLabels("y", "y_soft", num_classes, recipe.label_smoothing))
         train_label = "y_soft"
+    if teacher is not None:
+        ops += [ModelOp(model=teacher, inputs="x", outputs="y_teacher", trainable=False, mode="train"),
+                DistillTargets(inputs=(train_label, "y_teacher"), outputs="y_distill", weight=recipe.distill,
+                               smoothing=recipe.label_smoothing)]
+        train_label = "y_distill"
     return DeviceNetwork(ops=ops + [
         ModelOp(model=model, inputs="x", outputs="y_pred"),
         CrossEntropy(inputs=("y_pred", train_label), outputs="ce", from_logits=True, mode="train"),

@@ -23,6 +23,7 @@ from apphub_vit.hardware import resolve_hardware
 from apphub_vit.prediction_grid import GRID_FILE, PredictionGrid
 from apphub_vit.recipes import CIFAR_AUGMENTS, MODEL_FIELDS, VIT_RECIPES, Recipe, RecipeBook
 from apphub_vit.records import RECORD_FILE
+from apphub_vit.teacher import TEACHER_FILE, train_teacher
 from apphub_vit.training import build_vit, classifier_network, lr_schedule
 from pipelines.batched import batched_cifar_ops
 from pipelines.cifar import CIFAR_MEAN, CIFAR_STD, cifar_pipeline
@@ -91,7 +92,16 @@ def build_vit_estimator(*, app: str, num_classes: int, dataset: str, data_dir: O
     if recipe.batch_size % ranks.size:
         raise options.OptionError(f"batch_size={recipe.batch_size} is the global batch, split evenly over torchrun's "
                                   f"{ranks.size} processes: pass a multiple of {ranks.size}")
-    outputs = [best_model_file(model_name, "accuracy"), GRID_FILE] + ([ENCODER_FILE] if save_encoder else [])
+    distill = recipe.distill > 0 and weights_path is None  # a saved model only evaluated needs no teacher
+    if distill and ranks.size > 1:
+        raise options.OptionError(f"distill={recipe.distill} trains a teacher per process, which torchrun's "
+                                  f"{ranks.size} processes would not share: run distillation in one process, or "
+                                  f"pass distill=0 under torchrun")
+    if distill and not hw.device_augment:
+        raise options.OptionError(f"distill={recipe.distill} runs the teacher on the batched augmentation's images: "
+                                  f"use device_augment=True with it, or distill=0")
+    outputs = [best_model_file(model_name, "accuracy"), GRID_FILE] + ([ENCODER_FILE] if save_encoder else []) + \
+        ([TEACHER_FILE] if distill else [])
     folder = start_run(app, save_dir, outputs, overwrite, resume, seed, distributed=True)
     save_dir = folder.save_dir
     init = init_model if weights_path is None else (lambda model: load_weights(model, weights_path))
@@ -125,9 +135,16 @@ def build_vit_estimator(*, app: str, num_classes: int, dataset: str, data_dir: O
                                   num_process=hw.num_process)
         augment_ops = []
 
-    # 2. network
+    # 2. network (first the teacher's own, trained here on the same training images, when the recipe distils)
+    teacher = None
+    if distill:
+        teacher = train_teacher(dataset_arrays(train_data), dataset_arrays(eval_data), num_classes,
+                                recipe.teacher_epochs, hw, CIFAR_MEAN, CIFAR_STD,
+                                path=os.path.join(save_dir, TEACHER_FILE), reuse=folder.resume,
+                                train_steps_per_epoch=run["train_steps_per_epoch"])
     network = classifier_network(model, augment_ops, num_classes, recipe, hw,
-                                 train_label="y_soft" if recipe.mix_prob else "y")  # MixUpCutMix writes y_soft
+                                 train_label="y_soft" if recipe.mix_prob else "y",  # MixUpCutMix writes y_soft
+                                 teacher=None if teacher is None else teacher["model"])
 
     # 3. estimator
     traces = []
@@ -143,6 +160,7 @@ def build_vit_estimator(*, app: str, num_classes: int, dataset: str, data_dir: O
                                      mean=CIFAR_MEAN, std=CIFAR_STD, channels_first=True))
     config = {"recipe": asdict(recipe), "overrides": overrides, "hardware": asdict(hw), "num_classes": num_classes,
               "dataset": dataset, "data_dir": data_dir, "weights_path": weights_path, "validation": validation,
+              "teacher": None if teacher is None else {k: v for k, v in teacher.items() if k != "model"},
               **(hparams or {}),
               **{k: v for k, v in run.items() if k not in ("epochs", "batch_size")}}
     return finish_estimator(pipeline=pipeline, network=network, models=[model], app=model_name, folder=folder,

@@ -1,0 +1,110 @@
+"""A CNN teacher for the ViT, trained in seconds on the same images, and DeiT's hard-label distillation from it.
+
+Follows "Training data-efficient image transformers & distillation through attention" (Touvron et al. 2021, DeiT):
+a convnet teacher's argmax on each (augmented) training image becomes a second target of the student, next to the
+true label: the student learns from the teacher's inductive bias (locality), which a patch-4 ViT trained on 50,000
+images lacks. DeiT adds a distillation token with a head of its own; here the one head takes the mixed target
+`(1 - distill) * y + distill * onehot(argmax teacher(x))`, which for cross-entropy is the same loss as DeiT's
+`(1 - distill) * CE(z, y) + distill * CE(z, y_teacher)` on a single head (DeiT's class-token-only variant).
+
+The teacher is `networks.resnet9.ResNet9` on David Page's recipe ("How to train your ResNet", 2018; as
+`benchmarks/resnet9_reference.py`): batch 512, SGD with Nesterov momentum 0.9, weight decay 5e-4, the learning rate
+linear from 0 to 0.4 over the first 5/24 of the run and back to 0, the six apphub ops (pad, crop, flip, cutout) batched
+on the device, no label smoothing. It is trained by its own FastEstimator Estimator before the ViT's, on the ViT's
+training images only (a validation split stays held out from it too), and saved beside the run (`TEACHER_FILE`), so
+that a resumed run reloads it instead of training it again.
+"""
+import os
+import time
+from typing import Any, Dict, Optional, Sequence
+
+import fastestimator as fe
+import numpy as np
+import torch
+from fastestimator.op.tensorop import TensorOp
+from fastestimator.op.tensorop.loss import CrossEntropy
+from fastestimator.op.tensorop.model import ModelOp, UpdateOp
+from fastestimator.trace.adapt import LRScheduler
+from fastestimator.trace.metric import Accuracy
+
+from apphub_vit.device_network import DeviceNetwork
+from apphub_vit.distributed import single_device
+from apphub_vit.hardware import Hardware
+from apphub_vit.runs import atomic_path
+from networks.resnet9 import ResNet9
+from pipelines.batched import batched_cifar_ops, smooth_one_hot
+from pipelines.loader import BatchLoader
+
+TEACHER_FILE = "teacher_resnet9.pt"
+TEACHER_BATCH = 512
+TEACHER_LR, TEACHER_WEIGHT_DECAY = 0.4, 5e-4  # Page's, for a loss averaged over the batch
+WARMUP_SHARE = 5 / 24  # Page's: the peak at epoch 5 of 24
+
+
+def teacher_lr(steps_per_epoch: int, epochs: int):
+    """Page's piecewise-linear schedule at FastEstimator's step (from 1): 0 -> 0.4 over 5/24 of the run -> 0."""
+    total = steps_per_epoch * epochs
+    peak = max(int(total * WARMUP_SHARE), 1)
+    return lambda step: float(np.interp(step, [0, peak, total], [0.0, TEACHER_LR, 0.0]))
+
+
+def train_teacher(train: Dict[str, np.ndarray], eval_data: Dict[str, np.ndarray], num_classes: int, epochs: int,
+                  hw: Hardware, mean: Sequence[float], std: Sequence[float], path: Optional[str] = None,
+                  reuse: bool = False, train_steps_per_epoch: Optional[int] = None) -> Dict[str, Any]:
+    """Train a ResNet-9 on `train` ({"x": uint8 [N, 32, 32, 3], "y": [N]}) for `epochs`, measure it on `eval_data`,
+    save it to `path` (if given) and return {"model": the frozen teacher (an `fe.build` model without optimiser, for a
+    `ModelOp`), "accuracy", "seconds", "epochs", "reused"}. reuse: load the teacher already at `path` (a resumed run's)
+    instead of training one."""
+    start = time.perf_counter()
+    model = single_device(fe.build(model_fn=lambda: _channels_last(ResNet9(num_classes), hw.gpu),
+                                   optimizer_fn=lambda p: torch.optim.SGD(p, lr=TEACHER_LR, momentum=0.9,
+                                                                          nesterov=True,
+                                                                          weight_decay=TEACHER_WEIGHT_DECAY),
+                                   model_name="teacher"))
+    reused = bool(reuse and path and os.path.exists(path))
+    if reused:
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    batch = min(TEACHER_BATCH, len(train["y"]))
+    steps = len(train["y"]) // batch
+    steps = steps if train_steps_per_epoch is None else min(steps, train_steps_per_epoch)
+    network = DeviceNetwork(ops=batched_cifar_ops(mean, std, fuse=True, compile=hw.compile) + [
+        ModelOp(model=model, inputs="x", outputs="y_pred"),
+        CrossEntropy(inputs=("y_pred", "y"), outputs="ce", from_logits=True),
+        UpdateOp(model=model, loss_name="ce"),
+    ], autocast_dtype=torch.bfloat16 if hw.precision == "bf16" else None)  # SGD cannot be captured: no CUDA graph
+    held_out = BatchLoader(eval_data, hw.eval_batch_size, shuffle=False)
+    pipeline = fe.Pipeline(train_data=BatchLoader(train, batch, shuffle=True, drop_last=True), eval_data=held_out,
+                           test_data=held_out)
+    estimator = fe.Estimator(pipeline=pipeline, network=network, epochs=epochs, log_steps=0,
+                             train_steps_per_epoch=train_steps_per_epoch,
+                             traces=[LRScheduler(model=model, lr_fn=teacher_lr(steps, epochs)),
+                                     Accuracy(true_key="y", pred_key="y_pred")])
+    print(f"apphub_vit: distillation teacher (a ResNet-9): "
+          f"{'evaluating the one saved by this run' if reused else f'training it, {epochs} epochs'}", flush=True)
+    summary = estimator.test(summary="teacher") if reused else estimator.fit(summary="teacher")
+    history = summary.history["test" if reused else "eval"]["accuracy"]
+    accuracy = float(history[max(history)])  # the last evaluation's
+    if path and not reused:
+        with atomic_path(path) as tmp:
+            torch.save(model.state_dict(), tmp)
+    teacher = fe.build(model_fn=lambda: model.requires_grad_(False), optimizer_fn=None, model_name="teacher")
+    seconds = time.perf_counter() - start
+    print(f"apphub_vit: teacher accuracy {accuracy:.4f} on the eval images ({seconds:.1f} s)", flush=True)
+    return {"model": teacher, "accuracy": accuracy, "seconds": seconds, "epochs": epochs, "reused": reused}
+
+
+def _channels_last(model: torch.nn.Module, gpu: bool) -> torch.nn.Module:
+    return model.to(memory_format=torch.channels_last) if gpu else model  # cuDNN's fast layout for the convolutions
+
+
+class DistillTargets(TensorOp):
+    """(soft targets [B, C], teacher logits [B, C]) -> `(1 - weight) * targets + weight * smooth(onehot(argmax))`:
+    DeiT's hard-label distillation on one head, the teacher's label smoothed as the true one (`smoothing`)."""
+    def __init__(self, inputs, outputs: str, weight: float, smoothing: float, mode: str = "train") -> None:
+        super().__init__(inputs=inputs, outputs=outputs, mode=mode)
+        self.weight, self.smoothing = weight, smoothing
+
+    def forward(self, data, state: Dict[str, Any]) -> torch.Tensor:
+        targets, teacher_logits = data
+        hard = smooth_one_hot(teacher_logits.argmax(dim=1), targets.shape[1], self.smoothing, targets.dtype)
+        return targets * (1 - self.weight) + hard * self.weight

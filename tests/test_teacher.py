@@ -1,0 +1,139 @@
+"""Distillation from a CNN teacher (apphub_vit/teacher.py, networks/resnet9.py): the teacher network against the
+reference script's, the distillation targets, the student's loss, and the app's teacher file."""
+import importlib.util
+import json
+
+import fastestimator as fe
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from apphub_vit import finetune as finetune_app
+from apphub_vit.hardware import resolve_hardware
+from apphub_vit.recipes import VIT_RECIPES
+from apphub_vit.records import RECORD_FILE
+from apphub_vit.teacher import TEACHER_FILE, DistillTargets, teacher_lr, train_teacher
+from apphub_vit.training import build_vit, classifier_network
+from networks.resnet9 import ResNet9
+from pipelines.cifar import CIFAR_MEAN, CIFAR_STD
+from tests.conftest import REPO, TINY_RUN, TINY_VIT
+
+
+def _reference_module():
+    spec = importlib.util.spec_from_file_location("resnet9_reference", REPO / "benchmarks" / "resnet9_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_resnet9_is_the_reference_scripts_network():
+    ours, reference = ResNet9(num_classes=10, width=8), _reference_module().resnet9(width=8)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
+    torch.manual_seed(0)
+    for p in ours.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    reference.load_state_dict(ours.state_dict())
+    x = torch.randn(4, 3, 32, 32)
+    ours.eval(), reference.eval()
+    out = ours(x)
+    assert out.shape == (4, 10) and torch.isfinite(out).all()
+    torch.testing.assert_close(out, reference(x))
+
+
+def test_resnet9_trains_every_parameter():
+    model = ResNet9(num_classes=3, width=4)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_distill_targets_mix_the_teachers_smoothed_hard_label_in():
+    targets = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    teacher = torch.tensor([[5.0, 0.0, 1.0], [0.0, 0.0, 3.0]])  # argmax 0, 2
+    out = DistillTargets(("t", "z"), "d", weight=0.25, smoothing=0.3).forward([targets, teacher], {})
+    smooth = lambda k: torch.full((3, ), 0.1) + 0.7 * F.one_hot(torch.tensor(k), 3)  # noqa: E731
+    torch.testing.assert_close(out, torch.stack([0.75 * targets[0] + 0.25 * smooth(0),
+                                                 0.75 * targets[1] + 0.25 * smooth(2)]))
+    torch.testing.assert_close(out.sum(dim=1), torch.ones(2))
+
+
+def test_teacher_schedule_is_pages_triangle():
+    lr = teacher_lr(steps_per_epoch=10, epochs=24)
+    assert lr(0) == 0.0 and lr(50) == pytest.approx(0.4) and lr(240) == 0.0
+    assert lr(25) == pytest.approx(0.2) and lr(145) == pytest.approx(0.2)
+
+
+class ConstantTeacher(torch.nn.Module):
+    """Logits that always name class `k`, whatever the image."""
+    def __init__(self, k: int, num_classes: int) -> None:
+        super().__init__()
+        self.logits = torch.nn.Parameter(10 * F.one_hot(torch.tensor(k), num_classes).float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits.expand(len(x), -1)
+
+
+@pytest.mark.parametrize("distill", [0.0, 0.5, 1.0])
+def test_the_students_loss_takes_the_teachers_labels_by_the_distill_weight(distill):
+    recipe = VIT_RECIPES["vit"]
+    recipe = type(recipe)(**{**recipe.__dict__, "model": type(recipe.model)(**{**recipe.model.__dict__, **TINY_VIT,
+                                                                                 "spt": False, "lsa": False}),
+                             "distill": distill, "label_smoothing": 0.0, "lr": 0.0})
+    hw = resolve_hardware(recipe)
+    student = build_vit("student", 10, recipe, hw)
+    teacher = fe.build(model_fn=lambda: ConstantTeacher(7, 10).requires_grad_(False), optimizer_fn=None,
+                       model_name="teacher")
+    before = teacher.logits.detach().clone()
+    network = classifier_network(student, [], 10, recipe, hw, teacher=teacher if distill else None)
+    x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % 3  # true labels 0..2, the teacher says 7
+    batch = network.transform({"x": x, "y": y}, mode="train")
+    logits = batch["y_pred"].float()
+    target = (1 - distill) * F.one_hot(y, 10).float() + distill * F.one_hot(torch.full((8, ), 7), 10).float()
+    expected = -(target * logits.log_softmax(dim=1)).sum(dim=1).mean()
+    assert float(batch["ce"]) == pytest.approx(float(expected), rel=1e-5)
+    torch.testing.assert_close(teacher.logits, before)  # the teacher is never updated
+
+
+def _arrays(n: int, seed: int):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    x = np.where(y[:, None, None, None] == 1, 200, 30).astype(np.uint8).repeat(32, 1).repeat(32, 2).repeat(3, 3)
+    x = np.clip(x + rng.integers(-20, 20, x.shape), 0, 255).astype(np.uint8)  # two classes: bright and dark images
+    return {"x": x, "y": y.astype(np.int64)}
+
+
+def test_the_teacher_learns_saves_itself_and_a_resumed_run_reuses_it(tmp_path):
+    hw = resolve_hardware(VIT_RECIPES["vit"])
+    path = str(tmp_path / TEACHER_FILE)
+    torch.manual_seed(0)
+    trained = train_teacher(_arrays(64, 0), _arrays(64, 1), 2, 20, hw, CIFAR_MEAN, CIFAR_STD, path=path)
+    assert not trained["reused"] and trained["accuracy"] > 0.9  # bright vs dark, in 20 steps (5 seeds: all 1.0)
+    model = trained["model"]
+    assert model.current_optimizer is None and not any(p.requires_grad for p in model.parameters())
+    saved = torch.load(path, weights_only=True)
+    again = train_teacher(_arrays(64, 0), _arrays(64, 1), 2, 20, hw, CIFAR_MEAN, CIFAR_STD, path=path, reuse=True)
+    assert again["reused"] and again["accuracy"] == trained["accuracy"]
+    for key, value in again["model"].state_dict().items():
+        assert torch.equal(value.cpu(), saved[key]), key
+
+
+def test_the_app_trains_the_teacher_records_it_and_never_overwrites_its_file(tmp_path):
+    run = dict(TINY_RUN, epochs=1)
+    finetune_app.finetune(None, from_scratch=True, dataset="synthetic", save_dir=str(tmp_path), distill=0.5,
+                          teacher_epochs=1, **run, **TINY_VIT)
+    record = json.loads((tmp_path / RECORD_FILE).read_text())
+    assert record["hparams"]["recipe"]["distill"] == 0.5
+    teacher = record["hparams"]["teacher"]
+    assert teacher["epochs"] == 1 and not teacher["reused"] and 0.0 <= teacher["accuracy"] <= 1.0
+    saved = (tmp_path / TEACHER_FILE).read_bytes()
+    with pytest.raises(FileExistsError, match=TEACHER_FILE):
+        finetune_app.finetune(None, from_scratch=True, dataset="synthetic", save_dir=str(tmp_path), distill=0.5,
+                              teacher_epochs=1, **run, **TINY_VIT)
+    assert (tmp_path / TEACHER_FILE).read_bytes() == saved
+
+
+def test_distillation_options_are_checked(tmp_path):
+    for bad, match in (({"distill": 1.5}, "distill"), ({"teacher_epochs": 0}, "teacher_epochs")):
+        with pytest.raises(ValueError, match=match):
+            finetune_app.get_estimator(from_scratch=True, dataset="synthetic", save_dir=str(tmp_path), **bad,
+                                       **TINY_RUN, **TINY_VIT)

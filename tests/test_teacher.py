@@ -2,6 +2,7 @@
 reference script's, the distillation targets, the student's loss, and the app's teacher file."""
 import importlib.util
 import json
+from dataclasses import replace
 
 import fastestimator as fe
 import numpy as np
@@ -75,10 +76,9 @@ class ConstantTeacher(torch.nn.Module):
 
 @pytest.mark.parametrize("distill", [0.0, 0.5, 1.0])
 def test_the_students_loss_takes_the_teachers_labels_by_the_distill_weight(distill):
-    recipe = VIT_RECIPES["vit"]
-    recipe = type(recipe)(**{**recipe.__dict__, "model": type(recipe.model)(**{**recipe.model.__dict__, **TINY_VIT,
-                                                                                 "spt": False, "lsa": False}),
-                             "distill": distill, "label_smoothing": 0.0, "lr": 0.0})
+    base = VIT_RECIPES["vit"]
+    recipe = replace(base, model=replace(base.model, **TINY_VIT, spt=False, lsa=False), distill=distill,
+                     label_smoothing=0.0, lr=0.0)
     hw = resolve_hardware(recipe)
     student = build_vit("student", 10, recipe, hw)
     teacher = fe.build(model_fn=lambda: ConstantTeacher(7, 10).requires_grad_(False), optimizer_fn=None,

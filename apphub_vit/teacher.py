@@ -67,7 +67,8 @@ def train_teacher(train: Dict[str, np.ndarray], eval_data: Dict[str, np.ndarray]
     batch = min(TEACHER_BATCH, len(train["y"]))
     steps = len(train["y"]) // batch
     steps = steps if train_steps_per_epoch is None else min(steps, train_steps_per_epoch)
-    network = DeviceNetwork(ops=batched_cifar_ops(mean, std, fuse=True, compile=hw.compile) + [
+    # the image ops uncompiled: compiling them again (another batch shape) would cost more start-up than it saves
+    network = DeviceNetwork(ops=batched_cifar_ops(mean, std, fuse=True) + [
         ModelOp(model=model, inputs="x", outputs="y_pred"),
         CrossEntropy(inputs=("y_pred", "y"), outputs="ce", from_logits=True),
         UpdateOp(model=model, loss_name="ce"),

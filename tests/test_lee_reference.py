@@ -18,32 +18,30 @@ import lee_reference as ref  # noqa: E402
 pytest.importorskip("timm", reason='lee_reference.py needs timm: pip install -e ".[bench]"')
 
 
-def test_repeated_augmentation_sampler_groups_repeats_and_is_seeded_per_epoch():
-    """Each epoch: a permutation with every index 3 times in a row, cut to the dataset's length; the order depends on
-    (seed, epoch) only."""
+def test_epoch_sampler_makes_an_epoch_of_fresh_passes_and_is_seeded_per_epoch():
+    """Each epoch, as the authors' RASampler(len, batch, repetitions=1, len_factor=3): three passes, each a
+    permutation of every index; the order depends on (seed, epoch) only."""
     size = 30
-    sampler = ref.RepeatedAugSampler(size, repeats=3, seed=0)
+    sampler = ref.EpochSampler(size, passes=3, seed=0)
     orders = []
     for epoch in range(4):
         sampler.set_epoch(epoch)
-        full = sampler.full_order().tolist()
-        assert sorted(full) == sorted(list(range(size)) * 3)  # every index, exactly 3 times, before truncation
-        groups = [full[i:i + 3] for i in range(0, len(full), 3)]
-        assert all(len(set(g)) == 1 for g in groups)  # the 3 copies of an image are consecutive
-        assert len({g[0] for g in groups}) == size  # and each image is one group
         order = list(sampler)
-        assert len(order) == len(sampler) == size and order == full[:size]  # the epoch: the dataset's length
-        assert all(0 <= i < size for i in order)
+        assert len(order) == len(sampler) == 3 * size
+        passes = [order[i * size:(i + 1) * size] for i in range(3)]
+        assert all(sorted(p) == list(range(size)) for p in passes)  # every image once in each pass
+        assert len({tuple(p) for p in passes}) == 3  # each pass a new order
         orders.append(order)
     assert len({tuple(o) for o in orders}) == 4  # a different order every epoch
-    again = ref.RepeatedAugSampler(size, repeats=3, seed=0)
+    again = ref.EpochSampler(size, passes=3, seed=0)
     again.set_epoch(2)
     assert list(again) == orders[2]  # the same seed and epoch: the same order
-    other = ref.RepeatedAugSampler(size, repeats=3, seed=1)
+    other = ref.EpochSampler(size, passes=3, seed=1)
     other.set_epoch(2)
     assert list(other) != orders[2]
+    assert len(ref.EpochSampler(size, passes=1)) == size
     with pytest.raises(ValueError, match="size >= 1"):
-        ref.RepeatedAugSampler(0)
+        ref.EpochSampler(0)
 
 
 def test_cutmix_and_mixup_give_soft_targets_summing_to_one():
@@ -88,6 +86,14 @@ def test_lee_reference_trains_end_to_end_and_prints_the_summary(tmp_path, capsys
     rows = list(csv.DictReader(out.open()))
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert all(math.isfinite(float(r["train_loss"])) and 0 <= float(r["test_accuracy"]) <= 1 for r in rows)
+
+
+@pytest.mark.parametrize("passes", [1, 3])
+def test_an_epoch_is_passes_times_the_training_images(tmp_path, passes):
+    _write_cifar10(tmp_path / "cifar-10-batches-py", n=64)  # 320 training images
+    result = ref.main(["--data_dir", str(tmp_path), "--epochs", "1", "--batch_size", "64", "--passes", str(passes),
+                       "--width", "32", "--depth", "2", "--eval_images", "16", "--workers", "0"])
+    assert result["images"] == passes * 320
 
 
 def test_without_timm_it_says_how_to_install_it(monkeypatch):

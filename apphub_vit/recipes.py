@@ -1,7 +1,8 @@
 """Training recipes: everything a recipe decides, in one frozen dataclass, and the one place overrides are checked.
 
 A `Recipe` holds the model choices (a whole `ViTConfig`) and the training choices: optimiser, learning rate and the
-batch it is set for, weight decay and which parameters it spares, schedule, label smoothing, augmentation and mixing.
+batch it is set for, weight decay and which parameters it spares, schedule, label smoothing, augmentation, mixing and
+distillation from a CNN teacher (`apphub_vit/teacher.py`; CIFAR apps only).
 Each app has a `RecipeBook` of named recipes; `RecipeBook.resolve(name, overrides)` returns the recipe with any of its
 fields replaced by name (``--lr 1e-3`` on the command line, ``lr=1e-3`` from Python, or a key of a
 ``--hyperparameters`` JSON file), each value checked, and refuses unknown names. The resolved recipe is what ran, and

@@ -38,6 +38,9 @@ from networks.util import non_finite
 LOCK_FILE = "run.lock"
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = "apphub_vit.checkpoint/1"
+# hparams entries that a run measures rather than chooses (the distillation teacher's accuracy and time, which a
+# resumed run measures again on the teacher it reloads): left out of the comparison a resume makes
+MEASURED_HPARAMS = ("teacher", )
 
 
 @contextlib.contextmanager
@@ -221,7 +224,7 @@ class Checkpoint(Trace):
         if resume:
             self._saved = load_checkpoint(self.path)
             differ = sorted(k for k in set(self.config) | set(self._saved["config"])
-                            if self.config.get(k) != self._saved["config"].get(k))
+                            if k not in MEASURED_HPARAMS and self.config.get(k) != self._saved["config"].get(k))
             if differ:
                 raise ValueError(f"resume=True, but this run's options differ from the checkpointed run's in "
                                  f"{', '.join(differ)}: run the same command as the first time, with --resume True")

@@ -117,7 +117,7 @@ def test_the_teacher_learns_saves_itself_and_a_resumed_run_reuses_it(tmp_path):
         assert torch.equal(value.cpu(), saved[key]), key
 
 
-def test_the_app_trains_the_teacher_records_it_and_never_overwrites_its_file(tmp_path):
+def test_the_app_trains_the_teacher_records_it_reuses_it_on_resume_and_never_overwrites_it(tmp_path, capsys):
     run = dict(TINY_RUN, epochs=1)
     finetune_app.finetune(None, from_scratch=True, dataset="synthetic", save_dir=str(tmp_path), distill=0.5,
                           teacher_epochs=1, **run, **TINY_VIT)
@@ -129,6 +129,11 @@ def test_the_app_trains_the_teacher_records_it_and_never_overwrites_its_file(tmp
     with pytest.raises(FileExistsError, match=TEACHER_FILE):
         finetune_app.finetune(None, from_scratch=True, dataset="synthetic", save_dir=str(tmp_path), distill=0.5,
                               teacher_epochs=1, **run, **TINY_VIT)
+    assert (tmp_path / TEACHER_FILE).read_bytes() == saved
+    capsys.readouterr()
+    finetune_app.get_estimator(from_scratch=True, dataset="synthetic", save_dir=str(tmp_path), distill=0.5,
+                               teacher_epochs=1, resume=True, **run, **TINY_VIT)
+    assert "evaluating the one saved by this run" in capsys.readouterr().out  # a resumed run does not train another
     assert (tmp_path / TEACHER_FILE).read_bytes() == saved
 
 

@@ -123,9 +123,11 @@ def finish_estimator(*, pipeline: fe.Pipeline, network: fe.Network, models: Sequ
                      folder: RunFolder, dataset: str, hparams: Dict[str, Any], epochs: int,
                      train_steps_per_epoch: Optional[int], eval_steps_per_epoch: Optional[int], log_steps: int,
                      metrics: Sequence[Trace] = (), best: Tuple[str, str] = ("accuracy", "max"),
-                     loss_key: str = "ce", traces: Sequence[Trace] = (), **recorder: Any) -> fe.Estimator:
+                     loss_key: str = "ce", traces: Sequence[Trace] = (), stateful: Sequence[Trace] = (),
+                     **recorder: Any) -> fe.Estimator:
     """The estimator of an app: `metrics` first, then a best-model saver per model on `best` (metric, "max" / "min"),
-    the app's other `traces`, the RunRecorder (after every metric), the divergence guard on the training `loss_key`
+    the app's other `traces` (those in `stateful` too, which have `state()` / `load_state()` for the checkpoint, in one
+    process only), the RunRecorder (after every metric), the divergence guard on the training `loss_key`
     and the per-epoch checkpoint (`apphub_vit.runs`). `estimator.model` is the first model (what `pretrain()` /
     `finetune()` return), `estimator.config` the hparams."""
     ranks = world()
@@ -136,11 +138,14 @@ def finish_estimator(*, pipeline: fe.Pipeline, network: fe.Network, models: Sequ
                          overwrite=folder.overwrite, world_size=ranks.size, **recorder) if ranks.main else None
     guard = DivergenceGuard(loss_key,
                             on_diverge=lambda message: record is not None and setattr(record, "ended", message))
-    stateful = [*savers, record] if record is not None else []
-    checkpoint = Checkpoint(folder.save_dir, models, stateful, hparams, folder.lock, resume=folder.resume,
-                            write=ranks.main)
+    if stateful and ranks.size > 1:
+        raise ValueError("traces with a checkpointed state are restored in one process only (torchrun's ranks but "
+                         "rank 0 keep no saver or recorder states to line them up with)")
+    recorded = [record] if record is not None else []
+    checkpoint = Checkpoint(folder.save_dir, models, [*savers, *stateful, *recorded] if recorded else [], hparams,
+                            folder.lock, resume=folder.resume, write=ranks.main)
     estimator = AppEstimator(pipeline=pipeline, network=network, epochs=epochs,
-                             traces=[*metrics, *savers, *traces, guard, *stateful[len(savers):], checkpoint],
+                             traces=[*metrics, *savers, *stateful, *traces, guard, *recorded, checkpoint],
                              train_steps_per_epoch=train_steps_per_epoch, eval_steps_per_epoch=eval_steps_per_epoch,
                              log_steps=log_steps if ranks.main else None)  # one log: rank 0's
     estimator.guard = guard

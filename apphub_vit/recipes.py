@@ -1,8 +1,9 @@
 """Training recipes: everything a recipe decides, in one frozen dataclass, and the one place overrides are checked.
 
 A `Recipe` holds the model choices (a whole `ViTConfig`) and the training choices: optimiser, learning rate and the
-batch it is set for, weight decay and which parameters it spares, schedule, label smoothing, augmentation, mixing and
-distillation from a CNN teacher (`apphub_vit/teacher.py`; CIFAR apps only).
+batch it is set for, weight decay and which parameters it spares, schedule, label smoothing, augmentation, mixing,
+distillation from a CNN teacher (`apphub_vit/teacher.py`) and an average of the weights for eval (`apphub_vit/ema.py`;
+both CIFAR apps only).
 Each app has a `RecipeBook` of named recipes; `RecipeBook.resolve(name, overrides)` returns the recipe with any of its
 fields replaced by name (``--lr 1e-3`` on the command line, ``lr=1e-3`` from Python, or a key of a
 ``--hyperparameters`` JSON file), each value checked, and refuses unknown names. The resolved recipe is what ran, and
@@ -54,6 +55,7 @@ class Recipe:
     mix_prob: float = 0.0  # share of training batches mixed by MixUp or CutMix (pipelines.batched.MixUpCutMix)
     distill: float = 0.0  # weight of a CNN teacher's hard label in the target (DeiT: 0.5; 0: no teacher)
     teacher_epochs: int = 24  # the teacher's training (apphub_vit/teacher.py), when distill > 0
+    ema: float = 0.0  # decay per step of an average of the weights that eval uses (apphub_vit/ema.py; 0: none)
 
     def field_values(self) -> Dict[str, Any]:
         """Every overridable field by name, the model's included: what `RecipeBook.resolve` accepts."""
@@ -80,6 +82,7 @@ CHECKS: Dict[str, Callable[[str, Any], Any]] = {
     "mix_prob": lambda n, v: options.number(n, v, 0.0, 1.0),
     "distill": lambda n, v: options.number(n, v, 0.0, 1.0),
     "teacher_epochs": options.positive_int,
+    "ema": lambda n, v: options.number(n, v, 0.0, 1.0, high_open=True),
     **{name: options.positive_int for name in ("num_layers", "em_dim", "num_heads", "ff_dim", "patch_size")},
     **{name: options.boolean for name in ("norm_first", "spt", "lsa")},
     "pool": lambda n, v: options.choice(n, v, ("cls", "mean")),

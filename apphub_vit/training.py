@@ -11,6 +11,7 @@ from fastestimator.op.tensorop.model import ModelOp
 from fastestimator.schedule import cosine_decay
 
 from apphub_vit.device_network import DeviceNetwork
+from apphub_vit.ema import EMAUpdate, WeightAverage
 from apphub_vit.distributed import DistributedUpdateOp, broadcast_from_main, single_device
 from apphub_vit.hardware import Hardware
 from apphub_vit.recipes import Recipe
@@ -95,13 +96,14 @@ class SmoothLabels(TensorOp):
 
 
 def classifier_network(model: torch.nn.Module, augment_ops: List[TensorOp], num_classes: int, recipe: Recipe,
-                       hw: Hardware, train_label: str = "y", teacher: Optional[torch.nn.Module] = None) -> fe.Network:
+                       hw: Hardware, train_label: str = "y", teacher: Optional[torch.nn.Module] = None,
+                       average: Optional[WeightAverage] = None) -> fe.Network:
     """The classifier's network: `augment_ops`, the model, cross-entropy against `train_label` in training (smoothed
     targets when the recipe smooths labels and nothing wrote soft labels yet; with a `teacher`, mixed with its hard
     labels on the same images by `recipe.distill`, `apphub_vit.teacher.DistillTargets`) and against the true labels
-    otherwise, and the update. `DeviceNetwork`: FastEstimator's TorchNetwork on a CPU in fp32; on a GPU it drops the
-    per-step syncs, runs bf16 autocast and replays the train step (the teacher's forward pass included) as a CUDA
-    graph."""
+    otherwise, the update and, with an `average`, the update of the weights' moving average. `DeviceNetwork`:
+    FastEstimator's TorchNetwork on a CPU in fp32; on a GPU it drops the per-step syncs, runs bf16 autocast and replays
+    the train step (the teacher's forward pass and the average's update included) as a CUDA graph."""
     ops = list(augment_ops)
     if train_label == "y" and (recipe.label_smoothing or teacher is not None):
         ops.append(SmoothLabels("y", "y_soft", num_classes, recipe.label_smoothing))
@@ -115,5 +117,6 @@ def classifier_network(model: torch.nn.Module, augment_ops: List[TensorOp], num_
         ModelOp(model=model, inputs="x", outputs="y_pred"),
         CrossEntropy(inputs=("y_pred", train_label), outputs="ce", from_logits=True, mode="train"),
         CrossEntropy(inputs=("y_pred", "y"), outputs="ce", from_logits=True, mode="!train"),
-        DistributedUpdateOp(model=model, loss_name="ce")  # UpdateOp, its gradients averaged over torchrun's ranks
-    ], autocast_dtype=torch.bfloat16 if hw.precision == "bf16" else None, cuda_graph=hw.cuda_graph)
+        DistributedUpdateOp(model=model, loss_name="ce"),  # UpdateOp, its gradients averaged over torchrun's ranks
+    ] + ([EMAUpdate(average)] if average is not None else []),
+        autocast_dtype=torch.bfloat16 if hw.precision == "bf16" else None, cuda_graph=hw.cuda_graph)

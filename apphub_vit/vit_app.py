@@ -18,6 +18,7 @@ from fastestimator.trace.metric import Accuracy
 from apphub_vit import distributed, options
 from apphub_vit.common import best_model_file, finish_estimator, load_weights, start_run, synthetic_sizes
 from apphub_vit.data import class_names, dataset_arrays, hold_out, load_cifar
+from apphub_vit.ema import EvalWithAverage, WeightAverage
 from apphub_vit.encoder_io import ENCODER_FILE, EncoderMismatchError, EncoderSaver
 from apphub_vit.hardware import resolve_hardware
 from apphub_vit.prediction_grid import GRID_FILE, PredictionGrid
@@ -97,6 +98,9 @@ def build_vit_estimator(*, app: str, num_classes: int, dataset: str, data_dir: O
         raise options.OptionError(f"distill={recipe.distill} trains a teacher per process, which torchrun's "
                                   f"{ranks.size} processes would not share: run distillation in one process, or "
                                   f"pass distill=0 under torchrun")
+    if recipe.ema and ranks.size > 1:
+        raise options.OptionError(f"ema={recipe.ema} keeps its average in one process's checkpoint: run it in one "
+                                  f"process, or pass ema=0 under torchrun")
     if distill and not hw.device_augment:
         raise options.OptionError(f"distill={recipe.distill} runs the teacher on the batched augmentation's images: "
                                   f"use device_augment=True with it, or distill=0")
@@ -142,9 +146,10 @@ def build_vit_estimator(*, app: str, num_classes: int, dataset: str, data_dir: O
                                 recipe.teacher_epochs, hw, CIFAR_MEAN, CIFAR_STD,
                                 path=os.path.join(save_dir, TEACHER_FILE), reuse=folder.resume,
                                 train_steps_per_epoch=run["train_steps_per_epoch"])
+    average = WeightAverage(model, recipe.ema) if recipe.ema and weights_path is None else None
     network = classifier_network(model, augment_ops, num_classes, recipe, hw,
                                  train_label="y_soft" if recipe.mix_prob else "y",  # MixUpCutMix writes y_soft
-                                 teacher=None if teacher is None else teacher["model"])
+                                 teacher=None if teacher is None else teacher["model"], average=average)
 
     # 3. estimator
     traces = []
@@ -168,4 +173,5 @@ def build_vit_estimator(*, app: str, num_classes: int, dataset: str, data_dir: O
                             hparams=config, epochs=recipe.epochs,
                             train_steps_per_epoch=run["train_steps_per_epoch"],
                             eval_steps_per_epoch=run["eval_steps_per_epoch"], log_steps=run["log_steps"],
-                            metrics=[Accuracy(true_key="y", pred_key="y_pred")], traces=traces)
+                            metrics=[Accuracy(true_key="y", pred_key="y_pred")], traces=traces,
+                            stateful=[EvalWithAverage(average)] if average is not None else [])

@@ -74,7 +74,8 @@ def test_arguments_override_the_recipe(tmp_path):
                                            (dict(label_smoothing=1.0), "label_smoothing"),
                                            (dict(augment=True), "augment must be one of 'none'"),
                                            (dict(mix_prob=0.5), "has no option 'mix_prob'"),
-                                           (dict(distill=0.5), "has no option 'distill'")])
+                                           (dict(distill=0.5), "has no option 'distill'"),
+                                           (dict(ema=0.999), "has no option 'ema'")])
 def test_bad_recipe_arguments_fail_fast(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         get_estimator(save_dir=str(tmp_path), **dict(TINY, **kwargs))

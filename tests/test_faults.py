@@ -7,7 +7,7 @@ and what the apps do then. Nothing a user already has is lost, and every refusal
 | `--batch_size 0`, an unknown option | refuses, names it |
 | a loss that is not finite (`--lr 1e3`) | stops, exits non-zero, saves nothing non-finite, the record says so |
 | a second run into a folder in use | refuses at start, naming the running process |
-| SIGKILL mid-epoch | `--resume True` continues from the last epoch and ends as an uninterrupted run |
+| SIGKILL mid-epoch | `--resume True` continues from the last epoch and ends as an uninterrupted run (also with `--ema`) |
 | a CIFAR pickle that runs a command | refuses it, runs nothing |
 | an empty / random / truncated / folder `--encoder_weights` | says what the file is and how to get a good one |
 """
@@ -105,13 +105,16 @@ def _checkpoint_epoch(path):
         return 0
 
 
-def test_a_run_killed_mid_epoch_resumes_and_ends_as_an_uninterrupted_run(tmp_path):
-    # the default recipe, random augmentation included: the checkpoint carries every generator's state
+@pytest.mark.parametrize("extra", [[], ["--ema", "0.9"]], ids=["default", "ema"])
+def test_a_run_killed_mid_epoch_resumes_and_ends_as_an_uninterrupted_run(tmp_path, extra):
+    # the default recipe, random augmentation included: the checkpoint carries every generator's state (and, with
+    # ema, the average and the trained weights, which the model holds the average in place of after an eval)
     args = dict(steps=40, epochs=4, size="[640,32]")
-    whole = _cli(_run(tmp_path / "whole", "--seed", "0", **args), tmp_path)
+    whole = _cli(_run(tmp_path / "whole", "--seed", "0", *extra, **args), tmp_path)
     assert whole.returncode == 0, whole.stderr[-3000:]
     run = tmp_path / "killed"
-    proc = subprocess.Popen(fastestimator_cmd() + ["train"] + [str(a) for a in _run(run, "--seed", "0", **args)],
+    proc = subprocess.Popen(fastestimator_cmd() + ["train"] + [str(a) for a in _run(run, "--seed", "0", *extra,
+                                                                                      **args)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=tmp_path)
     _wait_for(lambda: _checkpoint_epoch(run / CHECKPOINT_FILE) >= 2, proc)
     time.sleep(0.3)  # into epoch 3
@@ -121,9 +124,9 @@ def test_a_run_killed_mid_epoch_resumes_and_ends_as_an_uninterrupted_run(tmp_pat
     assert not (run / RECORD_FILE).exists() and (run / LOCK_FILE).exists()  # a killed run leaves its (stale) lock
     saved = torch.load(run / "vit_pretrain_best_accuracy.pt", weights_only=True)  # whole: written to a temporary name
     assert saved and not [p for p in os.listdir(run) if p.endswith(".partial") and p != CHECKPOINT_FILE + ".partial"]
-    again = _cli(_run(run, "--seed", "0", **args), tmp_path)  # the same command without --resume: refused
+    again = _cli(_run(run, "--seed", "0", *extra, **args), tmp_path)  # the same command without --resume: refused
     assert again.returncode != 0 and "not overwriting" in _message(out=again) + again.stderr
-    resumed = _cli(_run(run, "--seed", "0", "--resume", "True", **args), tmp_path)
+    resumed = _cli(_run(run, "--seed", "0", "--resume", "True", *extra, **args), tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed after epoch" in resumed.stdout
     a, b = read_record(str(tmp_path / "whole" / RECORD_FILE)), read_record(str(run / RECORD_FILE))

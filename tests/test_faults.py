@@ -113,8 +113,8 @@ def test_a_run_killed_mid_epoch_resumes_and_ends_as_an_uninterrupted_run(tmp_pat
     whole = _cli(_run(tmp_path / "whole", "--seed", "0", *extra, **args), tmp_path)
     assert whole.returncode == 0, whole.stderr[-3000:]
     run = tmp_path / "killed"
-    proc = subprocess.Popen(fastestimator_cmd() + ["train"] + [str(a) for a in _run(run, "--seed", "0", *extra,
-                                                                                      **args)],
+    command = fastestimator_cmd() + ["train"] + [str(a) for a in _run(run, "--seed", "0", *extra, **args)]
+    proc = subprocess.Popen(command,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=tmp_path)
     _wait_for(lambda: _checkpoint_epoch(run / CHECKPOINT_FILE) >= 2, proc)
     time.sleep(0.3)  # into epoch 3

@@ -7,7 +7,7 @@ and what the apps do then. Nothing a user already has is lost, and every refusal
 | `--batch_size 0`, an unknown option | refuses, names it |
 | a loss that is not finite (`--lr 1e3`) | stops, exits non-zero, saves nothing non-finite, the record says so |
 | a second run into a folder in use | refuses at start, naming the running process |
-| SIGKILL mid-epoch | `--resume True` continues from the last epoch and ends as an uninterrupted run (also with `--ema`) |
+| SIGKILL mid-epoch (also with `--ema`) | `--resume True` continues from the last epoch, ends as an uninterrupted run |
 | a CIFAR pickle that runs a command | refuses it, runs nothing |
 | an empty / random / truncated / folder `--encoder_weights` | says what the file is and how to get a good one |
 """

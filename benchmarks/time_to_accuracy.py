@@ -15,8 +15,9 @@ this script does not know goes to the app as it is (`--epochs 50 --lr 3e-3`), so
 --epochs, the recipe's epochs (100 for "vit"; finetune.py alone trains one epoch, as the apphub finetunes).
 
 Printed: per seed and as mean / sample standard deviation, the wall time (from process start) at which each target was
-first reached (or "-" if never), the final test accuracy, and the run's split: start-up (process start to `fit()`),
-train, eval, and the rest (between epochs: traces, checkpoints) to the process's exit. Exits 1 if a run fails.
+first reached (or "-" if never), the final test accuracy, and the run's split: start-up (process start to `fit()`,
+less the next), the distillation teacher's training (a column only where a recipe has one), train, eval, and the rest
+(between epochs: traces, checkpoints) to the process's exit. Exits 1 if a run fails.
 Measured: docs/performance.md.
 """
 import argparse
@@ -77,10 +78,11 @@ def summarize(record: Dict, targets: Sequence[float]) -> Dict[str, Optional[floa
         first = next((e for e in evals if e["metrics"][key] >= target), None)
         out[f"{target:.0%}"] = None if first is None else first["time"] - record["t0"]
     timing = record["timing"]
-    startup = timing["fit_started"] - record["t0"]
-    out.update(final=record["final_accuracy"], wall=record["wall"], startup=startup, train=timing["train_seconds"],
-               eval=timing["eval_seconds"],
-               other=record["wall"] - startup - timing["train_seconds"] - timing["eval_seconds"])
+    teacher = (record["hparams"].get("teacher") or {}).get("seconds")  # a distilling recipe's teacher, before fit()
+    startup = timing["fit_started"] - record["t0"] - (teacher or 0.0)
+    out.update(final=record["final_accuracy"], wall=record["wall"], startup=startup, teacher=teacher,
+               train=timing["train_seconds"], eval=timing["eval_seconds"],
+               other=record["wall"] - startup - (teacher or 0.0) - timing["train_seconds"] - timing["eval_seconds"])
     return out
 
 
@@ -91,7 +93,8 @@ def fmt(value: Optional[float], column: str) -> str:
 
 
 def table(rows: List[Dict[str, Optional[float]]], targets: Sequence[float]) -> str:
-    columns = [f"{t:.0%}" for t in targets] + ["final", "wall", "startup", "train", "eval", "other"]
+    teacher = ["teacher"] if any(row["teacher"] is not None for row in rows) else []  # only where one was trained
+    columns = [f"{t:.0%}" for t in targets] + ["final", "wall", "startup", *teacher, "train", "eval", "other"]
     head = ["run"] + [f"to {c} (s)" if c.endswith("%") else (c if c == "final" else f"{c} (s)") for c in columns]
     lines = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * len(columns)]
     for i, row in enumerate(rows):

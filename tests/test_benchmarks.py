@@ -160,6 +160,19 @@ def test_time_to_accuracy_reads_each_target_from_the_runs_records(tmp_path, caps
         assert float(cells[6]) == pytest.approx(record["timing"]["train_seconds"], abs=0.06)
 
 
+def test_time_to_accuracy_splits_a_teachers_training_out_of_start_up():
+    import time_to_accuracy
+    record = {"metrics": {"accuracy_key": "accuracy"}, "final_accuracy": 0.5, "wall": 100.0, "t0": 1000.0,
+              "eval": [{"metrics": {"accuracy": 0.5}, "time": 1090.0}],
+              "timing": {"fit_started": 1050.0, "train_seconds": 30.0, "eval_seconds": 5.0}}
+    plain = time_to_accuracy.summarize({**record, "hparams": {"teacher": None}}, [0.5])
+    assert plain["startup"] == 50.0 and plain["teacher"] is None and plain["other"] == 15.0
+    assert "teacher" not in time_to_accuracy.table([plain], [0.5])
+    distilled = time_to_accuracy.summarize({**record, "hparams": {"teacher": {"seconds": 32.0}}}, [0.5])
+    assert distilled["startup"] == 18.0 and distilled["teacher"] == 32.0 and distilled["other"] == 15.0
+    assert distilled["50%"] == 90.0 and "| teacher (s) |" in time_to_accuracy.table([distilled, plain], [0.5])
+
+
 def test_time_to_accuracy_needs_data_or_the_tiny_budget(tmp_path, capsys):
     import time_to_accuracy
     with pytest.raises(SystemExit):

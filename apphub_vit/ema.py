@@ -30,7 +30,7 @@ class WeightAverage:
         self.average: Optional[List[torch.Tensor]] = None
 
     def params(self) -> List[torch.Tensor]:
-        return [p for p in self.model.parameters()]
+        return list(self.model.parameters())
 
     @torch.no_grad()
     def update(self) -> None:

@@ -11,8 +11,8 @@ from fastestimator.op.tensorop.model import ModelOp
 from fastestimator.schedule import cosine_decay
 
 from apphub_vit.device_network import DeviceNetwork
-from apphub_vit.ema import EMAUpdate, WeightAverage
 from apphub_vit.distributed import DistributedUpdateOp, broadcast_from_main, single_device
+from apphub_vit.ema import EMAUpdate, WeightAverage
 from apphub_vit.hardware import Hardware
 from apphub_vit.recipes import Recipe
 from apphub_vit.teacher import DistillTargets

@@ -121,14 +121,15 @@ def build_vit_estimator(*, app: str, num_classes: int, dataset: str, data_dir: O
     #    rank 0 alone evaluates (the others have no eval data).
     train_data, test_data = load_cifar(num_classes, dataset, data_dir, **synthetic_sizes(run["synthetic_size"]))
     train_data, eval_data = hold_out(train_data, validation) if validation else (train_data, test_data)
-    train_loader = None
+    train_loader = train_arrays = eval_arrays = None
     if hw.device_augment:
-        held_out = BatchLoader(dataset_arrays(eval_data), hw.eval_batch_size, shuffle=False)
+        train_arrays, eval_arrays = dataset_arrays(train_data), dataset_arrays(eval_data)  # also the teacher's data
+        held_out = BatchLoader(eval_arrays, hw.eval_batch_size, shuffle=False)
         test = (held_out if eval_data is test_data
                 else BatchLoader(dataset_arrays(test_data), hw.eval_batch_size, shuffle=False))
         sharding = dict(rank=ranks.rank, world_size=ranks.size, seed=distributed.shared_seed(seed)) \
             if ranks.size > 1 else {}
-        train_loader = BatchLoader(dataset_arrays(train_data), recipe.batch_size, shuffle=True, drop_last=True,
+        train_loader = BatchLoader(train_arrays, recipe.batch_size, shuffle=True, drop_last=True,
                                    **sharding)
         pipeline = fe.Pipeline(train_data=train_loader, eval_data=held_out if ranks.main else None, test_data=test)
         augment_ops = batched_cifar_ops(CIFAR_MEAN, CIFAR_STD, strong=strong, num_classes=num_classes,
@@ -142,7 +143,7 @@ def build_vit_estimator(*, app: str, num_classes: int, dataset: str, data_dir: O
     # 2. network (first the teacher's own, trained here on the same training images, when the recipe distils)
     teacher = None
     if distill:
-        teacher = train_teacher(dataset_arrays(train_data), dataset_arrays(eval_data), num_classes,
+        teacher = train_teacher(train_arrays, eval_arrays, num_classes,
                                 recipe.teacher_epochs, hw, CIFAR_MEAN, CIFAR_STD,
                                 path=os.path.join(save_dir, TEACHER_FILE), reuse=folder.resume,
                                 train_steps_per_epoch=run["train_steps_per_epoch"])

@@ -8,10 +8,10 @@ The record is what `apphub_vit.compare` reads to put runs side by side. It holds
   whether a trace stopped training early;
 * ``parameters``: total and trainable counts over all models given (shared parameters counted once), and per model;
 * ``metrics``: which eval key is the accuracy (None when the app has none, as the MNIST autoencoder) and which the loss;
-* ``eval``: one entry per eval epoch, ``{"epoch", "step", "metrics": {key: value}, "images", "elapsed", "time"}`` with
-  every numeric scalar the eval epoch logged (the same values FastEstimator's Logger prints and writes into
-  `System.summary`), the images it evaluated, the seconds since `fit()` began and the Unix time at the epoch's end
-  (for time to accuracy);
+* ``eval``: one entry per eval epoch, ``{"epoch", "step", "metrics": {key: value}, "images", "seconds", "elapsed",
+  "time"}`` with every numeric scalar the eval epoch logged (the same values FastEstimator's Logger prints and writes
+  into `System.summary`), the images it evaluated, the epoch's own seconds (where a slow first eval shows), the seconds
+  since `fit()` began and the Unix time at the epoch's end (for time to accuracy);
 * ``train_log``: the training values FastEstimator logged every `log_steps` steps (loss, steps/sec), with their step;
 * ``best_accuracy`` / ``best_accuracy_step`` / ``final_accuracy`` and ``best_loss`` / ``final_loss`` (None if absent);
 * ``timing``: train seconds (the train epochs only: eval epochs and the time between are excluded), eval seconds,
@@ -237,7 +237,8 @@ class RunRecorder(Trace):
         metrics = {k: scalar(v) for k, v in data.read_logs().items()}
         entry = {"epoch": self.system.epoch_idx, "step": self.system.global_step or 0,
                  "metrics": {k: v for k, v in metrics.items() if v is not None}, "images": self._eval_images,
-                 "elapsed": round(time.perf_counter() - self._start, 3), "time": round(time.time(), 3)}
+                 "seconds": round(elapsed, 4), "elapsed": round(time.perf_counter() - self._start, 3),
+                 "time": round(time.time(), 3)}
         if self._eval and self._eval[-1]["epoch"] == entry["epoch"]:  # the eval FastEstimator repeats on a resume
             self._eval[-1] = entry
         else:

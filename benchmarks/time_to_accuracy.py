@@ -16,8 +16,9 @@ this script does not know goes to the app as it is (`--epochs 50 --lr 3e-3`), so
 
 Printed: per seed and as mean / sample standard deviation, the wall time (from process start) at which each target was
 first reached (or "-" if never), the final test accuracy, and the run's split: start-up (process start to `fit()`,
-less the next), the distillation teacher's training (a column only where a recipe has one), train, eval, and the rest
-(between epochs: traces, checkpoints) to the process's exit. Exits 1 if a run fails.
+less the next), the distillation teacher's training (a column only where a recipe has one), train, eval (and the
+first eval epoch alone), and the rest (between epochs: traces, checkpoints) to the process's exit.
+Exits 1 if a run fails.
 Measured: docs/performance.md.
 """
 import argparse
@@ -82,6 +83,8 @@ def summarize(record: Dict, targets: Sequence[float]) -> Dict[str, Optional[floa
     startup = timing["fit_started"] - record["t0"] - (teacher or 0.0)
     out.update(final=record["final_accuracy"], wall=record["wall"], startup=startup, teacher=teacher,
                train=timing["train_seconds"], eval=timing["eval_seconds"],
+               # the first eval epoch alone: where a compile or a first allocation of the eval shapes would show
+               **{"first eval": record["eval"][0].get("seconds") if record["eval"] else None},
                other=record["wall"] - startup - (teacher or 0.0) - timing["train_seconds"] - timing["eval_seconds"])
     return out
 
@@ -94,7 +97,8 @@ def fmt(value: Optional[float], column: str) -> str:
 
 def table(rows: List[Dict[str, Optional[float]]], targets: Sequence[float]) -> str:
     teacher = ["teacher"] if any(row["teacher"] is not None for row in rows) else []  # only where one was trained
-    columns = [f"{t:.0%}" for t in targets] + ["final", "wall", "startup", *teacher, "train", "eval", "other"]
+    columns = [f"{t:.0%}" for t in targets] + ["final", "wall", "startup", *teacher, "train", "eval", "first eval",
+                                               "other"]
     head = ["run"] + [f"to {c} (s)" if c.endswith("%") else (c if c == "final" else f"{c} (s)") for c in columns]
     lines = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * len(columns)]
     for i, row in enumerate(rows):

@@ -158,6 +158,7 @@ def test_time_to_accuracy_reads_each_target_from_the_runs_records(tmp_path, caps
         assert cells[2] == "-"  # 101% is never reached
         assert cells[3] == f"{record['final_accuracy']:.2%}"
         assert float(cells[6]) == pytest.approx(record["timing"]["train_seconds"], abs=0.06)
+        assert float(cells[8]) == pytest.approx(first_eval["seconds"], abs=0.06)
 
 
 def test_time_to_accuracy_splits_a_teachers_training_out_of_start_up():
@@ -166,6 +167,7 @@ def test_time_to_accuracy_splits_a_teachers_training_out_of_start_up():
               "eval": [{"metrics": {"accuracy": 0.5}, "time": 1090.0}],
               "timing": {"fit_started": 1050.0, "train_seconds": 30.0, "eval_seconds": 5.0}}
     plain = time_to_accuracy.summarize({**record, "hparams": {"teacher": None}}, [0.5])
+    assert plain["first eval"] is None  # a record from before eval entries had their own seconds
     assert plain["startup"] == 50.0 and plain["teacher"] is None and plain["other"] == 15.0
     assert "teacher" not in time_to_accuracy.table([plain], [0.5])
     distilled = time_to_accuracy.summarize({**record, "hparams": {"teacher": {"seconds": 32.0}}}, [0.5])

@@ -80,6 +80,9 @@ def test_vit_record_fields(vit_run):
     assert all({"accuracy", "ce"} <= set(e["metrics"]) for e in record["eval"])
     assert [e["images"] for e in record["eval"]] == [32, 32]  # 2 eval steps of the CPU's eval batch, 16
     assert record["eval"][0]["elapsed"] < record["eval"][1]["elapsed"] < record["timing"]["total_seconds"]
+    # each eval epoch's own time, and together the run's eval time
+    assert all(e["seconds"] > 0 for e in record["eval"])
+    assert sum(e["seconds"] for e in record["eval"]) == pytest.approx(record["timing"]["eval_seconds"], abs=1e-3)
     assert record["eval"][1]["time"] - record["eval"][0]["time"] == pytest.approx(
         record["eval"][1]["elapsed"] - record["eval"][0]["elapsed"], abs=0.05)
     assert record["metrics"] == {"accuracy_key": "accuracy", "loss_key": "ce"}

@@ -17,13 +17,21 @@ behaviour (its EvalEssential trace stacks per-batch values with numpy). On a CPU
 Without syncs the GPU still idles: a training step is a few hundred kernels queued by FastEstimator's op chain in Python
 (augmentation, forward, `torch.autograd.grad`, one gradient copy per parameter, the optimizer), several times longer on
 the host than on the GPU for a model of this size. With `cuda_graph=True` the whole train step (every op, the backward
-pass and the optimizer step) is captured once per epoch as a CUDA graph (PyTorch's "whole network capture") and then
+pass and the optimizer step) is captured once as a CUDA graph (PyTorch's "whole network capture") and then
 replayed: one launch per step. Inputs are copied into the graph's fixed buffers, the learning rate that FastEstimator's
 `LRScheduler` sets as a float is copied into a device tensor the captured optimizer reads, and random draws
-(augmentation, stochastic depth) still change at every replay (CUDA graphs advance the generator's offset). The graph is
-dropped at the end of every epoch, because FastEstimator moves the models to the CPU then, and is captured again at the
-first step of the next (each capture reuses one side stream and first returns the last graph's memory pool to the GPU,
-so memory stays flat over epochs). What it needs: fixed shapes (a batch of another shape runs uncaptured), no host syncs
+(augmentation, stochastic depth) still change at every replay (CUDA graphs advance the generator's offset).
+
+FastEstimator's TorchNetwork moves every model (and in training its optimizer's state) to the CPU at the end of every
+epoch, train and eval, and back at the start of the next: two copies of the weights per epoch, and new addresses, so a
+graph captured in one epoch would read stale memory in the next. `keep_on_device=True` (the default) leaves the models
+and their optimizers' state on the GPU between epochs, so the graph captured in the first training epoch is replayed
+for the whole run; `unload()` moves them to the CPU, as FastEstimator leaves them, at the end (`AppEstimator` calls it
+after `fit()` and `test()`). Everything that changes the weights between epochs must then write in place (`copy_`, as
+`load_state_dict` and the EMA's swap do); a file saved from them must be written from a CPU copy. With
+`keep_on_device=False` the graph is dropped at the end of every epoch and captured again at the first step of the next
+(each capture reuses one side stream and first returns the last graph's memory pool to the GPU, so memory stays flat
+over epochs). What it needs: fixed shapes (a batch of another shape runs uncaptured), no host syncs
 and no host-side randomness in the ops (so not MixUpCutMix, not fp16's GradScaler), and optimizers built with
 `capturable=True` (the apps do this). A capture that fails anyway (a sync in an op, out of memory) is reported and the
 run goes on without the graph. More, with the bugs of capturing every epoch and their tests: docs/cuda-graphs.md.
@@ -33,6 +41,7 @@ from typing import Any, Dict, List, MutableMapping, Optional, Sequence, Tuple
 
 import torch
 from fastestimator.network import BaseNetwork, TorchNetwork
+from fastestimator.op.tensorop.model import UpdateOp
 from fastestimator.util.base_util import NonContext
 
 
@@ -50,11 +59,13 @@ class DeviceNetwork(TorchNetwork):
     """`fe.Network` for torch models with asynchronous training steps; `autocast_dtype` e.g. torch.bfloat16.
 
     cuda_graph: replay each train step as a CUDA graph (see the module docstring), after `graph_warmup` ordinary steps
-    (where torch.compile compiles and the optimizer creates its state)."""
+    (where torch.compile compiles and the optimizer creates its state).
+    keep_on_device: on a GPU, keep the models and their optimizers' state there between epochs (and the graph with
+    them) until `unload()`; False: FastEstimator's behaviour, to the CPU after every epoch."""
     _capture_stream: Optional[torch.cuda.Stream] = None
 
     def __init__(self, ops: Sequence[Any], autocast_dtype: Optional[torch.dtype] = None, cuda_graph: bool = False,
-                 graph_warmup: int = 3) -> None:
+                 graph_warmup: int = 3, keep_on_device: bool = True) -> None:
         # FastEstimator's TorchNetwork always runs on cuda:0; this one on the current GPU, which is the rank's own
         # under torchrun (`apphub_vit.distributed.setup`) and cuda:0 otherwise
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
@@ -65,6 +76,7 @@ class DeviceNetwork(TorchNetwork):
         if cuda_graph and self.device.type != "cuda":
             raise ValueError("cuda_graph=True needs a CUDA GPU; none is visible. Use cuda_graph=False on a CPU.")
         self.autocast_dtype, self.cuda_graph, self.graph_warmup = autocast_dtype, cuda_graph, graph_warmup
+        self.keep_on_device = keep_on_device and self.device.type == "cuda"
         self.eager_train_steps = 0  # train steps run without a graph (warm-up, other shapes)
         self.graph_captures = 0
         self.graph_failure: Optional[str] = None  # why capturing failed, if it did (the run then goes on without)
@@ -78,8 +90,27 @@ class DeviceNetwork(TorchNetwork):
         self._graph_lr: List[Tuple[Dict[str, Any], torch.Tensor]] = []
 
     def __exit__(self, *exc: Any) -> None:
-        self._drop_graph()  # FastEstimator moves the models to the CPU here: the graph's addresses go stale
-        super().__exit__(*exc)
+        if not self.keep_on_device:
+            self._drop_graph()  # TorchNetwork moves the models to the CPU here: the graph's addresses go stale
+            return super().__exit__(*exc)
+        # TorchNetwork.__exit__ without its moves to the CPU: the models, their optimizers' state and the graph stay
+        for op in reversed(self.ctx_ops):
+            if isinstance(op, UpdateOp):
+                op.defer = op.__dict__.get('_old_defer', op.defer)
+            else:
+                break
+        BaseNetwork.__exit__(self, *exc)
+
+    def unload(self) -> None:
+        """Every model and its optimizer's state to the CPU, where FastEstimator leaves them after an epoch, and the
+        graph dropped (its addresses would go stale). The next epoch moves them back (`TorchNetwork.__call__`)."""
+        self._drop_graph()
+        if self.device.type == "cpu":
+            return
+        for model in set().union(*(op.get_fe_models() for op in self.ops)):
+            model.to("cpu")
+            if getattr(model, "current_optimizer", None) is not None:
+                self._move_optimizer_between_device(model.current_optimizer.state, "cpu")
 
     def _get_effective_batch_input(self, batch: MutableMapping[str, Any]) -> Dict[str, Any]:
         if self.device.type == "cpu":

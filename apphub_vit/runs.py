@@ -170,8 +170,8 @@ class SafeBestModelSaver(BestModelSaver):
         if self.monitor_op(value, self.best):
             self.best, self.since_best = float(value), 0
             path = os.path.join(self.save_dir, f"{self.model_name}.pt")  # FastEstimator's name
-            with atomic_path(path) as tmp:
-                torch.save(unwrap(self.model).state_dict(), tmp)
+            with atomic_path(path) as tmp:  # from the CPU (the model may live on the GPU between epochs)
+                torch.save({k: v.cpu() for k, v in unwrap(self.model).state_dict().items()}, tmp)
             self.model_path = path
             print(f"FastEstimator-BestModelSaver: Saved model to {path}")
         else:
@@ -323,7 +323,10 @@ class AppEstimator(fe.Estimator):
     each epoch the heap is collected once and what survives is frozen (`gc.freeze()`: objects that have lived through
     a whole epoch, such as the compiled graphs, are no longer scanned; they are still freed by their reference counts),
     so later collections scan only the objects of one epoch. `fit()` unfreezes at the end, so the run's own cycles
-    (models, graphs) can be collected once it is over."""
+    (models, graphs) can be collected once it is over.
+
+    `DeviceNetwork` keeps the models on the GPU between epochs; `fit()` and `test()` end with its `unload()`, so the
+    caller gets them on the CPU, as from FastEstimator's own network."""
     guard: Optional[DivergenceGuard] = None
 
     def fit(self, *args: Any, **kwargs: Any) -> Any:
@@ -331,9 +334,23 @@ class AppEstimator(fe.Estimator):
             summary = super().fit(*args, **kwargs)
         finally:
             gc.unfreeze()
+            self._unload()
         if self.guard is not None and self.guard.diverged:
             raise TrainingDiverged(self.guard.diverged)
         return summary
+
+    def test(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().test(*args, **kwargs)
+        finally:
+            self._unload()
+
+    def _unload(self) -> None:
+        # a DeviceNetwork keeps the models on the GPU between epochs: the caller gets them on the CPU, as from
+        # FastEstimator's own Network
+        unload = getattr(self.network, "unload", None)
+        if unload is not None:
+            unload()
 
     def _run_epoch(self, eager: bool) -> None:
         super()._run_epoch(eager)

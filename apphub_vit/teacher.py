@@ -83,6 +83,7 @@ def train_teacher(train: Dict[str, np.ndarray], eval_data: Dict[str, np.ndarray]
     print(f"apphub_vit: distillation teacher (a ResNet-9): "
           f"{'evaluating the one saved by this run' if reused else f'training it, {epochs} epochs'}", flush=True)
     summary = estimator.test(summary="teacher") if reused else estimator.fit(summary="teacher")
+    network.unload()  # its optimizer's state off the GPU; the model moves back as the student's network runs
     history = summary.history["test" if reused else "eval"]["accuracy"]
     accuracy = float(history[max(history)])  # the last evaluation's
     if path and not reused:

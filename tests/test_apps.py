@@ -435,6 +435,29 @@ def test_fit_freezes_what_outlives_an_epoch_and_unfreezes_at_the_end(tmp_path):
     assert gc.get_freeze_count() == 0
 
 
+def test_fit_and_test_hand_the_models_back_from_the_gpu(tmp_path):
+    """On a GPU `DeviceNetwork` keeps the models there between epochs; the AppEstimator unloads them after fit() and
+    after test(), even when they fail, so a caller gets them on the CPU as from FastEstimator's own network (the
+    moves themselves are tested on a GPU in test_device_network.py)."""
+    from unittest import mock
+
+    import fastestimator as fe
+
+    from apphub_vit.device_network import DeviceNetwork
+    est = finetune_app.get_estimator(from_scratch=True, dataset="synthetic", save_dir=str(tmp_path),
+                                     **dict(TINY_RUN, epochs=1), **TINY_VIT)
+    assert isinstance(est.network, DeviceNetwork)
+    with mock.patch.object(DeviceNetwork, "unload", autospec=True) as unload:
+        est.fit()
+        assert unload.call_count == 1
+        est.test()
+        assert unload.call_count == 2
+        with mock.patch.object(fe.Estimator, "test", side_effect=RuntimeError("boom")):
+            with pytest.raises(RuntimeError):
+                est.test()
+        assert unload.call_count == 3
+
+
 def test_validation_holds_out_the_last_training_images_and_keeps_the_test_set_for_test(tmp_path):
     import numpy as np
 

@@ -1,6 +1,7 @@
 """DeviceNetwork's CUDA-graph train step: the same updates as the uncaptured step, fresh randomness at every replay,
 a new capture after each epoch. The graph tests need a CUDA GPU (skipped on a CPU, as in CI); on the GPU host, where
 pytest may be missing, `python tests/test_device_network.py` runs them."""
+import math
 import os
 import sys
 from dataclasses import replace
@@ -54,7 +55,7 @@ class _Recorder(TensorOp):
         return data * 1.0
 
 
-def _network(cuda_graph: bool, noise: float = 0.0, seed: int = 0, first_ops=()):
+def _network(cuda_graph: bool, noise: float = 0.0, seed: int = 0, first_ops=(), keep_on_device: bool = True):
     torch.manual_seed(seed)
     model = fe.build(model_fn=lambda: torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(),
                                                           torch.nn.Linear(32, 5)),
@@ -65,7 +66,7 @@ def _network(cuda_graph: bool, noise: float = 0.0, seed: int = 0, first_ops=()):
         CrossEntropy(inputs=("y_pred", "y"), outputs="ce", from_logits=True),
         UpdateOp(model=model, loss_name="ce")
     ]
-    return DeviceNetwork(ops=ops, cuda_graph=cuda_graph, graph_warmup=2), model
+    return DeviceNetwork(ops=ops, cuda_graph=cuda_graph, graph_warmup=2, keep_on_device=keep_on_device), model
 
 
 def _batches(n: int):
@@ -73,9 +74,9 @@ def _batches(n: int):
     return [{"x": torch.randn(8, 16, generator=g), "y": torch.randint(0, 5, (8, ), generator=g)} for _ in range(n)]
 
 
-def _train(network, model, epochs, steps, lrs):
-    """`epochs` epochs of `steps` steps, setting a new learning rate before each step (as FastEstimator's LRScheduler);
-    returns the loss of every step."""
+def _train(network, model, epochs, steps, lrs, between_epochs=None):
+    """`epochs` epochs of `steps` steps, setting a new learning rate before each step (as FastEstimator's LRScheduler)
+    and calling `between_epochs(model)` after each epoch but the last; returns the loss of every step."""
     losses, batches, i = [], _batches(epochs * steps), 0
     for epoch in range(epochs):
         with network(mode="train", epoch=epoch + 1, ds_id="", desired_output_keys={"ce"}):
@@ -83,17 +84,27 @@ def _train(network, model, epochs, steps, lrs):
                 set_lr(model, lrs[i])
                 losses.append(float(network.run_step(batches[i])["ce"]))
                 i += 1
+        if between_epochs is not None and epoch < epochs - 1:
+            between_epochs(model)
     return losses
 
 
+@torch.no_grad()
+def _halve_the_weights(model):
+    for p in model.parameters():
+        p.mul_(0.5)  # in place, as load_state_dict and the EMA's swap write: a kept graph must see it
+
+
 @needs_cuda
-def test_graph_steps_match_uncaptured_steps_across_epochs_and_learning_rates():
-    lrs = [1e-2 * (1 + i % 3) for i in range(16)]
-    eager, eager_model = _network(cuda_graph=False)
-    graph, graph_model = _network(cuda_graph=True)
-    eager_losses = _train(eager, eager_model, epochs=2, steps=8, lrs=lrs)
-    graph_losses = _train(graph, graph_model, epochs=2, steps=8, lrs=lrs)
-    assert graph.graph_captures == 2  # once per epoch (FastEstimator moves the model off the GPU in between)
+@pytest.mark.parametrize("keep_on_device, captures", [(True, 1), (False, 3)])
+def test_graph_steps_match_uncaptured_steps_across_epochs_and_learning_rates(keep_on_device, captures):
+    lrs = [1e-2 * (1 + i % 3) for i in range(24)]
+    eager, eager_model = _network(cuda_graph=False, keep_on_device=keep_on_device)
+    graph, graph_model = _network(cuda_graph=True, keep_on_device=keep_on_device)
+    eager_losses = _train(eager, eager_model, epochs=3, steps=8, lrs=lrs, between_epochs=_halve_the_weights)
+    graph_losses = _train(graph, graph_model, epochs=3, steps=8, lrs=lrs, between_epochs=_halve_the_weights)
+    # kept on the GPU, the first epoch's graph serves the run; moved off it after every epoch, one capture per epoch
+    assert graph.graph_captures == captures
     assert graph.eager_train_steps == 2  # the warm-up steps of the first epoch only
     assert eager_losses[-1] < eager_losses[0]
     torch.testing.assert_close(torch.tensor(graph_losses), torch.tensor(eager_losses), rtol=1e-4, atol=1e-5)
@@ -102,9 +113,27 @@ def test_graph_steps_match_uncaptured_steps_across_epochs_and_learning_rates():
     assert float(graph_model.current_optimizer.param_groups[0]["lr"]) == lrs[-1]  # a float again, as FE expects
 
 
+def _optimizer_state(model):
+    return [v for s in model.current_optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+
+
+@needs_cuda
+def test_models_stay_on_the_gpu_between_epochs_until_unloaded():
+    network, model = _network(cuda_graph=True)
+    _train(network, model, epochs=2, steps=4, lrs=[1e-2] * 8)
+    assert all(p.is_cuda for p in model.parameters()) and all(v.is_cuda for v in _optimizer_state(model))
+    assert network._graph is not None and network.graph_captures == 1
+    network.unload()
+    assert not any(p.is_cuda for p in model.parameters()) and not any(v.is_cuda for v in _optimizer_state(model))
+    assert network._graph is None
+    losses = _train(network, model, epochs=1, steps=4, lrs=[1e-2] * 4)  # back on the GPU: a new graph, and it trains
+    assert all(p.is_cuda for p in model.parameters()) and network.graph_captures == 2
+    assert all(math.isfinite(loss) for loss in losses)
+
+
 @needs_cuda
 def test_memory_stays_flat_over_epochs_of_new_captures():
-    network, model = _network(cuda_graph=True)
+    network, model = _network(cuda_graph=True, keep_on_device=False)
     batches, allocated, reserved = _batches(4), [], []
     for epoch in range(6):
         with network(mode="train", epoch=epoch + 1, ds_id="", desired_output_keys={"ce"}):
@@ -208,7 +237,12 @@ def test_mnist_app_trains_with_the_graph_on_a_gpu():
         assert est.network.cuda_graph and est.network.autocast_dtype == torch.bfloat16  # the GPU defaults
         before = [p.detach().cpu().clone() for p in est.model.parameters()]  # wherever fe.build put the model
         summary = est.fit(summary="mnist", warmup=False)
-        assert est.network.graph_failure is None and est.network.graph_captures == 2  # one capture per epoch
+        assert est.network.graph_failure is None and est.network.graph_captures == 1  # one for the whole run
+        # fit() hands the model back on the CPU, as FastEstimator's own network leaves it; the best-model file too
+        assert all(p.device.type == "cpu" for p in est.model.parameters())
+        best = [f for f in os.listdir(save_dir) if f.startswith(f"{est.model.model_name}_best_")]
+        weights = torch.load(os.path.join(save_dir, best[0]), weights_only=True)
+        assert len(best) == 1 and weights and all(v.device.type == "cpu" for v in weights.values())
         assert all(not torch.equal(b, p.detach().cpu()) for b, p in zip(before, est.model.parameters()))
         ce = list(summary.history["eval"]["ce"].values())
         assert all(torch.isfinite(torch.tensor(float(c))) for c in ce)

@@ -180,3 +180,52 @@ def test_time_to_accuracy_needs_data_or_the_tiny_budget(tmp_path, capsys):
     with pytest.raises(SystemExit):
         time_to_accuracy.main(["--out", str(tmp_path)])
     assert "--data_dir is needed" in capsys.readouterr().err
+
+
+def test_epoch_profile_times_every_part_of_an_epoch_once(tmp_path, capsys):
+    import epoch_profile
+    estimator = epoch_profile.finetune.get_estimator(from_scratch=True, epochs=3, save_dir=str(tmp_path),
+                                                     **epoch_profile.TINY)
+    profile = epoch_profile.instrument(estimator)
+    with epoch_profile.timed_gc(profile):
+        estimator.fit()
+    summary = epoch_profile.summarize(profile)
+    for mode, steps in (("train", 4), ("eval", 2)):  # 64 / 16 training images, 32 / 16 eval images
+        table = summary[mode]
+        assert table[epoch_profile.STEP]["calls"] == steps
+        # FastEstimator's own traces (added inside fit()) are timed too
+        assert "trace Logger" in table and f"trace {'TrainEssential' if mode == 'train' else 'EvalEssential'}" in table
+        assert table[epoch_profile.GC]["calls"] >= 1
+        # the parts are disjoint: nothing counted twice, so what is left of the total is not negative
+        whole = (epoch_profile.TOTAL, epoch_profile.REST)
+        parts = sum(row["later"] for region, row in table.items() if region not in whole)
+        assert 0 < parts <= table[epoch_profile.TOTAL]["later"] + 1e-6
+        assert table[epoch_profile.REST]["later"] == pytest.approx(table[epoch_profile.TOTAL]["later"] - parts)
+    assert len(profile.epochs) == 6
+    assert epoch_profile.main(["--budget", "tiny", "--epochs", "2", "--save_dir", str(tmp_path / "cli")]) == 0
+    text = capsys.readouterr().out
+    assert "| network steps (run_step) |" in text and "eval epochs" in text
+
+
+def test_epoch_profile_needs_two_epochs_and_data(capsys):
+    import epoch_profile
+    with pytest.raises(SystemExit):
+        epoch_profile.main(["--budget", "tiny", "--epochs", "1"])
+    assert "at least 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        epoch_profile.main([])
+    assert "--data_dir is needed" in capsys.readouterr().err
+
+
+def test_epoch_profile_regions_exclude_the_regions_inside_them():
+    import time
+
+    import epoch_profile
+    profile = epoch_profile.EpochProfile()
+    profile.current = (1, "train")
+    inner = profile.timed("inner", lambda: time.sleep(0.05))
+    outer = profile.timed("outer", lambda: (time.sleep(0.02), inner()))
+    outer()
+    assert profile.seconds[(1, "train", "inner")] == pytest.approx(0.05, abs=0.015)
+    assert profile.seconds[(1, "train", "outer")] == pytest.approx(0.02, abs=0.015)
+    assert profile.calls[(1, "train", "outer")] == profile.calls[(1, "train", "inner")] == 1

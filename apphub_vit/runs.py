@@ -322,7 +322,8 @@ class AppEstimator(fe.Estimator):
     host, three times per epoch: most of a CIFAR eval epoch, and a whole second per epoch when epochs are short. After
     each epoch the heap is collected once and what survives is frozen (`gc.freeze()`: objects that have lived through
     a whole epoch, such as the compiled graphs, are no longer scanned; they are still freed by their reference counts),
-    so later collections scan only the objects of one epoch. `fit()` unfreezes at the end, so the run's own cycles
+    so later collections scan only the objects of one epoch; what exists when `fit()` begins is frozen at once, so
+    that neither the warm-up's collections nor the first epoch's scan it. `fit()` unfreezes at the end, so the run's own cycles
     (models, graphs) can be collected once it is over.
 
     `DeviceNetwork` keeps the models on the GPU between epochs; `fit()` and `test()` end with its `unload()`, so the
@@ -330,6 +331,8 @@ class AppEstimator(fe.Estimator):
     guard: Optional[DivergenceGuard] = None
 
     def fit(self, *args: Any, **kwargs: Any) -> Any:
+        gc.collect()  # what exists before fit() (the models, the data) lives through it: frozen from the start
+        gc.freeze()
         try:
             summary = super().fit(*args, **kwargs)
         finally:

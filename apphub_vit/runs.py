@@ -323,8 +323,8 @@ class AppEstimator(fe.Estimator):
     each epoch the heap is collected once and what survives is frozen (`gc.freeze()`: objects that have lived through
     a whole epoch, such as the compiled graphs, are no longer scanned; they are still freed by their reference counts),
     so later collections scan only the objects of one epoch; what exists when `fit()` begins is frozen at once, so
-    that neither the warm-up's collections nor the first epoch's scan it. `fit()` unfreezes at the end, so the run's own cycles
-    (models, graphs) can be collected once it is over.
+    that neither the warm-up's collections nor the first epoch's scan it. `fit()` unfreezes at the end, so the run's
+    own cycles (models, graphs) can be collected once it is over.
 
     `DeviceNetwork` keeps the models on the GPU between epochs; `fit()` and `test()` end with its `unload()`, so the
     caller gets them on the CPU, as from FastEstimator's own network."""

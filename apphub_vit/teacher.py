@@ -89,7 +89,10 @@ def train_teacher(train: Dict[str, np.ndarray], eval_data: Dict[str, np.ndarray]
     if path and not reused:
         with atomic_path(path) as tmp:
             torch.save(model.state_dict(), tmp)
-    teacher = fe.build(model_fn=lambda: model.requires_grad_(False), optimizer_fn=None, model_name="teacher")
+    # single_device as the model above: on a host with several GPUs fe.build would wrap the frozen teacher in a
+    # DataParallel, whose scatter to every GPU the student's captured step cannot hold
+    teacher = single_device(fe.build(model_fn=lambda: model.requires_grad_(False), optimizer_fn=None,
+                                     model_name="teacher"))
     seconds = time.perf_counter() - start
     print(f"apphub_vit: teacher accuracy {accuracy:.4f} on the eval images ({seconds:.1f} s)", flush=True)
     return {"model": teacher, "accuracy": accuracy, "seconds": seconds, "epochs": epochs, "reused": reused}

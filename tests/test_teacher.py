@@ -142,3 +142,16 @@ def test_distillation_options_are_checked(tmp_path):
         with pytest.raises(ValueError, match=match):
             finetune_app.get_estimator(from_scratch=True, dataset="synthetic", save_dir=str(tmp_path), **bad,
                                        **TINY_RUN, **TINY_VIT)
+
+
+def test_the_frozen_teacher_is_a_plain_module_where_several_gpus_are_visible(tmp_path):
+    """fe.build wraps a model in DataParallel when it sees several GPUs; the teacher, like the ViT, must not be, or the
+    student's captured step would scatter every batch over them."""
+    from unittest import mock
+
+    import fastestimator.network
+    hw = resolve_hardware(VIT_RECIPES["vit"])
+    with mock.patch.object(fastestimator.network, "get_num_gpus", lambda: 2):
+        teacher = train_teacher(_arrays(32, 0), _arrays(32, 1), 2, 1, hw, CIFAR_MEAN, CIFAR_STD)
+    assert not isinstance(teacher["model"], torch.nn.DataParallel)
+    assert teacher["model"].model_name == "teacher" and teacher["model"].current_optimizer is None

@@ -7,7 +7,7 @@ shard of every global batch, rank 0 alone evaluates and writes the files.
 """
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import fastestimator as fe
@@ -93,11 +93,11 @@ def build_vit_estimator(*, app: str, num_classes: int, dataset: str, data_dir: O
     if recipe.batch_size % ranks.size:
         raise options.OptionError(f"batch_size={recipe.batch_size} is the global batch, split evenly over torchrun's "
                                   f"{ranks.size} processes: pass a multiple of {ranks.size}")
+    if init_model is not None and recipe.distill and "distill" not in overrides:
+        # The recipe's teacher is for a ViT that learns from random weights, where it measured best; a pretrained
+        # encoder finetunes without one (its 24 epochs would outlast a short finetuning), unless `distill` is given.
+        recipe = replace(recipe, distill=0.0)
     distill = recipe.distill > 0 and weights_path is None  # a saved model only evaluated needs no teacher
-    if distill and ranks.size > 1:
-        raise options.OptionError(f"distill={recipe.distill} trains a teacher per process, which torchrun's "
-                                  f"{ranks.size} processes would not share: run distillation in one process, or "
-                                  f"pass distill=0 under torchrun")
     if recipe.ema and ranks.size > 1:
         raise options.OptionError(f"ema={recipe.ema} keeps its average in one process's checkpoint: run it in one "
                                   f"process, or pass ema=0 under torchrun")
@@ -143,10 +143,17 @@ def build_vit_estimator(*, app: str, num_classes: int, dataset: str, data_dir: O
     # 2. network (first the teacher's own, trained here on the same training images, when the recipe distils)
     teacher = None
     if distill:
-        teacher = train_teacher(train_arrays, eval_arrays, num_classes,
-                                recipe.teacher_epochs, hw, CIFAR_MEAN, CIFAR_STD,
-                                path=os.path.join(save_dir, TEACHER_FILE), reuse=folder.resume,
-                                train_steps_per_epoch=run["train_steps_per_epoch"])
+        def teach(reuse: bool) -> Dict[str, Any]:
+            return train_teacher(train_arrays, eval_arrays, num_classes, recipe.teacher_epochs, hw, CIFAR_MEAN,
+                                 CIFAR_STD, path=os.path.join(save_dir, TEACHER_FILE), reuse=reuse,
+                                 train_steps_per_epoch=run["train_steps_per_epoch"])
+
+        if ranks.size == 1:
+            teacher = teach(folder.resume)
+        else:  # under torchrun rank 0 trains (or on a resume reloads) and saves it, then the other ranks load that one
+            trained: Dict[str, Any] = {}
+            distributed.run_on_main(lambda: trained.update(teach(folder.resume)))
+            teacher = trained if ranks.main else teach(True)
     average = WeightAverage(model, recipe.ema) if recipe.ema and weights_path is None else None
     network = classifier_network(model, augment_ops, num_classes, recipe, hw,
                                  train_label="y_soft" if recipe.mix_prob else "y",  # MixUpCutMix writes y_soft

@@ -37,7 +37,7 @@ from fastestimator.util.cli_util import parse_cli_to_dictionary  # noqa: E402
 from apphub_vit import finetune  # noqa: E402
 
 TINY = dict(dataset="synthetic", synthetic_size=[64, 32], batch_size=16, num_layers=1, em_dim=16, num_heads=2,
-            ff_dim=32, patch_size=8, augment="apphub")
+            ff_dim=32, patch_size=8, augment="apphub", teacher_epochs=1)  # recipe "vit"'s teacher, 1 epoch
 STEP = "network steps (run_step)"
 NETWORK_CONTEXT = "network epoch context (enter + exit)"
 PIPELINE_CONTEXT = "pipeline epoch context (enter + exit)"

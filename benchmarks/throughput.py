@@ -219,7 +219,9 @@ def main(argv: List[str] = None) -> None:
     skip = args.skip if args.skip is not None else (30 if gpu else 3)
     arch = SIZES[args.size]
     apphub = dict(recipe="apphub", device_augment=False, precision="fp32", compile=False, **arch)
-    ours = dict(**arch)  # the app's defaults for this machine
+    # the app's defaults for this machine, but the ViT alone, as the peer's loop: without recipe "vit"'s distillation
+    # teacher (trained before the fit, then a forward pass in every step; time_to_accuracy.py counts both)
+    ours = dict(distill=0, **arch)
     if args.batch_size is not None and args.batch_size < 1:
         parser.error(f"--batch_size must be a positive number of images, got {args.batch_size}")
     ours_batch = args.batch_size or VIT_RECIPES["vit"].batch_size

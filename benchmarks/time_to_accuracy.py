@@ -41,7 +41,7 @@ TARGETS = (0.80, 0.85, 0.90, 0.93)
 # The tiny budget: generated CIFAR-shaped data and a 1-layer ViT, a few seconds per run on a CPU (plumbing only).
 TINY = ["--dataset", "synthetic", "--synthetic_size", "[64, 32]", "--epochs", "2", "--batch_size", "16",
         "--num_layers", "1", "--em_dim", "16", "--num_heads", "2", "--ff_dim", "32", "--patch_size", "8",
-        "--augment", "apphub"]
+        "--augment", "apphub", "--teacher_epochs", "1"]  # recipe "vit"'s distillation teacher, for 1 epoch
 
 
 def default_cli() -> List[str]:

@@ -8,8 +8,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"  # the project's data folder beside the checkout; absent in some clones
 
-# A ViT small enough for CPU tests: 2 layers, dim 32, patch 8 (16 tokens + CLS).
-TINY_VIT = dict(num_layers=2, em_dim=32, num_heads=2, ff_dim=64, patch_size=8)
+# A ViT small enough for CPU tests: 2 layers, dim 32, patch 8 (16 tokens + CLS)
+TINY_SHAPE = dict(num_layers=2, em_dim=32, num_heads=2, ff_dim=64, patch_size=8)
+# ... as the CIFAR ViT apps' options, without the distillation teacher: recipe "vit" first trains a ResNet-9 for 24
+# epochs, minutes on a CPU (tests/test_teacher.py runs it with fewer)
+TINY_VIT = dict(TINY_SHAPE, distill=0)
 TINY_RUN = dict(epochs=1, batch_size=16, train_steps_per_epoch=4, eval_steps_per_epoch=2, num_process=0,
                 synthetic_size=[256, 64])
 
@@ -36,3 +39,20 @@ def fastestimator_cmd() -> list:
     if script.is_file():
         return [str(script)]
     return [sys.executable, "-c", "from fastestimator.cli.main import main; main()"]
+
+
+@pytest.fixture(autouse=True)
+def no_full_teacher_in_tests(monkeypatch):
+    """A test that builds recipe "vit" as it is would train its ResNet-9 teacher for 24 epochs, minutes on a CPU:
+    fail it at once, saying how to keep it to seconds."""
+    from apphub_vit import vit_app
+    train_teacher = vit_app.train_teacher
+
+    def guarded(*args, **kwargs):
+        epochs = kwargs.get("epochs", args[3] if len(args) > 3 else None)
+        if epochs is not None and epochs > 2:
+            pytest.fail(f"this test trains the distillation teacher for {epochs} epochs: pass distill=0 "
+                        f"(conftest.TINY_VIT) or teacher_epochs=1")
+        return train_teacher(*args, **kwargs)
+
+    monkeypatch.setattr(vit_app, "train_teacher", guarded)

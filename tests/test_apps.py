@@ -11,14 +11,16 @@ from apphub_vit import finetune as finetune_app
 from apphub_vit import pretrain as pretrain_app
 from apphub_vit.encoder_io import ENCODER_FILE, EncoderMismatchError, load_encoder_state
 from apphub_vit.prediction_grid import GRID_FILE
+from apphub_vit.recipes import VIT_RECIPES
 from apphub_vit.records import RECORD_FILE, read_record
+from apphub_vit.teacher import TEACHER_FILE, DistillTargets
 from apphub_vit.training import SmoothLabels
 from networks.vit import ViTConfig, ViTModel
 from tests.conftest import REPO, TINY_RUN, TINY_VIT, cli_env, fastestimator_cmd, shared_path
 
 CLI_TINY = ["--epochs", "1", "--batch_size", "16", "--train_steps_per_epoch", "3", "--eval_steps_per_epoch", "2",
             "--num_process", "0", "--synthetic_size", "[256,64]", "--num_layers", "2", "--em_dim", "32", "--num_heads",
-            "2", "--ff_dim", "64", "--patch_size", "8"]
+            "2", "--ff_dim", "64", "--patch_size", "8", "--distill", "0"]  # no teacher (conftest.TINY_VIT)
 
 
 def _run_cli(args, cwd):
@@ -205,7 +207,8 @@ def _schedule(est, steps):
 
 
 def test_the_defaults_are_the_best_measured_recipe(tmp_path):
-    est = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path), from_scratch=True,
+    # the teacher for 1 epoch instead of 24 (minutes on a CPU): its weight and epochs are checked in the recipe
+    est = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path), from_scratch=True, teacher_epochs=1,
                                      **dict(TINY_RUN, batch_size=None))
     cfg, opt = est.model.config, est.model.optimizer
     assert (cfg.norm_first, cfg.pool, cfg.drop, cfg.drop_path, cfg.spt, cfg.lsa) == (True, "mean", 0.0, 0.0, True, True)
@@ -215,8 +218,25 @@ def test_the_defaults_are_the_best_measured_recipe(tmp_path):
     assert est.pipeline.data["train"][""].images_per_batch == 256
     assert [type(op).__name__ for op in est.network.ops[0].ops][:2] == ["ChannelTranspose", "AutoAugment"]
     assert [op.smoothing for op in est.network.ops if isinstance(op, SmoothLabels)] == [0.1]
-    assert est.config["recipe"]["name"] == "vit" and est.config["overrides"] == {"epochs": 1}
+    assert est.config["recipe"]["name"] == "vit" and est.config["overrides"] == {"epochs": 1, "teacher_epochs": 1}
     assert est.config["recipe"]["lr"] == 2e-3 and est.config["recipe"]["batch_size"] == 256
+    # DeiT's hard-label distillation from a ResNet-9 teacher, weight 0.5, the teacher trained 24 epochs
+    assert est.config["recipe"]["distill"] == 0.5 and VIT_RECIPES["vit"].teacher_epochs == 24
+    assert [op.weight for op in est.network.ops if isinstance(op, DistillTargets)] == [0.5]
+    assert est.config["teacher"]["epochs"] == 1 and (tmp_path / TEACHER_FILE).is_file()
+    assert (VIT_RECIPES["vit"].ema, VIT_RECIPES["vit"].mix_prob) == (0.0, 0.0)  # both measured, neither won
+
+
+def test_a_pretrained_encoder_finetunes_without_the_recipes_teacher_unless_distill_is_given(pretrained, tmp_path):
+    _, pre = pretrained
+    run = dict(TINY_RUN, encoder_weights=str(pre / ENCODER_FILE), dataset="synthetic")
+    est = finetune_app.get_estimator(save_dir=str(tmp_path / "plain"), **run)
+    assert est.config["recipe"]["distill"] == 0.0 and est.config["teacher"] is None
+    assert not any(isinstance(op, DistillTargets) for op in est.network.ops)
+    assert not (tmp_path / "plain" / TEACHER_FILE).exists()
+    est = finetune_app.get_estimator(save_dir=str(tmp_path / "taught"), distill=0.5, teacher_epochs=1, **run)
+    assert est.config["recipe"]["distill"] == 0.5 and est.config["teacher"]["epochs"] == 1
+    assert [op.weight for op in est.network.ops if isinstance(op, DistillTargets)] == [0.5]
 
 
 def test_weight_decay_and_warmup_override_the_recipe_and_are_checked(tmp_path):

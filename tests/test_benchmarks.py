@@ -76,7 +76,7 @@ def test_accuracy_script_resumes_from_its_checkpoint(tmp_path, capsys):
     from tests.test_data import _write_cifar10
     _write_cifar10(tmp_path / "data" / "cifar-10-batches-py", n=64)
     args = ["--data_dir", str(tmp_path / "data"), "--em_dim", "16", "--batch_size", "16", "--train_steps_per_epoch",
-            "2", "--eval_steps_per_epoch", "2", "--restore_dir", str(tmp_path / "resume")]
+            "2", "--eval_steps_per_epoch", "2", "--restore_dir", str(tmp_path / "resume"), "--distill", "0"]
     accuracy.main(args + ["--epochs", "2", "--save_dir", str(tmp_path / "one")])
     before = re.findall(r"Eval: step: 4; epoch: 2; accuracy: \S+; ce: (\S+);", capsys.readouterr().out)
     accuracy.main(args + ["--epochs", "3", "--save_dir", str(tmp_path / "two")])
@@ -151,16 +151,18 @@ def test_time_to_accuracy_reads_each_target_from_the_runs_records(tmp_path, caps
         cells = [c.strip() for c in row.strip("|").split("|")]
         record = json.loads((out / f"seed{seed}" / "run_record.json").read_text())
         first_eval = record["eval"][0]
-        startup, wall = float(cells[5]), float(cells[4])
-        # 0%: reached at the first eval, which ends after start-up (strictly, in the record's own times; the table's
-        # figures are rounded to 0.1 s, and a tiny run's first epoch can take less) and before the process exits
+        startup, wall, teacher = float(cells[5]), float(cells[4]), float(cells[6])  # recipe vit's teacher, 1 epoch
+        assert "| teacher (s) |" in text and teacher == pytest.approx(record["hparams"]["teacher"]["seconds"], abs=0.06)
+        # 0%: reached at the first eval, which ends after start-up and the teacher (strictly, in the record's own
+        # times; the table's figures are rounded to 0.1 s, and a tiny run's first epoch can take less) and before the
+        # process exits
         assert first_eval["time"] > record["timing"]["fit_started"]
-        assert startup <= float(cells[1]) <= wall
-        assert abs(float(cells[1]) - (first_eval["time"] - record["timing"]["fit_started"]) - startup) < 0.2
+        assert startup + teacher <= float(cells[1]) + 0.1 and float(cells[1]) <= wall
+        assert abs(float(cells[1]) - (first_eval["time"] - record["timing"]["fit_started"]) - startup - teacher) < 0.2
         assert cells[2] == "-"  # 101% is never reached
         assert cells[3] == f"{record['final_accuracy']:.2%}"
-        assert float(cells[6]) == pytest.approx(record["timing"]["train_seconds"], abs=0.06)
-        assert float(cells[8]) == pytest.approx(first_eval["seconds"], abs=0.06)
+        assert float(cells[7]) == pytest.approx(record["timing"]["train_seconds"], abs=0.06)
+        assert float(cells[9]) == pytest.approx(first_eval["seconds"], abs=0.06)
 
 
 def test_time_to_accuracy_splits_a_teachers_training_out_of_start_up():

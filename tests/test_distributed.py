@@ -20,12 +20,14 @@ from apphub_vit.encoder_io import ENCODER_FILE, load_encoder_state
 from apphub_vit.options import OptionError
 from apphub_vit.records import RECORD_FILE, read_record
 from apphub_vit.runs import CHECKPOINT_FILE
+from apphub_vit.teacher import TEACHER_FILE
 from networks.vit import ViTModel
 from pipelines.loader import BatchLoader
 from tests.conftest import REPO, TINY_RUN, TINY_VIT, cli_env
 
 TINY = ["--dataset", "synthetic", "--num_process", "0", "--num_layers", "2", "--em_dim", "32", "--num_heads", "2",
-        "--ff_dim", "64", "--patch_size", "8", "--warmup", "False"]
+        "--ff_dim", "64", "--patch_size", "8", "--warmup", "False",
+        "--distill", "0"]  # no teacher (conftest.TINY_VIT)
 
 
 def _torchrun(args, cwd, nproc=2):
@@ -112,6 +114,18 @@ def test_a_two_rank_pretraining_and_finetuning_write_one_set_of_files_and_the_en
     assert read_record(str(tmp_path / "alone" / RECORD_FILE))["distributed"]["world_size"] == 1
     saved = load_encoder_state(str(encoder))["state_dict"]
     assert any(not torch.equal(v.cpu(), saved[k]) for k, v in tuned.vit_encoder.state_dict().items())  # trained
+
+
+def test_under_torchrun_rank_0_trains_the_teacher_and_every_rank_distils_from_that_one(tmp_path):
+    # recipe "vit" distils (TINY turns it off for the other tests); one teacher file, trained once, loaded by rank 1
+    out = _torchrun(["-m", "apphub_vit.distributed", "pretrain", "--save_dir", tmp_path / "run"] + _tiny_run(1, 2)
+                    + ["--distill", "0.5", "--teacher_epochs", "1"], tmp_path)
+    assert out.count("distillation teacher (a ResNet-9): training it, 1 epochs") == 1, out[-3000:]
+    assert out.count("distillation teacher (a ResNet-9): evaluating the one saved by this run") == 1, out[-3000:]
+    assert TEACHER_FILE in _files(tmp_path / "run")
+    record = read_record(str(tmp_path / "run" / RECORD_FILE))
+    assert record["hparams"]["recipe"]["distill"] == 0.5 and not record["hparams"]["teacher"]["reused"]
+    assert record["distributed"]["world_size"] == 2 and [e["epoch"] for e in record["eval"]] == [1]
 
 
 def _checkpoint_epoch(path):

@@ -14,7 +14,7 @@ from apphub_vit.recipes import VIT_RECIPES
 from apphub_vit.records import RECORD_FILE
 from apphub_vit.runs import CHECKPOINT_FILE
 from apphub_vit.training import build_vit, classifier_network
-from tests.conftest import TINY_RUN, TINY_VIT
+from tests.conftest import TINY_RUN, TINY_SHAPE, TINY_VIT
 
 
 def _linear(value: float) -> torch.nn.Linear:
@@ -82,7 +82,7 @@ def test_the_trace_state_carries_the_trained_weights_through_a_resume():
 
 def test_the_update_op_runs_after_the_optimizer_step():
     base = VIT_RECIPES["vit"]
-    recipe = replace(base, model=replace(base.model, **TINY_VIT, spt=False, lsa=False), ema=0.9, lr=0.1,
+    recipe = replace(base, model=replace(base.model, **TINY_SHAPE, spt=False, lsa=False), ema=0.9, lr=0.1,
                      schedule="constant", warmup_epochs=0.0)
     hw = resolve_hardware(recipe)
     model = build_vit("student", 10, recipe, hw)

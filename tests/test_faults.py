@@ -29,7 +29,8 @@ from tests.conftest import REPO, cli_env, fastestimator_cmd
 
 PRETRAIN = str(REPO / "apphub_vit" / "pretrain.py")
 TINY = ["--dataset", "synthetic", "--batch_size", "16", "--eval_steps_per_epoch", "2", "--num_process", "0",
-        "--num_layers", "1", "--em_dim", "16", "--num_heads", "2", "--ff_dim", "32", "--patch_size", "8"]
+        "--num_layers", "1", "--em_dim", "16", "--num_heads", "2", "--ff_dim", "32", "--patch_size", "8",
+        "--distill", "0"]  # no teacher (conftest.TINY_VIT)
 
 
 def _cli(args, cwd, command="train"):

@@ -16,7 +16,7 @@ from apphub_vit import pretrain
 from apphub_vit.records import RECORD_FILE, RECORD_FORMAT, RunRecorder, attach_recorder, find_recorder
 
 # Tiny on purpose: a run of 2 epochs x 3 steps takes seconds on a 2-core CPU.
-TINY_VIT = dict(num_layers=2, em_dim=32, num_heads=2, ff_dim=64, patch_size=8)
+TINY_VIT = dict(num_layers=2, em_dim=32, num_heads=2, ff_dim=64, patch_size=8, distill=0)  # no teacher
 VIT_RUN = dict(epochs=2, batch_size=16, train_steps_per_epoch=3, eval_steps_per_epoch=2, num_process=0,
                synthetic_size=[128, 64], dataset="synthetic", log_steps=2)
 

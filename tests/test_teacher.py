@@ -18,7 +18,7 @@ from apphub_vit.teacher import TEACHER_FILE, DistillTargets, teacher_lr, train_t
 from apphub_vit.training import build_vit, classifier_network
 from networks.resnet9 import ResNet9
 from pipelines.cifar import CIFAR_MEAN, CIFAR_STD
-from tests.conftest import REPO, TINY_RUN, TINY_VIT
+from tests.conftest import REPO, TINY_RUN, TINY_SHAPE, TINY_VIT
 
 
 def _reference_module():
@@ -77,7 +77,7 @@ class ConstantTeacher(torch.nn.Module):
 @pytest.mark.parametrize("distill", [0.0, 0.5, 1.0])
 def test_the_students_loss_takes_the_teachers_labels_by_the_distill_weight(distill):
     base = VIT_RECIPES["vit"]
-    recipe = replace(base, model=replace(base.model, **TINY_VIT, spt=False, lsa=False), distill=distill,
+    recipe = replace(base, model=replace(base.model, **TINY_SHAPE, spt=False, lsa=False), distill=distill,
                      label_smoothing=0.0, lr=0.0)
     hw = resolve_hardware(recipe)
     student = build_vit("student", 10, recipe, hw)
@@ -118,21 +118,21 @@ def test_the_teacher_learns_saves_itself_and_a_resumed_run_reuses_it(tmp_path):
 
 
 def test_the_app_trains_the_teacher_records_it_reuses_it_on_resume_and_never_overwrites_it(tmp_path, capsys):
-    run = dict(TINY_RUN, epochs=1)
-    finetune_app.finetune(None, from_scratch=True, dataset="synthetic", save_dir=str(tmp_path), distill=0.5,
-                          teacher_epochs=1, **run, **TINY_VIT)
+    run = {**TINY_RUN, **TINY_VIT, "epochs": 1, "distill": 0.5}  # the recipe's weight (TINY_VIT's 0 replaced)
+    finetune_app.finetune(None, from_scratch=True, dataset="synthetic", save_dir=str(tmp_path),
+                          teacher_epochs=1, **run)
     record = json.loads((tmp_path / RECORD_FILE).read_text())
     assert record["hparams"]["recipe"]["distill"] == 0.5
     teacher = record["hparams"]["teacher"]
     assert teacher["epochs"] == 1 and not teacher["reused"] and 0.0 <= teacher["accuracy"] <= 1.0
     saved = (tmp_path / TEACHER_FILE).read_bytes()
     with pytest.raises(FileExistsError, match=TEACHER_FILE):
-        finetune_app.finetune(None, from_scratch=True, dataset="synthetic", save_dir=str(tmp_path), distill=0.5,
-                              teacher_epochs=1, **run, **TINY_VIT)
+        finetune_app.finetune(None, from_scratch=True, dataset="synthetic", save_dir=str(tmp_path),
+                              teacher_epochs=1, **run)
     assert (tmp_path / TEACHER_FILE).read_bytes() == saved
     capsys.readouterr()
-    finetune_app.get_estimator(from_scratch=True, dataset="synthetic", save_dir=str(tmp_path), distill=0.5,
-                               teacher_epochs=1, resume=True, **run, **TINY_VIT)
+    finetune_app.get_estimator(from_scratch=True, dataset="synthetic", save_dir=str(tmp_path),
+                               teacher_epochs=1, resume=True, **run)
     assert "evaluating the one saved by this run" in capsys.readouterr().out  # a resumed run does not train another
     assert (tmp_path / TEACHER_FILE).read_bytes() == saved
 
@@ -140,8 +140,8 @@ def test_the_app_trains_the_teacher_records_it_reuses_it_on_resume_and_never_ove
 def test_distillation_options_are_checked(tmp_path):
     for bad, match in (({"distill": 1.5}, "distill"), ({"teacher_epochs": 0}, "teacher_epochs")):
         with pytest.raises(ValueError, match=match):
-            finetune_app.get_estimator(from_scratch=True, dataset="synthetic", save_dir=str(tmp_path), **bad,
-                                       **TINY_RUN, **TINY_VIT)
+            finetune_app.get_estimator(from_scratch=True, dataset="synthetic", save_dir=str(tmp_path),
+                                       **{**TINY_RUN, **TINY_VIT, **bad})
 
 
 def test_the_frozen_teacher_is_a_plain_module_where_several_gpus_are_visible(tmp_path):

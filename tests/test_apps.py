@@ -525,9 +525,11 @@ def test_the_default_recipe_pretrains_on_a_cifar100_python_folder(tmp_path):
     """CIFAR-100 readiness: no CIFAR-100 exists on these machines, so a generated folder in the distributed format."""
     _write_cifar100_as_distributed(tmp_path / "data" / "cifar-100-python")
     model = pretrain_app.pretrain(data_dir=str(tmp_path / "data"), save_dir=str(tmp_path / "run"), epochs=1,
-                                  batch_size=16, train_steps_per_epoch=2, **TINY_VIT)
+                                  batch_size=16, train_steps_per_epoch=2, teacher_epochs=1,
+                                  **{**TINY_VIT, "distill": 0.5})  # the recipe's teacher too, on 100 classes, 1 epoch
     record = read_record(tmp_path / "run" / RECORD_FILE)
     assert record["hparams"]["recipe"]["name"] == "vit" and record["hparams"]["dataset"] == "cifair100"
+    assert record["hparams"]["recipe"]["distill"] == 0.5 and record["hparams"]["teacher"]["epochs"] == 1
     assert record["hparams"]["recipe"]["model"]["spt"] and record["hparams"]["recipe"]["augment"] == "autoaugment"
     assert record["schedule"]["global_steps"] == 2 and 0.0 <= record["final_accuracy"] <= 1.0
     assert model.linear_classifier.out_features == 100

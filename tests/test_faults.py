@@ -24,7 +24,7 @@ import torch
 from apphub_vit.data import load_cifar
 from apphub_vit.encoder_io import ENCODER_FILE
 from apphub_vit.records import RECORD_FILE, read_record
-from apphub_vit.runs import CHECKPOINT_FILE, LOCK_FILE
+from apphub_vit.runs import CHECKPOINT_FILE, LOCK_FILE, _cpu
 from tests.conftest import REPO, cli_env, fastestimator_cmd
 
 PRETRAIN = str(REPO / "apphub_vit" / "pretrain.py")
@@ -137,6 +137,39 @@ def test_a_run_killed_mid_epoch_resumes_and_ends_as_an_uninterrupted_run(tmp_pat
     enc_a = torch.load(tmp_path / "whole" / ENCODER_FILE, weights_only=True)["state_dict"]
     enc_b = torch.load(run / ENCODER_FILE, weights_only=True)["state_dict"]
     assert all(torch.equal(enc_a[k], enc_b[k]) for k in enc_a)  # the same final weights
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU (the copies from it are what the batching is for)"))])
+def test_the_checkpoints_copy_holds_every_tensor_apart_in_one_transfer_per_dtype(tmp_path, device):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4)).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.ones(2, 3, device=device)).sum().backward()
+    optimizer.step()
+    state = {"models": model.state_dict(), "optimizers": optimizer.state_dict(), "lr": np.float32(0.5),
+             "rng": [torch.get_rng_state(), (1, "a")], "step": torch.tensor(7, device=device), "none": None}
+    copy = _cpu(state)
+    flat = [(k, v) for k, v in copy["models"].items()] + [(k, v) for i, s in copy["optimizers"]["state"].items()
+                                                          for k, v in s.items()]
+    originals = list(model.state_dict().values()) + [v for s in optimizer.state_dict()["state"].values()
+                                                     for v in s.values()]
+    assert len(flat) == len(originals) == 4 + 4 * 3  # weights and biases; each one's step, exp_avg, exp_avg_sq
+    for (name, got), want in zip(flat, originals):
+        assert got.device.type == "cpu" and got.dtype == want.dtype and got.shape == want.shape, name
+        assert torch.equal(got, want.cpu()) and not got.requires_grad, name
+    assert copy["lr"] == 0.5 and type(copy["lr"]) is float and copy["rng"][1] == (1, "a") and copy["none"] is None
+    assert torch.equal(copy["rng"][0], torch.get_rng_state()) and copy["step"].item() == 7
+    with torch.no_grad():  # copies, not the originals: the next training step leaves them as they were
+        for p in model.parameters():
+            p.add_(1.0)
+    assert all(not torch.equal(got, want.cpu()) for (_, got), want in zip(flat[:4], model.state_dict().values()))
+    # one transfer per device and dtype: the float32 copies are views of one host buffer per device they came from
+    # (AdamW's step counts stay on the CPU beside parameters on a GPU)
+    devices = {want.device for want in originals if want.dtype == torch.float32}
+    assert len({v.untyped_storage().data_ptr() for _, v in flat if v.dtype == torch.float32}) == len(devices)
+    torch.save(copy, tmp_path / "c.pt")
+    back = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert all(torch.equal(back["models"][k], v) for k, v in copy["models"].items())
 
 
 def test_resume_without_a_checkpoint_or_with_other_options_is_refused(tmp_path):

@@ -288,8 +288,9 @@ def _cpu(value: Any) -> Any:
     (FastEstimator's `set_lr` leaves a numpy float in the optimizer), which `torch.load(weights_only=True)` reads back.
 
     The tensors of one device and dtype travel together: one `torch.cat` where they live and one copy to the host,
-    then views of it. One at a time, a GPU run's ViT, teacher and optimizer state are some 450 synchronous copies to
-    pageable memory, about 0.2 s after every epoch on an H200 (docs/performance.md)."""
+    then views of it. One at a time, the checkpoint of a GPU run (the ViT's parameters, AdamW's two moments and step
+    per parameter) is some 450 synchronous copies to pageable memory, about 0.2 s after every epoch on an H200
+    (docs/performance.md)."""
     tensors: List[torch.Tensor] = []
 
     def collect(v: Any) -> None:
@@ -306,7 +307,7 @@ def _cpu(value: Any) -> Any:
     groups: Dict[Tuple[torch.device, torch.dtype], List[int]] = {}
     for i, tensor in enumerate(tensors):
         groups.setdefault((tensor.device, tensor.dtype), []).append(i)
-    copies: List[torch.Tensor] = list(tensors)
+    copies: List[torch.Tensor] = list(tensors)  # each replaced by its copy below
     for members in groups.values():
         flat = torch.cat([tensors[i].reshape(-1) for i in members]).cpu()  # a new tensor, also on the CPU
         for i, part in zip(members, flat.split([tensors[i].numel() for i in members])):

@@ -111,7 +111,7 @@ BUDGETS: Dict[str, Dict[str, Dict[str, Any]]] = {
 
 
 # Every ViT run of a comparison trains without recipe "vit"'s distillation teacher: a pretrained encoder finetunes
-# without one, so the from-scratch run of the same budget must too; and the teacher's 24 epochs would outlast the small
+# without one, so the from-scratch run of the same budget must too; and the teacher's 12 epochs would outlast the small
 # budgets' whole runs on a CPU.
 NO_TEACHER = dict(distill=0)
 

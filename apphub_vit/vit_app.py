@@ -95,7 +95,7 @@ def build_vit_estimator(*, app: str, num_classes: int, dataset: str, data_dir: O
                                   f"{ranks.size} processes: pass a multiple of {ranks.size}")
     if init_model is not None and recipe.distill and "distill" not in overrides:
         # The recipe's teacher is for a ViT that learns from random weights, where it measured best; a pretrained
-        # encoder finetunes without one (its 24 epochs would outlast a short finetuning), unless `distill` is given.
+        # encoder finetunes without one (its 12 epochs would outlast a short finetuning), unless `distill` is given.
         recipe = replace(recipe, distill=0.0)
     distill = recipe.distill > 0 and weights_path is None  # a saved model only evaluated needs no teacher
     if recipe.ema and ranks.size > 1:

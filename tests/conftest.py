@@ -43,7 +43,7 @@ def fastestimator_cmd() -> list:
 
 @pytest.fixture(autouse=True)
 def no_full_teacher_in_tests(monkeypatch):
-    """A test that builds recipe "vit" as it is would train its ResNet-9 teacher for 24 epochs, minutes on a CPU:
+    """A test that builds recipe "vit" as it is would train its ResNet-9 teacher for 12 epochs, minutes on a CPU:
     fail it at once, saying how to keep it to seconds."""
     from apphub_vit import vit_app
     train_teacher = vit_app.train_teacher

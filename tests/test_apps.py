@@ -207,7 +207,7 @@ def _schedule(est, steps):
 
 
 def test_the_defaults_are_the_best_measured_recipe(tmp_path):
-    # the teacher for 1 epoch instead of 24 (minutes on a CPU): its weight and epochs are checked in the recipe
+    # the teacher for 1 epoch instead of 12 (a minute on a CPU): its weight and epochs are checked in the recipe
     est = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path), from_scratch=True, teacher_epochs=1,
                                      **dict(TINY_RUN, batch_size=None))
     cfg, opt = est.model.config, est.model.optimizer
@@ -220,8 +220,8 @@ def test_the_defaults_are_the_best_measured_recipe(tmp_path):
     assert [op.smoothing for op in est.network.ops if isinstance(op, SmoothLabels)] == [0.1]
     assert est.config["recipe"]["name"] == "vit" and est.config["overrides"] == {"epochs": 1, "teacher_epochs": 1}
     assert est.config["recipe"]["lr"] == 2e-3 and est.config["recipe"]["batch_size"] == 256
-    # DeiT's hard-label distillation from a ResNet-9 teacher, weight 0.5, the teacher trained 24 epochs
-    assert est.config["recipe"]["distill"] == 0.5 and VIT_RECIPES["vit"].teacher_epochs == 24
+    # DeiT's hard-label distillation from a ResNet-9 teacher, weight 0.5, the teacher trained 12 epochs
+    assert est.config["recipe"]["distill"] == 0.5 and VIT_RECIPES["vit"].teacher_epochs == 12
     assert [op.weight for op in est.network.ops if isinstance(op, DistillTargets)] == [0.5]
     assert est.config["teacher"]["epochs"] == 1 and (tmp_path / TEACHER_FILE).is_file()
     assert (VIT_RECIPES["vit"].ema, VIT_RECIPES["vit"].mix_prob) == (0.0, 0.0)  # both measured, neither won

@@ -68,6 +68,27 @@ def test_cutmix_and_mixup_give_soft_targets_summing_to_one():
     assert ref.lr_at(550, 10, 1e-3, 10, 100) == pytest.approx(5e-4) and ref.lr_at(1000, 10, 1e-3, 10, 100) == 0
 
 
+def test_the_split_augmentation_gives_torchvisions_images_from_the_same_random_numbers():
+    """CifarTrain (PIL ops and random erasing's draw per image) + finish_batch (ToTensor, Normalize and the erase for
+    the batch) equal torchvision's per-image Compose, image by image, from the same torch seed."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    dataset, reference = ref.CifarTrain(x, np.zeros(64)), ref.train_transform()
+    from PIL import Image
+    expected, items = [], []
+    for i in range(64):
+        torch.manual_seed(i)
+        expected.append(reference(Image.fromarray(x[i])))
+        torch.manual_seed(i)
+        items.append(dataset[i])
+    images, boxes, labels = (torch.utils.data.default_collate(items)[k] for k in range(3))
+    assert images.dtype == torch.uint8 and images.shape == (64, 3, 32, 32) and boxes.shape == (64, 4)
+    erased = int((boxes[:, 2] * boxes[:, 3] > 0).sum())
+    assert 5 <= erased <= 30  # p = 0.25 of 64 images
+    assert torch.allclose(ref.finish_batch(images, boxes), torch.stack(expected), atol=1e-6)
+
+
 def test_lee_reference_trains_end_to_end_and_prints_the_summary(tmp_path, capsys):
     _write_cifar10(tmp_path / "cifar-10-batches-py", n=64)  # 320 training images, 64 test images
     out = tmp_path / "curve.csv"

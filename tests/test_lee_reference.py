@@ -1,5 +1,6 @@
-"""benchmarks/lee_reference.py (Lee, Lee & Song 2021's plain-ViT recipe): its sampler, its batch mixing and loss, and
-an end-to-end smoke run of main() on a generated CIFAR-10 folder with a tiny model (its figures come from GPU runs)."""
+"""benchmarks/lee_reference.py (Lee, Lee & Song 2021's plain-ViT recipe): its sampler, its augmentation against
+torchvision's, its batch mixing and loss, and an end-to-end smoke run of main() on a generated CIFAR-10 folder with a
+tiny model (its figures come from GPU runs)."""
 import csv
 import importlib.util
 import math
@@ -85,7 +86,7 @@ def test_the_split_augmentation_gives_torchvisions_images_from_the_same_random_n
         expected.append(reference(Image.fromarray(x[i])))
         torch.manual_seed(i)
         items.append(dataset[i])
-    images, boxes, labels = (torch.utils.data.default_collate(items)[k] for k in range(3))
+    images, boxes, _ = torch.utils.data.default_collate(items)  # as the DataLoader batches them
     assert images.dtype == torch.uint8 and images.shape == (64, 3, 32, 32) and boxes.shape == (64, 4)
     erased = int((boxes[:, 2] * boxes[:, 3] > 0).sum())
     assert 5 <= erased <= 30  # p = 0.25 of 64 images

@@ -106,12 +106,10 @@ def pil_transform():
                       T.AutoAugment(T.AutoAugmentPolicy.CIFAR10)])
 
 
-def erase_box(image: torch.Tensor) -> torch.Tensor:
-    """RandomErasing(p=ERASE_P)'s draw for one [C, H, W] image, drawing torch's random numbers as its forward does:
-    the box [top, left, height, width] it would fill with 0, or an empty box where it erases nothing."""
-    from torchvision import transforms as T
-    if torch.rand(1) < ERASE_P:
-        eraser = T.RandomErasing(p=1.0)
+def erase_box(image: torch.Tensor, eraser) -> torch.Tensor:
+    """A torchvision `RandomErasing`'s draw for one [C, H, W] image, drawing torch's random numbers as its forward
+    does: the box [top, left, height, width] it would fill with 0, or an empty box where it erases nothing."""
+    if torch.rand(1) < eraser.p:
         top, left, h, w, value = eraser.get_params(image, scale=eraser.scale, ratio=eraser.ratio, value=[0.0])
         if value is not image:  # get_params returns the image itself where it found no box in 10 tries
             return torch.tensor([top, left, h, w])
@@ -126,7 +124,9 @@ class CifarTrain(Dataset):
     for the same images as `train_transform` with the same random numbers (tests/test_lee_reference.py)."""
 
     def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
+        from torchvision import transforms as T
         self.x, self.y, self.transform = x, np.asarray(y, dtype=np.int64), pil_transform()
+        self.eraser = T.RandomErasing(p=ERASE_P)  # built once: only its draw runs per image
 
     def __len__(self) -> int:
         return len(self.x)
@@ -135,7 +135,7 @@ class CifarTrain(Dataset):
         from PIL import Image
         from torchvision.transforms.functional import pil_to_tensor
         image = pil_to_tensor(self.transform(Image.fromarray(self.x[i])))  # [3, 32, 32] uint8
-        return image, erase_box(image), int(self.y[i])
+        return image, erase_box(image, self.eraser), int(self.y[i])
 
 
 def finish_batch(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:

@@ -95,14 +95,15 @@ def fmt(value: Optional[float], column: str) -> str:
     return f"{value:.2%}" if column == "final" else f"{value:.1f}"
 
 
-def table(rows: List[Dict[str, Optional[float]]], targets: Sequence[float]) -> str:
+def table(rows: List[Dict[str, Optional[float]]], targets: Sequence[float],
+          seeds: Optional[Sequence[int]] = None) -> str:
     teacher = ["teacher"] if any(row["teacher"] is not None for row in rows) else []  # only where one was trained
     columns = [f"{t:.0%}" for t in targets] + ["final", "wall", "startup", *teacher, "train", "eval", "first eval",
                                                "other"]
     head = ["run"] + [f"to {c} (s)" if c.endswith("%") else (c if c == "final" else f"{c} (s)") for c in columns]
     lines = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * len(columns)]
-    for i, row in enumerate(rows):
-        lines.append(f"| seed {i} | " + " | ".join(fmt(row[c], c) for c in columns) + " |")
+    for seed, row in zip(seeds or range(len(rows)), rows):
+        lines.append(f"| seed {seed} | " + " | ".join(fmt(row[c], c) for c in columns) + " |")
     if len(rows) > 1:
         means, stds = [], []
         for c in columns:
@@ -119,7 +120,10 @@ def table(rows: List[Dict[str, Optional[float]]], targets: Sequence[float]) -> s
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_dir", default=None, help="a local CIFAR-10 folder (cifar-10-batches-py or its parent)")
-    parser.add_argument("--seeds", type=int, default=3, help="runs, seeds 0..N-1, one after another (default 3)")
+    parser.add_argument("--seeds", type=int, default=3, help="runs, one after another (default 3)")
+    parser.add_argument("--first_seed", type=int, default=0,
+                        help="the first run's seed (default 0): the runs are seeds K..K+N-1, so a "
+                             "series can go on in another process")
     parser.add_argument("--targets", default=",".join(f"{t:g}" for t in TARGETS),
                         help="test accuracies to time, as fractions (default 0.8,0.85,0.9,0.93)")
     parser.add_argument("--budget", choices=("full", "tiny"), default="full",
@@ -133,8 +137,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         targets = [float(t) for t in args.targets.split(",")]
     except ValueError:
         parser.error(f"--targets must be fractions separated by commas (e.g. 0.8,0.9), got {args.targets!r}")
-    if args.seeds < 1:
-        parser.error(f"--seeds must be at least 1, got {args.seeds}")
+    if args.seeds < 1 or args.first_seed < 0:
+        parser.error(f"--seeds must be at least 1 and --first_seed at least 0, got {args.seeds} and {args.first_seed}")
     if args.budget == "tiny":
         app_args = TINY + app_args
     elif args.data_dir is None:
@@ -153,8 +157,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if taken:
         parser.error(f"--out '{out}' already holds runs ({', '.join(sorted(taken))}); choose another folder")
     cli = shlex.split(args.cli) if args.cli else default_cli()
-    rows = []
-    for seed in range(args.seeds):
+    rows, seeds = [], range(args.first_seed, args.first_seed + args.seeds)
+    for seed in seeds:
         try:
             record = run_once(cli, app_args, os.path.join(out, f"seed{seed}"), seed,
                               os.path.join(out, f"seed{seed}.log"))
@@ -167,7 +171,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"\ntime to test accuracy, seconds from process start; {record['app']}, {record['dataset']}, "
           f"{record['schedule']['epochs']} epochs of batch {record['schedule']['batch_size']}, device {device}; "
           f"runs in {out}\n")
-    print(table(rows, targets))
+    print(table(rows, targets, seeds))
     return 0
 
 

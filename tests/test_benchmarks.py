@@ -142,13 +142,15 @@ def test_time_to_accuracy_reads_each_target_from_the_runs_records(tmp_path, caps
     import json
     import time_to_accuracy
     out = tmp_path / "tta"
-    assert time_to_accuracy.main(["--budget", "tiny", "--seeds", "2", "--targets", "0.0,1.01", "--out", str(out),
-                                  "--epochs", "2"]) == 0
+    assert time_to_accuracy.main(["--budget", "tiny", "--seeds", "2", "--first_seed", "1", "--targets", "0.0,1.01",
+                                  "--out", str(out), "--epochs", "2"]) == 0
     text = capsys.readouterr().out
     rows = [line for line in text.splitlines() if line.startswith("| seed")]
     assert len(rows) == 2 and "| mean |" in text and "| std |" in text, text[-2000:]
-    for seed, row in enumerate(rows):
+    for seed, row in zip((1, 2), rows):  # --first_seed 1: the runs are seeds 1 and 2, each given to the app
+        assert re.search(rf"^seed {seed}: .* --seed {seed} ", text, re.M), text[:2000]
         cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[0] == f"seed {seed}"
         record = json.loads((out / f"seed{seed}" / "run_record.json").read_text())
         first_eval = record["eval"][0]
         startup, wall, teacher = float(cells[5]), float(cells[4]), float(cells[6])  # recipe vit's teacher, 1 epoch

@@ -268,7 +268,7 @@ def main(argv: List[str] = None) -> None:
     rows = []
     for name, measure, flops in measurements:
         rows.append((name, measure(), flops))
-        print(f"MEASURED {name}: {rows[-1][1]:,.0f} images/s", flush=True)  # as soon as known, in case a later row fails
+        print(f"MEASURED {name}: {rows[-1][1]:,.0f} images/s", flush=True)  # at once, in case a later row fails
     if peer is None:
         print("peer row skipped: timm is not installed (pip install -e \".[bench]\")")
     base = rows[0][1]

@@ -2,7 +2,7 @@
 
     pip install -e ".[bench]"                                      # timm (torchvision comes with the project)
     python ../shared/data/cifar10/to_batches.py /tmp/c10           # once: the JPEG copy as cifar-10-batches-py
-    python benchmarks/lee_reference.py --data_dir /tmp/c10 --cudagraphs --workers 14   # 100 epochs, eval after each
+    python benchmarks/lee_reference.py --data_dir /tmp/c10 --cudagraphs --workers 15   # 100 epochs, eval after each
 
 Follows S. H. Lee, S. Lee, B. C. Song, "Vision Transformer for Small-Size Datasets", arXiv 2112.13492 (2021; code:
 github.com/aanna0701/SPT_LSA_ViT), whose plain ViT (no SPT, no LSA) reaches 93.58% on the original CIFAR-10, written
@@ -32,14 +32,9 @@ Lee et al.'s figure was measured on the lossless originals. On this copy David P
 93.58%, is therefore the one the project's ViT recipe has to beat. Like resnet9_reference.py it is plain PyTorch on
 purpose and shares no code with the apps' pipelines or network beyond the CIFAR reader and mean / std.
 
-Measured (one H200, torch 2.11; docs/results-cifar10.md): an earlier version, whose sampler was DeiT's (each epoch
-three copies of a third of the images: 100 passes in all, a third of the authors' 300), ended at 84.59% and 83.87% on
-the 10,000 test images. The authors' schedule, as this version runs it, has not been run to the end: two runs sharing
-the GPU (`--compile --workers 6`) took 26 s per epoch and were stopped at epoch 17 of 100 (77.59% and 78.39%).
-
-Speed: 15M training images make this a long run. On the H200 host the compiled step alone trained 7,150 images/s
-(launch-bound at batch 128) and 25,400 as CUDA graphs (`--cudagraphs`); the loader of the torchvision pipeline in 14
-processes delivered 15,200 images/s. So `--cudagraphs --workers 14` is the set-up to use, about 15-20 minutes a run.
+Its 100 epochs are 15M training images, a long run: use `--cudagraphs` (a step of this small model at batch 128 is
+launch-bound, and CUDA graphs replay it several times faster) and as many `--workers` as the CPU has cores less one,
+as the per-image AutoAugment in the loader is then the limit. Results and times: docs/results-cifar10.md.
 
 On a GPU it runs in bf16 autocast (optionally `--compile`d, or as CUDA graphs); on a CPU in fp32. The per-image
 torchvision transforms run in `--workers` DataLoader processes, the last three of them for a whole batch

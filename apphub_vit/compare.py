@@ -256,7 +256,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """The command line; returns the exit status (0 done, 1 bad input or outputs in the way)."""
     parser = argparse.ArgumentParser(prog="python -m apphub_vit.compare", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="RUN_DIR: a run's save_dir, a record JSON file, or a folder of run folders.")
+                                     epilog="RUN_DIR: a run's save_dir, a record JSON file or a folder of run folders.")
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     parser.add_argument("--out", required=True, help="folder for comparison.md and comparison.png")
     parser.add_argument("--skip-bad", action="store_true", help="warn about and leave out unreadable records")

@@ -113,12 +113,13 @@ restore_numpy_aliases()
 
 def _to_number(data):
     """`fastestimator.util.util.to_number`, also for tensors on a GPU (and bf16 ones, which numpy lacks)."""
-    if tf.is_tensor(data):
+    # the names below are FastEstimator's util module's: patch_to_number runs this code object with its globals
+    if tf.is_tensor(data):  # noqa: F821
         data = data.numpy()
-    elif isinstance(data, torch.Tensor):
+    elif isinstance(data, torch.Tensor):  # noqa: F821
         data = data.detach()
-        data = (data.float() if data.dtype == torch.bfloat16 else data).cpu().numpy()
-    return np.array(data)
+        data = (data.float() if data.dtype == torch.bfloat16 else data).cpu().numpy()  # noqa: F821
+    return np.array(data)  # noqa: F821
 
 
 def patch_to_number() -> None:

@@ -106,8 +106,8 @@ def find_cifar_folder(data_dir: str, num_classes: int) -> Path:
     """The folder under (or at) `data_dir` that holds CIFAR-`num_classes` pickles, else a clear error."""
     root = Path(data_dir).expanduser()
     if not root.is_dir():
-        raise DataNotFoundError(f"data_dir '{data_dir}' does not exist or is not a folder. Point data_dir at the folder "
-                                f"holding {_layout_hint(num_classes)}.")
+        raise DataNotFoundError(f"data_dir '{data_dir}' does not exist or is not a folder. Point data_dir at the "
+                                f"folder holding {_layout_hint(num_classes)}.")
     layouts = _cifar_files(num_classes)
     candidates = [root] + [root / name for name in layouts]
     needed = next(iter(layouts.values()))

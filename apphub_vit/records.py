@@ -312,7 +312,8 @@ class RunRecorder(Trace):
                 "stopped_early": self._train_epochs < self.system.total_epochs,
             },
             "parameters": count_parameters(self._models),
-            "metrics": {"accuracy_key": self.accuracy_key if accuracy else None, "loss_key": loss_key if loss else None},
+            "metrics": {"accuracy_key": self.accuracy_key if accuracy else None,
+                        "loss_key": loss_key if loss else None},
             "eval": self._eval,
             "train_log": self._train_log,
             "best_accuracy": best_acc["metrics"][self.accuracy_key] if best_acc else None,
@@ -404,4 +405,3 @@ def read_record(path: str) -> Dict[str, Any]:
     if problems:
         raise RecordError(f"'{path}' is a damaged run record: {'; '.join(problems)}.")
     return record
-

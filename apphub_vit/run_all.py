@@ -163,7 +163,8 @@ def make_plans(budget: str, out: str, mnist_dir: Optional[str], force: bool, num
         *(real_plans(preset, vit, cifar10_dir, common) if cifar10_dir else []),
         Plan("mnist_vit", "apphub_vit.mnist", dict(mnist_kwargs, **mnist_data, **common("mnist_vit")),
              "MNIST" if mnist_dir else "synthetic digits", mnist_note),
-        Plan("mnist_autoencoder", "apphub_vit.autoencoder", dict(ae_kwargs, **mnist_data, **common("mnist_autoencoder")),
+        Plan("mnist_autoencoder", "apphub_vit.autoencoder",
+             dict(ae_kwargs, **mnist_data, **common("mnist_autoencoder")),
              "MNIST" if mnist_dir else "synthetic digits", mnist_note),
     ]
     for name, arch, module, dataset in (("resnet18", "resnet18", "apphub_vit.resnet", "synthetic CIFAR-10"),
@@ -171,7 +172,9 @@ def make_plans(budget: str, out: str, mnist_dir: Optional[str], force: bool, num
         # The reduced ViT-B/16 of the small budgets has other shapes than the ImageNet file: random weights there.
         weights = _imagenet_weights(arch) if name == "resnet18" or budget == "gpu" else None
         kwargs = dict(preset[name], dataset="synthetic", weights=weights, **common(name))
-        notes = [] if weights else [f"no ImageNet weights ({'not in the torch hub cache' if budget == 'gpu' or name == 'resnet18' else 'they do not fit the reduced model'}): trained from random weights"]
+        why = ("not in the torch hub cache" if budget == "gpu" or name == "resnet18"
+               else "they do not fit the reduced model")
+        notes = [] if weights else [f"no ImageNet weights ({why}): trained from random weights"]
         if budget != "gpu":
             notes.append(f"reduced for the {budget} budget: images at {kwargs['image_size']}x{kwargs['image_size']}"
                          + (" and a tiny VisionTransformer (see hparams), not ViT-B/16's size" if name == "vit_b16"
@@ -291,7 +294,8 @@ def run_all(out: str, budget: str = "cpu", mnist_dir: Optional[str] = None, forc
                        + (["--mnist_dir", mnist_dir] if mnist_dir else [])
                        + (["--cifar10_dir", cifar10_dir] if cifar10_dir else []))
     footer = (f"Produced by `{command}` in {wall / 60:.1f} min wall time (all runs with their data generation and "
-              f"evaluation; Python's start and imports, about 15 s on 2 cores, not included; per run: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + ")."
+              f"evaluation; Python's start and imports, about 15 s on 2 cores, not included; per run: "
+              + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + ")."
               + (f" Failed: {', '.join(failed)}." if failed else ""))
     table, _ = compare(done, out, force=force, footer=footer, warn=lambda msg: print(msg, file=sys.stderr))
     print("\n" + table)

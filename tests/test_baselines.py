@@ -104,9 +104,9 @@ def test_cli_trains_mnist_vit(tmp_path):
     launcher = [shutil.which("fastestimator")] if shutil.which("fastestimator") else [sys.executable, "-m",
                                                                                       "fastestimator.cli.main"]
     cmd = launcher + ["train", "apphub_vit/mnist.py", "--warmup", "False",
-           "--dataset", "synthetic", "--synthetic_size", "[48,16]", "--epochs", "1", "--batch_size", "8",
-           "--train_steps_per_epoch", "2", "--eval_steps_per_epoch", "1", "--num_process", "0", "--grid_size", "8",
-           "--save_dir", str(tmp_path)]  # yapf: disable
+                      "--dataset", "synthetic", "--synthetic_size", "[48,16]", "--epochs", "1", "--batch_size", "8",
+                      "--train_steps_per_epoch", "2", "--eval_steps_per_epoch", "1", "--num_process", "0",
+                      "--grid_size", "8", "--save_dir", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "FastEstimator-Finish" in proc.stdout

@@ -238,7 +238,6 @@ def test_trivialaugment_varies_per_image_and_keeps_the_pixel_range():
     assert len(distinct) > 20  # not one transformation for the whole batch
 
 
-
 @pytest.mark.parametrize("policy_id", range(25))
 def test_autoaugment_sub_policies_are_torchvisions(policy_id):
     """Each CIFAR-10 sub-policy, with each operation on or off and either sign, gives torchvision's AutoAugment result

@@ -1,4 +1,5 @@
-"""Smoke tests of the benchmark scripts on CPU with tiny configurations (their figures come from real runs elsewhere)."""
+"""Smoke tests of the benchmark scripts on CPU with tiny configurations (their figures come from real runs
+elsewhere)."""
 import re
 import sys
 
@@ -106,7 +107,7 @@ def test_resnet9_reference_augments_as_page_and_trains(tmp_path, capsys):
     for img, src, hole in zip(out, padded, zeros):
         rows, cols = hole.any(1).nonzero().flatten(), hole.any(0).nonzero().flatten()
         assert len(rows) == len(cols) == 8 and rows[-1] - rows[0] == 7 and cols[-1] - cols[0] == 7  # one square
-        windows = [(src[:, t:t + 32, l:l + 32], flip) for t in range(9) for l in range(9) for flip in (0, 1)]
+        windows = [(src[:, t:t + 32, c:c + 32], flip) for t in range(9) for c in range(9) for flip in (0, 1)]
         match = [flip for win, flip in windows
                  if torch.equal(torch.where(hole, 0.0, win.flip(2) if flip else win), img)]
         assert len(match) == 1

@@ -149,7 +149,8 @@ def test_different_metrics_and_missing_fields_give_blanks(runs_dir, tmp_path, ca
 
 def test_rows_from_python_api(runs_dir):
     rows = table_rows(load_runs([str(runs_dir / "vit"), str(runs_dir / "ae")]))
-    assert [row[:3] for row in rows] == [["vit", "vit_pretrain", "synthetic CIFAR-100"], ["ae", "tiny_autoencoder", "random"]]
+    assert [row[:3] for row in rows] == [["vit", "vit_pretrain", "synthetic CIFAR-100"],
+                                         ["ae", "tiny_autoencoder", "random"]]
 
 
 def test_never_overwrites_outputs_without_force(runs_dir, tmp_path, capsys):
@@ -187,8 +188,8 @@ def test_run_all_tiny_budget_end_to_end(tmp_path, capsys):
     finetune = json.loads((tmp_path / "vit_finetune" / RECORD_FILE).read_text())
     # The transfer question is fair: same budget and architecture, only the start differs.
     same = ("epochs", "batch_size", "train_steps_per_epoch", "num_layers", "em_dim", "patch_size")
-    assert all(scratch["hparams"].get(k) == finetune["hparams"].get(k) for k in same), (scratch["hparams"],
-                                                                                      finetune["hparams"])
+    assert all(scratch["hparams"].get(k) == finetune["hparams"].get(k) for k in same), \
+        (scratch["hparams"], finetune["hparams"])
     assert scratch["parameters"] == finetune["parameters"]
     assert finetune["hparams"]["encoder_weights"].endswith("vit_pretrain/vit_encoder.pt")
     assert (tmp_path / "comparison.png").is_file() and "Produced by" in (tmp_path / "comparison.md").read_text()

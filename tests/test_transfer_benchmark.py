@@ -17,8 +17,8 @@ def test_transfer_runs_both_starts_per_seed_and_prints_their_recorded_accuracies
     assert status in (0, 1)  # tiny runs learn nothing: either start may win
     encoder = tmp_path / "vit_pretrain" / "vit_encoder.pt"
     assert encoder.is_file()
-    rows = {m.group(1): m.group(2).split(", ") for m in re.finditer(r"^\| (pretrained|scratch) \| ([^|]+) \|", out,
-                                                                      re.M)}
+    row = re.compile(r"^\| (pretrained|scratch) \| ([^|]+) \|", re.M)
+    rows = {m.group(1): m.group(2).split(", ") for m in row.finditer(out)}
     assert set(rows) == {"pretrained", "scratch"}, out[-2000:]
     for start in ("pretrained", "scratch"):
         for seed in (0, 1):

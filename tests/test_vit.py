@@ -1,4 +1,5 @@
-"""networks/vit.py: shapes, gradients, configuration errors, and checkpoint compatibility with FastEstimator's apphub."""
+"""networks/vit.py: shapes, gradients, configuration errors, and checkpoint compatibility with FastEstimator's
+apphub."""
 import pytest
 import torch
 import torch.nn as nn
@@ -34,8 +35,8 @@ class ApphubViT(nn.Module):
 
 
 @pytest.mark.parametrize("norm_first,drop_path,lsa,spt", [(False, 0.0, False, False), (True, 0.0, False, False),
-                                                        (True, 0.2, False, False), (True, 0.0, True, False),
-                                                        (True, 0.0, False, True), (True, 0.0, True, True)])
+                                                          (True, 0.2, False, False), (True, 0.0, True, False),
+                                                          (True, 0.0, False, True), (True, 0.0, True, True)])
 def test_shapes_finite_and_every_parameter_gets_a_gradient(norm_first, drop_path, lsa, spt):
     torch.manual_seed(0)
     model = ViTModel(num_classes=10, norm_first=norm_first, drop_path=drop_path, lsa=lsa, spt=spt, **TINY)

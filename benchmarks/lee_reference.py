@@ -87,7 +87,8 @@ ERASE_P = 0.25  # random erasing's probability per image (torchvision's scale an
 def train_transform():
     """The per-image augmentation, on a PIL image: crop, flip, AutoAugment (CIFAR-10 policy), tensor, normalise,
     random erasing (after normalisation, so the erased pixels are 0, the mean). `CifarTrain` runs the same transforms
-    split in two (`finish_batch`)."""
+    split in two (`finish_batch`); this list is written out on its own, not from `pil_transform`, so that the test of
+    the split against it also checks `pil_transform`."""
     from torchvision import transforms as T
     return T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(),
                       T.AutoAugment(T.AutoAugmentPolicy.CIFAR10), T.ToTensor(), T.Normalize(CIFAR_MEAN, CIFAR_STD),
@@ -133,12 +134,17 @@ class CifarTrain(Dataset):
         return image, erase_box(image, self.eraser), int(self.y[i])
 
 
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, 3, H, W] -> float32 / 255 (ToTensor), normalised with the CIFAR mean / std, on the images' device."""
+    mean = torch.tensor(CIFAR_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR_STD, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255 - mean) / std
+
+
 def finish_batch(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     """The rest of `train_transform` for a batch, on its device: uint8 [B, 3, H, W] -> float / 255 (ToTensor),
     normalised with the CIFAR mean / std, each image's box [B, 4] (top, left, height, width) set to 0."""
-    mean = torch.tensor(CIFAR_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR_STD, device=images.device).view(1, 3, 1, 1)
-    x = (images.float() / 255 - mean) / std  # [B, 3, H, W]
+    x = normalize(images)  # [B, 3, H, W]
     rows = torch.arange(x.shape[2], device=x.device)
     cols = torch.arange(x.shape[3], device=x.device)
     top, left, h, w = (boxes[:, k, None] for k in range(4))  # each [B, 1]
@@ -214,10 +220,7 @@ def lr_at(step: int, steps_per_epoch: int, peak: float, warmup_epochs: float, ep
 
 def to_normalized(x: np.ndarray, device: torch.device) -> torch.Tensor:
     """[N, 32, 32, 3] uint8 -> [N, 3, 32, 32] float32, normalised with the CIFAR mean / std (the test images)."""
-    t = torch.as_tensor(x, device=device).permute(0, 3, 1, 2).float().div_(255)
-    mean = torch.tensor(CIFAR_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR_STD, device=device).view(1, 3, 1, 1)
-    return (t - mean) / std
+    return normalize(torch.as_tensor(x, device=device).permute(0, 3, 1, 2))
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, autocast: bool) -> float:

@@ -215,6 +215,15 @@ def test_a_cifar_pickle_that_would_run_a_command_is_refused_and_runs_nothing(tmp
     assert len(train) == 20
 
 
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """One good pretraining run for the bad-encoder cases below: each damages a copy of its encoder file, never it."""
+    root = tmp_path_factory.mktemp("pretrained")
+    out = _cli(_run(root / "pre"), root)
+    assert out.returncode == 0, _message(out)
+    return root / "pre"
+
+
 @pytest.mark.parametrize("kind, message", [
     ("empty", "is an empty file (0 bytes)"),
     ("random", "is not a file torch.save wrote"),
@@ -222,11 +231,9 @@ def test_a_cifar_pickle_that_would_run_a_command_is_refused_and_runs_nothing(tmp
     ("folder", "is a folder: pass '"),
     ("objects", "holds Python objects besides tensors"),
 ])
-def test_bad_encoder_files_say_what_they_are(tmp_path, kind, message):
-    good = tmp_path / "pre"
-    assert _cli(_run(good), tmp_path).returncode == 0
+def test_bad_encoder_files_say_what_they_are(tmp_path, pretrained, kind, message):
     path = tmp_path / f"{kind}.pt"
-    data = (good / ENCODER_FILE).read_bytes()
+    data = (pretrained / ENCODER_FILE).read_bytes()
     if kind == "empty":
         path.write_bytes(b"")
     elif kind == "random":
@@ -234,7 +241,7 @@ def test_bad_encoder_files_say_what_they_are(tmp_path, kind, message):
     elif kind == "truncated":
         path.write_bytes(data[:len(data) // 2])
     elif kind == "folder":
-        path = good
+        path = pretrained
     else:
         torch.save({"config": {}, "state_dict": {}, "extra": _Payload(tmp_path / "x")}, path)
     out = _cli([str(REPO / "apphub_vit" / "finetune.py"), "--encoder_weights", path, "--save_dir", tmp_path / "fine",
@@ -242,3 +249,4 @@ def test_bad_encoder_files_say_what_they_are(tmp_path, kind, message):
     assert out.returncode != 0 and message in _message(out), _message(out)
     assert "weights_only=False" not in out.stderr  # never advise a user to load a file that can run code
     assert not (tmp_path / "x").exists()
+    assert (pretrained / ENCODER_FILE).read_bytes() == data  # the user's good file is untouched

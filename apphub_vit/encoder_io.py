@@ -119,13 +119,14 @@ def load_encoder_state(source: Union[str, torch.nn.Module, Mapping[str, Any]]) -
 
 
 # the model fields an encoder fixes for finetuning; `pool` (what the head reads) is the encoder's only by default
-ARCHITECTURE = ("num_layers", "em_dim", "num_heads", "ff_dim", "patch_size", "norm_first", "lsa", "spt", "pool")
+ARCHITECTURE = ("num_layers", "em_dim", "num_heads", "ff_dim", "patch_size", "norm_first", "lsa", "spt", "stem",
+                "pool")
 
 
 def pretrained_architecture(loaded: Mapping[str, Any]) -> Dict[str, Any]:
     """The model fields of a loaded encoder ({} when its file has no config, e.g. a bare state_dict: then the weights'
     shapes are checked against the model at load). Fields an older file lacks take `ViTConfig`'s defaults, which is
-    what such files held: CLS-token encoders without LSA or SPT."""
+    what such files held: CLS-token encoders without LSA or SPT, on the patch stem."""
     if loaded["config"] is None:
         return {}
     known = {f.name for f in fields(ViTConfig)}

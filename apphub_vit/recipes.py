@@ -28,14 +28,14 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Dict, Mapping, Tuple
 
 from apphub_vit import options
-from networks.vit import ViTConfig
+from networks.vit import STEMS, ViTConfig
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 DECAY = ("all", "matrices")  # weight decay on every parameter, or not on `ViTModel.no_weight_decay()` (timm's split)
 SCHEDULES = ("constant", "warmup_cosine")  # after the linear warmup: hold the lr, or a cosine decay per step to min_lr
 # the ViTConfig fields a recipe or a user may set (image size and channels belong to the data set)
 MODEL_FIELDS = ("num_layers", "em_dim", "num_heads", "ff_dim", "patch_size", "norm_first", "pool", "drop",
-                "drop_path", "spt", "lsa")
+                "drop_path", "spt", "lsa", "stem")
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,7 @@ CHECKS: Dict[str, Callable[[str, Any], Any]] = {
     **{name: options.positive_int for name in ("num_layers", "em_dim", "num_heads", "ff_dim", "patch_size")},
     **{name: options.boolean for name in ("norm_first", "spt", "lsa")},
     "pool": lambda n, v: options.choice(n, v, ("cls", "mean")),
+    "stem": lambda n, v: options.choice(n, v, STEMS),
     "drop": _rate,
     "drop_path": _rate,
 }

@@ -16,6 +16,11 @@ invisible to checkpoints:
   the apphub's checkpoints keep loading; on, each block has one more parameter, `attn_scale`;
 * `spt=True` gives their Shifted Patch Tokenization: the image and four copies shifted diagonally by half a patch,
   stacked as channels, each patch layer-normalised, then the same Conv2d patch embedding (on 5x the channels);
+* `stem="conv"` replaces the one patchify Conv2d by the convolutional tokenizer of Compact Convolutional Transformers
+  (Hassani et al. 2021, "Escaping the Big Data Paradigm with Compact Transformers"; SHI-Labs/Compact-Transformers):
+  per halving of the resolution a 3x3 Conv2d, ReLU and a 3x3 max-pool of stride 2, so patch 4 gives two stages and
+  the same 8x8 tokens; the early convolutions of Xiao et al. 2021 ("Early Convolutions Help Transformers See
+  Better") in CCT's form, made for small data sets;
 * invalid configurations raise `ValueError` instead of an `assert`.
 
 Layout (timm `vision_transformer.py`): `ViTEmbeddings` -> `ViTEncoder.forward` (the pooled, layer-normalised
@@ -27,6 +32,8 @@ from typing import Any, Dict, Set
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+STEMS = ("patch", "conv")  # how the image becomes tokens (ViTEmbeddings)
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,7 @@ class ViTConfig:
     pool: str = "cls"  # what the head reads: the CLS token's output ("cls") or the mean of the patch tokens ("mean")
     lsa: bool = False  # Locality Self-Attention (Lee et al. 2021): learnt temperature per head, no attention to self
     spt: bool = False  # Shifted Patch Tokenization (Lee et al. 2021): diagonal half-patch shifts as extra channels
+    stem: str = "patch"  # the tokens: one Conv2d of kernel = stride = patch ("patch") or CCT's 3x3 Conv2d ("conv")
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "image_size", "patch_size", "num_channels", "em_dim", "num_heads", "ff_dim"):
@@ -66,6 +74,16 @@ class ViTConfig:
             raise ValueError(f"ViT spt must be True or False (Shifted Patch Tokenization on or off), got {self.spt!r}")
         if self.spt and self.patch_size < 2:
             raise ValueError(f"ViT spt shifts by half a patch, so it needs patch_size >= 2, got {self.patch_size}")
+        if self.stem not in STEMS:
+            raise ValueError(f"ViT stem must be 'patch' (one Conv2d per patch) or 'conv' (a stack of 3x3 Conv2d, "
+                             f"Hassani et al. 2021), got {self.stem!r}")
+        if self.stem == "conv":
+            if self.patch_size < 2 or self.patch_size & (self.patch_size - 1):
+                raise ValueError(f"ViT stem='conv' halves the resolution once per stage, so patch_size must be a power "
+                                 f"of 2 (2, 4, 8, ...), got {self.patch_size}: use stem='patch' for this patch size")
+            if self.spt:
+                raise ValueError("ViT spt=True shifts the patches of the patch stem; stem='conv' sees the neighbouring "
+                                 "pixels through its 3x3 convolutions instead: use spt=False with stem='conv'")
         for name in ("drop", "drop_path"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"ViT {name} must be in [0, 1), got {getattr(self, name)!r}")
@@ -81,20 +99,41 @@ class ViTConfig:
         return {k: v for k, v in asdict(self).items() if k not in ("drop", "drop_path", "pool")}
 
 
+CONV_STEM_WIDTH = 64  # channels of the conv stem's stages before the last (CCT's `in_planes`)
+
+
+def conv_stem(num_channels: int, em_dim: int, patch_size: int) -> nn.Sequential:
+    """CCT's convolutional tokenizer: log2(patch_size) stages of Conv2d 3x3 (stride 1, no bias), ReLU, MaxPool 3x3 of
+    stride 2, so an image of side S becomes (S / patch_size)^2 tokens of em_dim channels, as the patch stem gives."""
+    stages = patch_size.bit_length() - 1
+    widths = [num_channels] + [CONV_STEM_WIDTH] * (stages - 1) + [em_dim]
+    layers = []
+    for c_in, c_out in zip(widths, widths[1:]):
+        conv = nn.Conv2d(c_in, c_out, kernel_size=3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(conv.weight)  # CCT's initialisation of the tokenizer
+        layers += [conv, nn.ReLU(), nn.MaxPool2d(kernel_size=3, stride=2, padding=1)]  # [B, c_out, H / 2, W / 2]
+    return nn.Sequential(*layers)
+
+
 class ViTEmbeddings(nn.Module):
     """Patch embedding (Conv2d with kernel = stride = patch), a learnable CLS token and position embedding.
 
     With `spt`, Shifted Patch Tokenization (Lee et al. 2021) feeds the Conv2d: the image and four copies shifted by
     half a patch towards each corner (zero padded) as 5x the channels, each patch layer-normalised over its
     5 * C * patch * patch values. That is Lee et al.'s patch flatten -> LayerNorm -> Linear, with the Linear as the
-    Conv2d (no bias: the position embedding adds a learnt vector to every token anyway)."""
+    Conv2d (no bias: the position embedding adds a learnt vector to every token anyway).
+
+    With `stem="conv"`, `conv_stem` (CCT's tokenizer) makes the tokens instead of the patch Conv2d."""
     def __init__(self, image_size: int = 224, patch_size: int = 16, num_channels: int = 3, em_dim: int = 768,
-                 drop: float = 0.1, spt: bool = False) -> None:
+                 drop: float = 0.1, spt: bool = False, stem: str = "patch") -> None:
         super().__init__()
         in_channels = 5 * num_channels if spt else num_channels
         self.patch_size = patch_size
         self.patch_norm = nn.LayerNorm([in_channels, patch_size, patch_size]) if spt else None
-        self.patch_embedding = nn.Conv2d(in_channels, em_dim, kernel_size=patch_size, stride=patch_size, bias=False)
+        # exactly one of the two makes the tokens; the other is None, so the state_dict holds only the one in use
+        self.conv_stem = conv_stem(num_channels, em_dim, patch_size) if stem == "conv" else None
+        self.patch_embedding = None if stem == "conv" else nn.Conv2d(in_channels, em_dim, kernel_size=patch_size,
+                                                                     stride=patch_size, bias=False)
         self.position_embedding = nn.Parameter(torch.zeros(1, (image_size // patch_size)**2 + 1, em_dim))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, em_dim))
         self.dropout = nn.Dropout(drop)
@@ -118,7 +157,8 @@ class ViTEmbeddings(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.patch_norm is not None:
             x = self._shifted_patches(x)  # [B, 5C, H, W]
-        x = self.patch_embedding(x).flatten(2).transpose(1, 2)  # NCHW -> NLC: [B, num_patches, em_dim]
+        x = self.patch_embedding(x) if self.conv_stem is None else self.conv_stem(x)  # [B, em_dim, H/p, W/p]
+        x = x.flatten(2).transpose(1, 2)  # NCHW -> NLC: [B, num_patches, em_dim]
         x = torch.cat([self.cls_token.expand(x.size(0), -1, -1), x], dim=1)  # [B, num_patches + 1, em_dim]
         return self.dropout(x + self.position_embedding)
 
@@ -209,12 +249,12 @@ class ViTEncoder(nn.Module):
     def __init__(self, num_layers: int = 12, image_size: int = 224, patch_size: int = 16, num_channels: int = 3,
                  em_dim: int = 768, drop: float = 0.1, num_heads: int = 12, ff_dim: int = 3072,
                  norm_first: bool = False, drop_path: float = 0.0, pool: str = "cls", lsa: bool = False,
-                 spt: bool = False) -> None:
+                 spt: bool = False, stem: str = "patch") -> None:
         super().__init__()
         self.config = ViTConfig(num_layers=num_layers, image_size=image_size, patch_size=patch_size,
                                 num_channels=num_channels, em_dim=em_dim, num_heads=num_heads, ff_dim=ff_dim, drop=drop,
-                                norm_first=norm_first, drop_path=drop_path, pool=pool, lsa=lsa, spt=spt)
-        self.embedding = ViTEmbeddings(image_size, patch_size, num_channels, em_dim, drop, spt)
+                                norm_first=norm_first, drop_path=drop_path, pool=pool, lsa=lsa, spt=spt, stem=stem)
+        self.embedding = ViTEmbeddings(image_size, patch_size, num_channels, em_dim, drop, spt, stem)
         self.encoder = TransformerStack(self.config)
         self.layernorm = nn.LayerNorm(em_dim, eps=1e-6)
 
@@ -229,14 +269,14 @@ class ViTModel(nn.Module):
     def __init__(self, num_classes: int, num_layers: int = 12, image_size: int = 224, patch_size: int = 16,
                  num_channels: int = 3, em_dim: int = 768, drop: float = 0.1, num_heads: int = 12, ff_dim: int = 3072,
                  norm_first: bool = False, drop_path: float = 0.0, pool: str = "cls", lsa: bool = False,
-                 spt: bool = False) -> None:
+                 spt: bool = False, stem: str = "patch") -> None:
         super().__init__()
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
             raise ValueError(f"ViTModel num_classes must be a positive integer, got {num_classes!r}")
         self.vit_encoder = ViTEncoder(num_layers=num_layers, image_size=image_size, patch_size=patch_size,
                                       num_channels=num_channels, em_dim=em_dim, drop=drop, num_heads=num_heads,
                                       ff_dim=ff_dim, norm_first=norm_first, drop_path=drop_path, pool=pool, lsa=lsa,
-                                      spt=spt)
+                                      spt=spt, stem=stem)
         self.linear_classifier = nn.Linear(em_dim, num_classes)
 
     @classmethod

@@ -100,7 +100,8 @@ def test_finetune_from_scratch_is_explicit(tmp_path):
                                           ({"num_layers": 3}, "num_layers: pretrained 2 vs model 3"),
                                           ({"patch_size": 4}, "patch_size: pretrained 8 vs model 4"),
                                           ({"lsa": False}, "lsa: pretrained True vs model False"),
-                                          ({"spt": False}, "spt: pretrained True vs model False")])
+                                          ({"spt": False}, "spt: pretrained True vs model False"),
+                                          ({"spt": False, "stem": "conv"}, "stem: pretrained patch vs model conv")])
 def test_other_architecture_is_an_error_naming_the_mismatch(pretrained, tmp_path, change, named):
     _, save_dir = pretrained
     with pytest.raises(EncoderMismatchError, match=named):
@@ -292,6 +293,7 @@ def test_batch_size_scales_the_learning_rate_unless_lr_is_given(tmp_path):
                                         (dict(batch_size=0), "batch_size must be a positive whole number"),
                                         (dict(recipe="best"), "recipe must be one of 'apphub', 'vit'"),
                                         (dict(pool="max"), "pool must be one of 'cls', 'mean'"),
+                                        (dict(stem="cct"), "stem must be one of 'patch', 'conv'"),
                                         (dict(em_dim=33), "not divisible by num_heads")])
 def test_unknown_and_invalid_options_are_refused_naming_the_field(tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):

@@ -34,12 +34,13 @@ class ApphubViT(nn.Module):
         return self.linear_classifier(self.vit_encoder.layernorm(x[0]))
 
 
-@pytest.mark.parametrize("norm_first,drop_path,lsa,spt", [(False, 0.0, False, False), (True, 0.0, False, False),
-                                                          (True, 0.2, False, False), (True, 0.0, True, False),
-                                                          (True, 0.0, False, True), (True, 0.0, True, True)])
-def test_shapes_finite_and_every_parameter_gets_a_gradient(norm_first, drop_path, lsa, spt):
+@pytest.mark.parametrize("norm_first,drop_path,lsa,spt,stem", [
+    (False, 0.0, False, False, "patch"), (True, 0.0, False, False, "patch"), (True, 0.2, False, False, "patch"),
+    (True, 0.0, True, False, "patch"), (True, 0.0, False, True, "patch"), (True, 0.0, True, True, "patch"),
+    (True, 0.0, True, False, "conv"), (False, 0.0, False, False, "conv")])
+def test_shapes_finite_and_every_parameter_gets_a_gradient(norm_first, drop_path, lsa, spt, stem):
     torch.manual_seed(0)
-    model = ViTModel(num_classes=10, norm_first=norm_first, drop_path=drop_path, lsa=lsa, spt=spt, **TINY)
+    model = ViTModel(num_classes=10, norm_first=norm_first, drop_path=drop_path, lsa=lsa, spt=spt, stem=stem, **TINY)
     x = torch.randn(3, 3, 32, 32)
     assert model.forward_features(x).shape == (3, 32)
     logits = model(x)
@@ -85,6 +86,9 @@ def test_apphub_checkpoint_loads_and_computes_the_same_function():
     (dict(lsa="yes"), "lsa must be True or False"),
     (dict(spt=1), "spt must be True or False"),
     (dict(spt=True, patch_size=1), "spt shifts by half a patch, so it needs patch_size >= 2"),
+    (dict(stem="convolution"), "stem must be 'patch' .* or 'conv'"),
+    (dict(stem="conv", image_size=28, patch_size=7), "patch_size must be a power of 2 .* got 7"),
+    (dict(stem="conv", spt=True), "use spt=False with stem='conv'"),
 ])
 def test_invalid_configurations_raise_clear_value_errors(bad, message):
     with pytest.raises(ValueError, match=message):
@@ -226,3 +230,51 @@ def test_no_weight_decay_names_biases_norms_embeddings_and_lsa_scales_but_no_wei
     matrices = {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
     assert not any(n.rsplit(".", 1)[0] in matrices and n.endswith("weight") for n in skip)
     assert not any(n.endswith("in_proj_weight") for n in skip)
+
+
+class CCTTokenizer(nn.Module):
+    """Compact Convolutional Transformers' `Tokenizer` (SHI-Labs/Compact-Transformers, `src/utils/tokenizer.py`) with
+    the arguments its CCT models pass (kernel 3, stride 1, padding 1, max-pool 3 / 2 / 1, ReLU, no bias, 64 planes):
+    the reference `conv_stem` must compute."""
+    def __init__(self, n_conv_layers, n_input_channels, n_output_channels, in_planes=64):
+        super().__init__()
+        n_filter_list = [n_input_channels] + [in_planes for _ in range(n_conv_layers - 1)] + [n_output_channels]
+        self.conv_layers = nn.Sequential(*[
+            nn.Sequential(nn.Conv2d(n_filter_list[i], n_filter_list[i + 1], kernel_size=(3, 3), stride=(1, 1),
+                                    padding=(1, 1), bias=False), nn.ReLU(),
+                          nn.MaxPool2d(kernel_size=3, stride=2, padding=1)) for i in range(n_conv_layers)])
+        self.flattener = nn.Flatten(2, 3)
+
+    def forward(self, x):
+        return self.flattener(self.conv_layers(x)).transpose(-2, -1)
+
+
+@pytest.mark.parametrize("patch_size,stages", [(2, 1), (4, 2), (8, 3)])
+def test_conv_stem_computes_cct_tokenizer_with_one_stage_per_halving(patch_size, stages):
+    torch.manual_seed(0)
+    model = ViTModel(num_classes=10, stem="conv", **dict(TINY, patch_size=patch_size)).eval()
+    embedding = model.vit_encoder.embedding
+    reference = CCTTokenizer(stages, 3, TINY["em_dim"]).eval()
+    convs = [m for m in embedding.conv_stem if isinstance(m, nn.Conv2d)]
+    assert len(convs) == stages
+    with torch.no_grad():
+        for ours, theirs in zip(convs, [stage[0] for stage in reference.conv_layers]):
+            theirs.weight.copy_(ours.weight)  # the same weights (shapes must agree for the copy)
+        x = torch.randn(2, 3, 32, 32)
+        tokens = embedding(x)  # [B, 1 + (32 / p)^2, D]: CLS, tokens, plus position embeddings
+        expected = reference(x) + embedding.position_embedding[:, 1:]
+    assert tokens.shape == (2, 1 + (32 // patch_size)**2, TINY["em_dim"])
+    torch.testing.assert_close(tokens[:, 1:], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_stem_replaces_the_patch_conv_in_the_state_dict_and_the_encoder_signature():
+    plain = ViTModel(num_classes=10, **dict(TINY, patch_size=4))
+    conv = ViTModel(num_classes=10, stem="conv", **dict(TINY, patch_size=4))
+    assert set(plain.state_dict()) - set(conv.state_dict()) == {"vit_encoder.embedding.patch_embedding.weight"}
+    assert set(conv.state_dict()) - set(plain.state_dict()) == {"vit_encoder.embedding.conv_stem.0.weight",
+                                                                "vit_encoder.embedding.conv_stem.3.weight"}
+    assert conv.state_dict()["vit_encoder.embedding.conv_stem.0.weight"].shape == (64, 3, 3, 3)
+    assert conv.state_dict()["vit_encoder.embedding.conv_stem.3.weight"].shape == (32, 64, 3, 3)
+    assert plain.config.encoder_signature() != conv.config.encoder_signature()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the recipes' precision on a GPU
+        assert torch.isfinite(conv(torch.randn(2, 3, 32, 32)).float()).all()

@@ -55,6 +55,11 @@ def build_vit(model_name: str, num_classes: int, recipe: Recipe, hw: Hardware,
             no_decay.update(id(p) for n, p in model.named_parameters() if n in names)
         if init is not None:
             init(model)
+        if hw.gpu and model.config.stem == "conv":
+            # The conv stem's weights in cuDNN's channels_last layout, as the teacher's (apphub_vit/teacher.py): the
+            # compiled backward gives their gradients that layout, and the fused AdamW needs each gradient laid out as
+            # its parameter. Only the 4-d weights change layout; the values and state_dict keys stay.
+            model = model.to(memory_format=torch.channels_last)
         if hw.compile:
             model.compile()  # in place: state_dict keys stay those of the plain model
         return model

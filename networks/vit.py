@@ -83,7 +83,8 @@ class ViTConfig:
                                  f"of 2 (2, 4, 8, ...), got {self.patch_size}: use stem='patch' for this patch size")
             if self.spt:
                 raise ValueError("ViT spt=True shifts the patches of the patch stem; stem='conv' sees the neighbouring "
-                                 "pixels through its 3x3 convolutions instead: use spt=False with stem='conv'")
+                                 "pixels through its 3x3 convolutions instead: use spt=False with stem='conv', or "
+                                 "spt=True with stem='patch'")
         for name in ("drop", "drop_path"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"ViT {name} must be in [0, 1), got {getattr(self, name)!r}")

@@ -248,6 +248,30 @@ def test_mnist_app_trains_with_the_graph_on_a_gpu():
         assert all(torch.isfinite(torch.tensor(float(c))) for c in ce)
 
 
+@needs_cuda
+def test_the_conv_stem_trains_compiled_with_the_fused_optimizer():
+    """The default recipe's conv stem, compiled, one step of its fused AdamW. In the app's full-size runs the compiled
+    backward laid the stem's weight gradients out channels_last and the fused AdamW refused them ("must have same
+    dtype, device, and layout"), so `build_vit` gives those weights that layout on a GPU. This tiny model did not
+    reproduce the refusal without the fix (its step passed on an H200), so the test checks the layout itself and
+    that the compiled step trains the stem."""
+    from apphub_vit.training import build_vit
+    vit = VIT_RECIPES["vit"]
+    recipe = replace(vit, model=replace(vit.model, num_layers=1, em_dim=32, num_heads=2, ff_dim=64))
+    hw = resolve_hardware(recipe)  # the GPU defaults: bf16, compile
+    assert recipe.model.stem == "conv" and hw.compile
+    model = build_vit("vit", 10, recipe, hw)
+    model.to("cuda")  # in place: the optimizer keeps its parameters
+    stem = [p for p in model.vit_encoder.embedding.conv_stem.parameters()]
+    before = [p.detach().clone() for p in stem]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(torch.randn(16, 3, 32, 32, device="cuda")).float().logsumexp(-1).mean()
+    loss.backward()
+    model.optimizer.step()
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in stem)
+    assert all(torch.isfinite(p).all() and not torch.equal(b, p) for b, p in zip(before, stem))
+
+
 if __name__ == "__main__":
     for name, test in list(globals().items()):
         if name.startswith("test_") and callable(test):

@@ -5,7 +5,7 @@
     fastestimator train apphub_vit/pretrain.py --dataset synthetic --epochs 2     # generated data, no download
     fastestimator train apphub_vit/pretrain.py --dataset cifar10_split_a --data_dir /tmp/c10   # 5 CIFAR-10 classes
     fastestimator train apphub_vit/pretrain.py --recipe apphub                    # the FastEstimator apphub's recipe
-    fastestimator train apphub_vit/pretrain.py --lr 1e-3 --spt False              # any recipe field, by name
+    fastestimator train apphub_vit/pretrain.py --lr 1e-3 --stem patch             # any recipe field, by name
     torchrun --nproc_per_node 4 -m apphub_vit.distributed pretrain --data_dir ~/data   # one process per GPU (README)
 
 The run writes `<save_dir>/vit_encoder.pt` (the encoder at the end of training, for `finetune.py`), the best model
@@ -71,7 +71,7 @@ def get_estimator(epochs: Optional[int] = None,
             model, on them instead of the test set: for choosing hyperparameters (0: train on all of them).
         synthetic_size: [train, eval] image counts for dataset="synthetic" (default 50,000 / 10,000).
         **overrides: Any recipe field by name (`apphub_vit.recipes.Recipe` and its model's `MODEL_FIELDS`), e.g.
-            lr=1e-3, weight_decay=0.05, spt=False, num_layers=9.
+            lr=1e-3, weight_decay=0.05, stem="patch", num_layers=9.
     """
     run = run_options(epochs, batch_size, train_steps_per_epoch, eval_steps_per_epoch, log_steps, synthetic_size)
     resolved, applied = resolve_vit_recipe("pretrain", recipe, run, {**saved_architecture(weights_path), **overrides})

@@ -3,12 +3,12 @@
     python ../shared/data/cifar10/to_batches.py /tmp/cifar10             # once: the real images as python pickles
     python benchmarks/accuracy.py --data_dir /tmp/cifar10                  # recipe "vit", 100 epochs, the defaults
     python benchmarks/accuracy.py --data_dir /tmp/cifar10 --recipe apphub  # the seed, for reference
-    python benchmarks/accuracy.py --data_dir /tmp/cifar10 --weight_decay 0.1 --spt False   # any app option
+    python benchmarks/accuracy.py --data_dir /tmp/cifar10 --weight_decay 0.1 --lsa False   # any app option
 
 It runs `apphub_vit/finetune.py`'s estimator with `from_scratch=True`, evaluates on the 10,000 test images after every
 epoch, and writes `accuracy.png` (test accuracy per epoch) and `accuracy.csv` into --save_dir. Every option other than
 --data_dir, --save_dir and --restore_dir goes to the app as it is, parsed as FastEstimator's command line parses it
-(`--lr 1e-3`, `--spt False`), so the app checks it; --epochs defaults to the recipe's. The measurements made with it
+(`--lr 1e-3`, `--lsa False`), so the app checks it; --epochs defaults to the recipe's. The measurements made with it
 are in docs/results-cifar10.md.
 """
 import argparse

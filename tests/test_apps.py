@@ -100,8 +100,8 @@ def test_finetune_from_scratch_is_explicit(tmp_path):
                                           ({"num_layers": 3}, "num_layers: pretrained 2 vs model 3"),
                                           ({"patch_size": 4}, "patch_size: pretrained 8 vs model 4"),
                                           ({"lsa": False}, "lsa: pretrained True vs model False"),
-                                          ({"spt": False}, "spt: pretrained True vs model False"),
-                                          ({"spt": False, "stem": "conv"}, "stem: pretrained patch vs model conv")])
+                                          ({"stem": "patch"}, "stem: pretrained conv vs model patch"),
+                                          ({"stem": "patch", "spt": True}, "spt: pretrained False vs model True")])
 def test_other_architecture_is_an_error_naming_the_mismatch(pretrained, tmp_path, change, named):
     _, save_dir = pretrained
     with pytest.raises(EncoderMismatchError, match=named):
@@ -110,28 +110,30 @@ def test_other_architecture_is_an_error_naming_the_mismatch(pretrained, tmp_path
     assert not (tmp_path / RECORD_FILE).exists()
 
 
-def test_lsa_spt_encoder_transfers_as_such_and_old_encoder_files_load_without_them(pretrained, tmp_path):
-    sl_model, save_dir = pretrained  # recipe "vit": SPT and LSA
-    assert sl_model.config.lsa and sl_model.config.spt
+def test_conv_stem_lsa_encoder_transfers_as_such_and_old_encoder_files_load_without_them(pretrained, tmp_path):
+    cl_model, save_dir = pretrained  # recipe "vit": the conv stem and LSA
+    assert cl_model.config.lsa and cl_model.config.stem == "conv" and not cl_model.config.spt
     encoder = str(save_dir / ENCODER_FILE)
-    assert load_encoder_state(encoder)["config"]["lsa"] is True and load_encoder_state(encoder)["config"]["spt"] is True
+    config = load_encoder_state(encoder)["config"]
+    assert config["lsa"] is True and config["stem"] == "conv"
     est = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "fine"), encoder_weights=encoder,
-                                     **TINY_RUN)  # lsa and spt read from the file, as the sizes are
-    assert est.model.config.lsa and est.model.config.spt
+                                     **TINY_RUN)  # lsa and the stem read from the file, as the sizes are
+    assert est.model.config.lsa and est.model.config.stem == "conv"
     for i, layer in enumerate(est.model.vit_encoder.encoder.layers):
-        assert torch.equal(layer.attn_scale, sl_model.vit_encoder.encoder.layers[i].attn_scale.cpu())
-    assert torch.equal(est.model.vit_encoder.embedding.patch_norm.weight,
-                       sl_model.vit_encoder.embedding.patch_norm.weight.cpu())
-    # an encoder file written before the lsa / spt options (by a plain ViT): no "lsa" / "spt" in its config. It
-    # finetunes as the plain ViT it is, although the default recipe now turns both on.
-    plain = pretrain_app.pretrain(dataset="synthetic", save_dir=str(tmp_path / "plain"), lsa=False, spt=False,
+        assert torch.equal(layer.attn_scale, cl_model.vit_encoder.encoder.layers[i].attn_scale.cpu())
+    for ours, theirs in zip(est.model.vit_encoder.embedding.conv_stem.parameters(),
+                            cl_model.vit_encoder.embedding.conv_stem.parameters()):
+        assert torch.equal(ours, theirs.cpu())
+    # an encoder file written before the lsa / spt / stem options (by a plain ViT): none of them in its config. It
+    # finetunes as the plain patch-stem ViT it is, although the default recipe now has the conv stem and LSA.
+    plain = pretrain_app.pretrain(dataset="synthetic", save_dir=str(tmp_path / "plain"), lsa=False, stem="patch",
                                   **TINY_RUN, **TINY_VIT)
     saved = torch.load(tmp_path / "plain" / ENCODER_FILE, map_location="cpu", weights_only=False)
-    del saved["config"]["lsa"], saved["config"]["spt"]
+    del saved["config"]["lsa"], saved["config"]["spt"], saved["config"]["stem"]
     torch.save(saved, tmp_path / "old.pt")
     old = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "old"),
                                      encoder_weights=str(tmp_path / "old.pt"), **TINY_RUN)
-    assert not old.model.config.lsa and not old.model.config.spt
+    assert not old.model.config.lsa and not old.model.config.spt and old.model.config.stem == "patch"
     theirs = plain.vit_encoder.state_dict()
     assert all(torch.equal(v.cpu(), theirs[k].cpu()) for k, v in old.model.vit_encoder.state_dict().items())
 
@@ -212,7 +214,8 @@ def test_the_defaults_are_the_best_measured_recipe(tmp_path):
     est = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path), from_scratch=True, teacher_epochs=1,
                                      **dict(TINY_RUN, batch_size=None))
     cfg, opt = est.model.config, est.model.optimizer
-    assert (cfg.norm_first, cfg.pool, cfg.drop, cfg.drop_path, cfg.spt, cfg.lsa) == (True, "mean", 0.0, 0.0, True, True)
+    assert (cfg.norm_first, cfg.pool, cfg.drop, cfg.drop_path, cfg.stem, cfg.spt, cfg.lsa) == (
+        True, "mean", 0.0, 0.0, "conv", False, True)
     assert (cfg.num_layers, cfg.em_dim, cfg.num_heads, cfg.ff_dim, cfg.patch_size) == (6, 256, 8, 512, 4)  # apphub's
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["lr"] == 2e-3
     assert [g["weight_decay"] for g in opt.param_groups] == [0.2, 0.0]  # the weight matrices only
@@ -303,9 +306,9 @@ def test_unknown_and_invalid_options_are_refused_naming_the_field(tmp_path, bad,
 
 
 def test_boolean_options_take_the_command_lines_spellings(tmp_path):
-    est = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path), from_scratch="true", spt="False",
+    est = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path), from_scratch="true", lsa="False",
                                      **TINY_RUN, **TINY_VIT)
-    assert est.model.config.spt is False and est.config["overrides"]["spt"] is False
+    assert est.model.config.lsa is False and est.config["overrides"]["lsa"] is False
 
 
 def test_stochastic_depth_is_off_by_default_and_drop_path_turns_it_back_on(tmp_path):
@@ -407,12 +410,12 @@ def test_the_apphub_recipe_is_the_seed_and_loads_an_apphub_checkpoint(tmp_path):
 def test_overrides_from_the_command_line_and_a_hyperparameters_file_are_applied_and_recorded(tmp_path):
     app = str(REPO / "apphub_vit" / "pretrain.py")
     _run_cli([app, "--dataset", "synthetic", "--save_dir", str(tmp_path / "cli"), "--weight_decay", "0.07",
-              "--spt", "false", "--augment", "trivialaugment"] + CLI_TINY, cwd=tmp_path)
+              "--lsa", "false", "--augment", "trivialaugment"] + CLI_TINY, cwd=tmp_path)
     record = read_record(str(tmp_path / "cli" / RECORD_FILE))["hparams"]
-    assert {k: record["overrides"][k] for k in ("weight_decay", "spt", "augment")} == dict(
-        weight_decay=0.07, spt=False, augment="trivialaugment")
-    assert record["recipe"]["weight_decay"] == 0.07 and record["recipe"]["model"]["spt"] is False
-    assert record["recipe"]["model"]["lsa"] is True and record["recipe"]["name"] == "vit"  # the rest: the recipe's
+    assert {k: record["overrides"][k] for k in ("weight_decay", "lsa", "augment")} == dict(
+        weight_decay=0.07, lsa=False, augment="trivialaugment")
+    assert record["recipe"]["weight_decay"] == 0.07 and record["recipe"]["model"]["lsa"] is False
+    assert record["recipe"]["model"]["stem"] == "conv" and record["recipe"]["name"] == "vit"  # the rest: the recipe's
     config = tmp_path / "my.json"
     config.write_text(json.dumps({"recipe": "vit", "lr": 0.003, "label_smoothing": 0.2, "lsa": False,
                                   "save_dir": str(tmp_path / "json"), "dataset": "synthetic"}))
@@ -532,7 +535,8 @@ def test_the_default_recipe_pretrains_on_a_cifar100_python_folder(tmp_path):
     record = read_record(tmp_path / "run" / RECORD_FILE)
     assert record["hparams"]["recipe"]["name"] == "vit" and record["hparams"]["dataset"] == "cifair100"
     assert record["hparams"]["recipe"]["distill"] == 0.5 and record["hparams"]["teacher"]["epochs"] == 1
-    assert record["hparams"]["recipe"]["model"]["spt"] and record["hparams"]["recipe"]["augment"] == "autoaugment"
+    assert record["hparams"]["recipe"]["model"]["stem"] == "conv"
+    assert record["hparams"]["recipe"]["augment"] == "autoaugment"
     assert record["schedule"]["global_steps"] == 2 and 0.0 <= record["final_accuracy"] <= 1.0
     assert model.linear_classifier.out_features == 100
     assert (tmp_path / "run" / ENCODER_FILE).is_file()

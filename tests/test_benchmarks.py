@@ -30,13 +30,13 @@ def test_throughput_prints_every_row_with_its_ratio(capsys, monkeypatch):
     else:
         assert "peer row skipped: timm is not installed" in out
     # TFLOP/s for the rows that train a model, from a FLOP count of that row's model
-    flops = re.search(r"FLOPs per training image \(forward \+ backward\): ours ([0-9.]+) G, without SPT \+ LSA "
+    flops = re.search(r"FLOPs per training image \(forward \+ backward\): ours ([0-9.]+) G, the plain ViT "
                       r"([0-9.]+) G", out)
-    assert flops and float(flops.group(1)) > float(flops.group(2)) > 0, out[-2000:]  # SPT's wider patch embedding
+    assert flops and float(flops.group(1)) > float(flops.group(2)) > 0, out[-2000:]  # the conv stem's 3x3 convolutions
     assert [row.split("|")[4].strip() == "-" for row in rows[:8]] == [False] * 5 + [True, True, False]
-    assert "our path without SPT + LSA" in out
+    assert "our path as the plain ViT" in out
     # that row, and only it, turns them off (the default recipe has them); likewise the per-image policy
-    assert [k["batch_size"] for k in built if k.get("spt") is False and k.get("lsa") is False] == [24]
+    assert [k["batch_size"] for k in built if k.get("stem") == "patch" and k.get("lsa") is False] == [24]
     assert [k["batch_size"] for k in built if k.get("augment") == "apphub"] == [24]
     rates = [float(row.split("|")[2].replace(",", "")) for row in rows]
     ratios = [float(row.split("|")[3].strip().rstrip("x")) for row in rows]

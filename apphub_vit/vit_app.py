@@ -26,6 +26,7 @@ from apphub_vit.recipes import CIFAR_AUGMENTS, MODEL_FIELDS, VIT_RECIPES, Recipe
 from apphub_vit.records import RECORD_FILE
 from apphub_vit.teacher import TEACHER_FILE, train_teacher
 from apphub_vit.training import build_vit, classifier_network, lr_schedule
+from networks.vit import ViTConfig
 from pipelines.batched import batched_cifar_ops
 from pipelines.cifar import CIFAR_MEAN, CIFAR_STD, cifar_pipeline
 from pipelines.loader import BatchLoader
@@ -52,7 +53,9 @@ def resolve_vit_recipe(app: str, name: str, run: Mapping[str, Any], overrides: M
 
 
 def saved_architecture(weights_path: Optional[str]) -> Dict[str, Any]:
-    """The model fields a saved model was trained with, from the run_record.json beside it ({} if there is none)."""
+    """The model fields a saved model was trained with, from the run_record.json beside it ({} if there is none).
+    Fields an older record lacks take `ViTConfig`'s defaults, which is what such models had (`stem`: the patch Conv2d),
+    not the recipe's of today (a record of an SPT model without a `stem` field is a patch-stem model)."""
     if weights_path is None:
         return {}
     record = os.path.join(os.path.dirname(os.path.abspath(weights_path)), RECORD_FILE)
@@ -61,7 +64,10 @@ def saved_architecture(weights_path: Optional[str]) -> Dict[str, Any]:
             model = json.load(f)["hparams"]["recipe"]["model"]
     except (OSError, ValueError, KeyError, TypeError):
         return {}
-    return {k: v for k, v in model.items() if k in MODEL_FIELDS}
+    if not isinstance(model, dict):
+        return {}
+    defaults = asdict(ViTConfig())
+    return {k: model.get(k, defaults[k]) for k in MODEL_FIELDS}
 
 
 def build_vit_estimator(*, app: str, num_classes: int, dataset: str, data_dir: Optional[str], recipe: Recipe,

@@ -407,6 +407,24 @@ def test_the_apphub_recipe_is_the_seed_and_loads_an_apphub_checkpoint(tmp_path):
                                    weights_path=str(tmp_path / "apphub.pt"), **TINY_RUN)  # recipe "vit" has LSA
 
 
+def test_a_saved_model_from_before_the_stem_field_is_rebuilt_as_it_was_trained(tmp_path):
+    """A best-model file of the SPT default of earlier versions, whose run_record.json has no `stem`: `fastestimator
+    test` (weights_path) builds the patch-stem SPT model it is, not today's conv-stem recipe, and loads it whole."""
+    old = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "old"), from_scratch=True,
+                                     stem="patch", spt=True, **TINY_RUN, **TINY_VIT)
+    old.fit(warmup=False)
+    record_path = tmp_path / "old" / RECORD_FILE
+    record = json.loads(record_path.read_text())
+    del record["hparams"]["recipe"]["model"]["stem"]  # as the records of earlier versions were written
+    record_path.write_text(json.dumps(record))
+    weights = next((tmp_path / "old").glob("vit_finetune_best_*.pt"))
+    tested = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "test"), weights_path=str(weights),
+                                        **TINY_RUN)
+    assert tested.model.config.stem == "patch" and tested.model.config.spt
+    saved = torch.load(weights, map_location="cpu", weights_only=True)
+    assert all(torch.equal(v.cpu(), saved[k].cpu()) for k, v in tested.model.state_dict().items())
+
+
 def test_overrides_from_the_command_line_and_a_hyperparameters_file_are_applied_and_recorded(tmp_path):
     app = str(REPO / "apphub_vit" / "pretrain.py")
     _run_cli([app, "--dataset", "synthetic", "--save_dir", str(tmp_path / "cli"), "--weight_decay", "0.07",

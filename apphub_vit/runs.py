@@ -312,6 +312,10 @@ def _cpu(value: Any) -> Any:
         flat = torch.cat([tensors[i].reshape(-1) for i in members]).cpu()  # a new tensor, also on the CPU
         for i, part in zip(members, flat.split([tensors[i].numel() for i in members])):
             copies[i] = part.view(tensors[i].shape)
+            if not tensors[i].is_contiguous():
+                # laid out as the original (a channels_last conv weight and its AdamW moments): a resume must give
+                # the fused AdamW each moment in its parameter's layout, and `.to(device)` keeps the file's
+                copies[i] = torch.empty_like(tensors[i], device="cpu").copy_(copies[i])
     fresh = iter(copies)
 
     def rebuild(v: Any) -> Any:

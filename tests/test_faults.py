@@ -172,6 +172,28 @@ def test_the_checkpoints_copy_holds_every_tensor_apart_in_one_transfer_per_dtype
     assert all(torch.equal(back["models"][k], v) for k, v in copy["models"].items())
 
 
+def test_the_checkpoints_copy_keeps_each_tensors_layout_through_a_resume(tmp_path):
+    """The conv stem's weights are channels_last on a GPU (apphub_vit/training.py), and so are their AdamW moments; the
+    fused AdamW refuses a moment laid out unlike its parameter, so a resumed run must get them back in that layout."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    model(torch.ones(1, 3, 8, 8))
+    model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.ones(2, 3, 8, 8).to(memory_format=torch.channels_last)).sum().backward()
+    optimizer.step()
+    torch.save(_cpu({"model": model.state_dict(), "optimizer": optimizer.state_dict()}), tmp_path / "c.pt")
+    saved = torch.load(tmp_path / "c.pt", weights_only=True)
+    weight = model[0].weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    assert saved["model"]["0.weight"].stride() == weight.stride() and torch.equal(saved["model"]["0.weight"], weight)
+    fresh = torch.optim.AdamW(model.parameters(), lr=0.1)
+    fresh.load_state_dict(saved["optimizer"])
+    for p in model.parameters():
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert fresh.state[p][name].stride() == p.stride(), name
+            assert torch.equal(fresh.state[p][name], optimizer.state[p][name]), name
+
+
 def test_resume_without_a_checkpoint_or_with_other_options_is_refused(tmp_path):
     out = _cli(_run(tmp_path / "new", "--resume", "True"), tmp_path)
     assert out.returncode != 0 and "no checkpoint to resume from" in _message(out)

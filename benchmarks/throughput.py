@@ -254,7 +254,7 @@ def main(argv: List[str] = None) -> None:
          lambda: end_to_end(dict(ours, augment="apphub"), ours_batch, steps, skip, epochs=2 if gpu else 1),
          ours_flops),
         # CCT's conv stem + Locality Self-Attention (Hassani et al. 2021, Lee et al. 2021), on in the default recipe
-        # for about 5 points of accuracy on CIFAR-10 (docs/results-cifar10.md); this row weighs what they cost in speed.
+        # for their accuracy on CIFAR-10 (docs/results-cifar10.md); this row weighs what they cost in speed.
         (f"our path as the plain ViT (--stem patch --lsa False), end to end (batch {ours_batch})",
          lambda: end_to_end(plain, ours_batch, steps, skip, epochs=2 if gpu else 1), plain_flops),
         ("apphub pipeline alone (six per-sample ops, batch 128)", lambda: pipeline_alone(apphub, 128, steps), None),

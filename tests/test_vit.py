@@ -234,8 +234,8 @@ def test_no_weight_decay_names_biases_norms_embeddings_and_lsa_scales_but_no_wei
 
 class CCTTokenizer(nn.Module):
     """Compact Convolutional Transformers' `Tokenizer` (SHI-Labs/Compact-Transformers, `src/utils/tokenizer.py`) with
-    the arguments its CCT models pass (kernel 3, stride 1, padding 1, max-pool 3 / 2 / 1, ReLU, no bias, 64 planes):
-    the reference `conv_stem` must compute."""
+    the arguments its CCT models pass (kernel 3, stride 1, padding 1, max-pool 3 / 2 / 1, ReLU, no bias; `in_planes`
+    64 there, em_dim / 4 in `conv_stem`): the reference `conv_stem` must compute."""
     def __init__(self, n_conv_layers, n_input_channels, n_output_channels, in_planes=64):
         super().__init__()
         n_filter_list = [n_input_channels] + [in_planes for _ in range(n_conv_layers - 1)] + [n_output_channels]
@@ -254,7 +254,7 @@ def test_conv_stem_computes_cct_tokenizer_with_one_stage_per_halving(patch_size,
     torch.manual_seed(0)
     model = ViTModel(num_classes=10, stem="conv", **dict(TINY, patch_size=patch_size)).eval()
     embedding = model.vit_encoder.embedding
-    reference = CCTTokenizer(stages, 3, TINY["em_dim"]).eval()
+    reference = CCTTokenizer(stages, 3, TINY["em_dim"], in_planes=TINY["em_dim"] // 4).eval()
     convs = [m for m in embedding.conv_stem if isinstance(m, nn.Conv2d)]
     assert len(convs) == stages
     with torch.no_grad():
@@ -273,8 +273,13 @@ def test_conv_stem_replaces_the_patch_conv_in_the_state_dict_and_the_encoder_sig
     assert set(plain.state_dict()) - set(conv.state_dict()) == {"vit_encoder.embedding.patch_embedding.weight"}
     assert set(conv.state_dict()) - set(plain.state_dict()) == {"vit_encoder.embedding.conv_stem.0.weight",
                                                                 "vit_encoder.embedding.conv_stem.3.weight"}
-    assert conv.state_dict()["vit_encoder.embedding.conv_stem.0.weight"].shape == (64, 3, 3, 3)
-    assert conv.state_dict()["vit_encoder.embedding.conv_stem.3.weight"].shape == (32, 64, 3, 3)
+    assert conv.state_dict()["vit_encoder.embedding.conv_stem.0.weight"].shape == (8, 3, 3, 3)  # em_dim / 4
+    assert conv.state_dict()["vit_encoder.embedding.conv_stem.3.weight"].shape == (32, 8, 3, 3)
+    # at the recipe's width, 256: CCT's own 64 planes, 3.33M parameters with the recipe's 6 x 256 blocks
+    full = ViTModel(num_classes=10, stem="conv", num_layers=6, image_size=32, patch_size=4, em_dim=256, num_heads=8,
+                    ff_dim=512, norm_first=True, pool="mean", lsa=True, drop=0.0)
+    assert full.vit_encoder.embedding.conv_stem[0].weight.shape == (64, 3, 3, 3)
+    assert sum(p.numel() for p in full.parameters()) == 3_331_834
     assert plain.config.encoder_signature() != conv.config.encoder_signature()
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the recipes' precision on a GPU
         assert torch.isfinite(conv(torch.randn(2, 3, 32, 32)).float()).all()

@@ -262,7 +262,7 @@ def test_the_conv_stem_trains_compiled_with_the_fused_optimizer():
     assert recipe.model.stem == "conv" and hw.compile
     model = build_vit("vit", 10, recipe, hw)
     model.to("cuda")  # in place: the optimizer keeps its parameters
-    stem = [p for p in model.vit_encoder.embedding.conv_stem.parameters()]
+    stem = list(model.vit_encoder.embedding.conv_stem.parameters())
     before = [p.detach().clone() for p in stem]
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss = model(torch.randn(16, 3, 32, 32, device="cuda")).float().logsumexp(-1).mean()

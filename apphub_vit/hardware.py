@@ -65,3 +65,9 @@ def resolve_hardware(recipe: Recipe, device_augment: Optional[bool] = None, prec
     return Hardware(gpu=gpu, device_augment=device_augment, precision=precision, compile=compile,
                     num_process=num_process, cuda_graph=gpu and not blockers if cuda_graph is None else cuda_graph,
                     eval_batch_size=GPU_EVAL_BATCH if gpu and device_augment else recipe.batch_size)
+
+
+def channels_last(model: torch.nn.Module, gpu: bool) -> torch.nn.Module:
+    """`model` with its 4-d weights in cuDNN's channels_last layout on a GPU (the fast one for its convolutions; the
+    values and state_dict keys stay), as it is on a CPU."""
+    return model.to(memory_format=torch.channels_last) if gpu else model

@@ -29,7 +29,7 @@ from fastestimator.trace.metric import Accuracy
 
 from apphub_vit.device_network import DeviceNetwork
 from apphub_vit.distributed import single_device
-from apphub_vit.hardware import Hardware
+from apphub_vit.hardware import Hardware, channels_last
 from apphub_vit.runs import atomic_path
 from networks.resnet9 import ResNet9
 from pipelines.batched import batched_cifar_ops, smooth_one_hot
@@ -56,7 +56,7 @@ def train_teacher(train: Dict[str, np.ndarray], eval_data: Dict[str, np.ndarray]
     `ModelOp`), "accuracy", "seconds", "epochs", "reused"}. reuse: load the teacher already at `path` (a resumed run's)
     instead of training one."""
     start = time.perf_counter()
-    model = single_device(fe.build(model_fn=lambda: _channels_last(ResNet9(num_classes), hw.gpu),
+    model = single_device(fe.build(model_fn=lambda: channels_last(ResNet9(num_classes), hw.gpu),
                                    optimizer_fn=lambda p: torch.optim.SGD(p, lr=TEACHER_LR, momentum=0.9,
                                                                           nesterov=True,
                                                                           weight_decay=TEACHER_WEIGHT_DECAY),
@@ -96,10 +96,6 @@ def train_teacher(train: Dict[str, np.ndarray], eval_data: Dict[str, np.ndarray]
     seconds = time.perf_counter() - start
     print(f"apphub_vit: teacher accuracy {accuracy:.4f} on the eval images ({seconds:.1f} s)", flush=True)
     return {"model": teacher, "accuracy": accuracy, "seconds": seconds, "epochs": epochs, "reused": reused}
-
-
-def _channels_last(model: torch.nn.Module, gpu: bool) -> torch.nn.Module:
-    return model.to(memory_format=torch.channels_last) if gpu else model  # cuDNN's fast layout for the convolutions
 
 
 class DistillTargets(TensorOp):

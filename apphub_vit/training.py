@@ -13,7 +13,7 @@ from fastestimator.schedule import cosine_decay
 from apphub_vit.device_network import DeviceNetwork
 from apphub_vit.distributed import DistributedUpdateOp, broadcast_from_main, single_device
 from apphub_vit.ema import EMAUpdate, WeightAverage
-from apphub_vit.hardware import Hardware
+from apphub_vit.hardware import Hardware, channels_last
 from apphub_vit.recipes import Recipe
 from apphub_vit.teacher import DistillTargets
 from networks.vit import ViTModel
@@ -55,11 +55,10 @@ def build_vit(model_name: str, num_classes: int, recipe: Recipe, hw: Hardware,
             no_decay.update(id(p) for n, p in model.named_parameters() if n in names)
         if init is not None:
             init(model)
-        if hw.gpu and model.config.stem == "conv":
-            # The conv stem's weights in cuDNN's channels_last layout, as the teacher's (apphub_vit/teacher.py): the
-            # compiled backward gives their gradients that layout, and the fused AdamW needs each gradient laid out as
-            # its parameter. Only the 4-d weights change layout; the values and state_dict keys stay.
-            model = model.to(memory_format=torch.channels_last)
+        if model.config.stem == "conv":
+            # channels_last, as the teacher's (apphub_vit/teacher.py): the compiled backward lays the conv stem's
+            # weight gradients out so on a GPU, and the fused AdamW needs each gradient laid out as its parameter
+            model = channels_last(model, hw.gpu)
         if hw.compile:
             model.compile()  # in place: state_dict keys stay those of the plain model
         return model

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Dict, Mapping, Tuple
 
 from apphub_vit import options
-from networks.vit import POOLS, STEMS, ViTConfig
+from networks.vit import STEMS, ViTConfig
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 DECAY = ("all", "matrices")  # weight decay on every parameter, or not on `ViTModel.no_weight_decay()` (timm's split)
@@ -91,7 +91,7 @@ CHECKS: Dict[str, Callable[[str, Any], Any]] = {
     "ema": lambda n, v: options.number(n, v, 0.0, 1.0, high_open=True),
     **{name: options.positive_int for name in ("num_layers", "em_dim", "num_heads", "ff_dim", "patch_size")},
     **{name: options.boolean for name in ("norm_first", "spt", "lsa")},
-    "pool": lambda n, v: options.choice(n, v, POOLS),
+    "pool": lambda n, v: options.choice(n, v, ("cls", "mean")),
     "stem": lambda n, v: options.choice(n, v, STEMS),
     "drop": _rate,
     "drop_path": _rate,

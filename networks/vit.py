@@ -34,7 +34,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 STEMS = ("patch", "conv")  # how the image becomes tokens (ViTEmbeddings)
-POOLS = ("cls", "mean", "seq")  # what the head reads (ViTEncoder.forward)
 
 
 @dataclass(frozen=True)
@@ -50,7 +49,7 @@ class ViTConfig:
     drop: float = 0.1
     norm_first: bool = False
     drop_path: float = 0.0
-    pool: str = "cls"  # what the head reads: the CLS token ("cls"), the patch tokens' mean ("mean") or CCT's "seq"
+    pool: str = "cls"  # what the head reads: the CLS token's output ("cls") or the mean of the patch tokens ("mean")
     lsa: bool = False  # Locality Self-Attention (Lee et al. 2021): learnt temperature per head, no attention to self
     spt: bool = False  # Shifted Patch Tokenization (Lee et al. 2021): diagonal half-patch shifts as extra channels
     stem: str = "patch"  # the tokens: one Conv2d of kernel = stride = patch ("patch") or CCT's 3x3 Conv2d ("conv")
@@ -66,9 +65,9 @@ class ViTConfig:
         if self.em_dim % self.num_heads:
             raise ValueError(f"ViT em_dim={self.em_dim} is not divisible by num_heads={self.num_heads}: "
                              f"each attention head gets em_dim / num_heads channels")
-        if self.pool not in POOLS:
-            raise ValueError(f"ViT pool must be 'cls' (the CLS token), 'mean' (average of the patch tokens) or 'seq' "
-                             f"(an attention-weighted average of them, Hassani et al. 2021), got {self.pool!r}")
+        if self.pool not in ("cls", "mean"):
+            raise ValueError(f"ViT pool must be 'cls' (the CLS token) or 'mean' (average of the patch tokens), "
+                             f"got {self.pool!r}")
         if not isinstance(self.lsa, bool):
             raise ValueError(f"ViT lsa must be True or False (Locality Self-Attention on or off), got {self.lsa!r}")
         if not isinstance(self.spt, bool):
@@ -260,16 +259,10 @@ class ViTEncoder(nn.Module):
         self.embedding = ViTEmbeddings(image_size, patch_size, num_channels, em_dim, drop, spt, stem)
         self.encoder = TransformerStack(self.config)
         self.layernorm = nn.LayerNorm(em_dim, eps=1e-6)
-        # CCT's sequence pooling: one learnt score per token, softmax over the tokens, their weighted sum
-        self.attention_pool = nn.Linear(em_dim, 1) if pool == "seq" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> [B, em_dim]
         x = self.encoder(self.embedding(x))  # [B, num_patches + 1, em_dim]
-        # the CLS token, or the patch tokens' average or weighted sum (the CLS token stays in the sequence either way)
-        if self.attention_pool is not None:  # as CCT: normalise every token, then pool
-            tokens = self.layernorm(x[:, 1:])  # [B, num_patches, em_dim]
-            weights = self.attention_pool(tokens).softmax(dim=1)  # [B, num_patches, 1], summing to 1 over the tokens
-            return (weights * tokens).sum(1)  # [B, em_dim]
+        # the CLS token, or the average of the patch tokens (the CLS token stays in the sequence either way)
         return self.layernorm(x[:, 0] if self.config.pool == "cls" else x[:, 1:].mean(1))  # [B, em_dim]
 
 

@@ -120,25 +120,8 @@ def test_mean_pooling_reads_the_patch_tokens_and_keeps_the_state_dict():
     torch.testing.assert_close(mean_model.forward_features(x), mean_model.vit_encoder.layernorm(tokens[:, 1:].mean(1)))
     torch.testing.assert_close(cls_model.forward_features(x), cls_model.vit_encoder.layernorm(tokens[:, 0]))
     assert cls_model.config.encoder_signature() == mean_model.config.encoder_signature()  # a finetuning choice
-    with pytest.raises(ValueError, match="pool must be 'cls'.*'mean'.*or 'seq'"):
+    with pytest.raises(ValueError, match="pool must be 'cls'.*or 'mean'"):
         ViTModel(num_classes=10, pool="max", **TINY)
-
-
-def test_sequence_pooling_is_ccts_attention_pool_over_the_normalised_patch_tokens():
-    """CCT's `TransformerClassifier` with seq_pool (SHI-Labs/Compact-Transformers): the final norm on every token, then
-    `matmul(softmax(attention_pool(x), dim=1).transpose(-1, -2), x).squeeze(-2)`; here over the patch tokens."""
-    torch.manual_seed(0)
-    model = ViTModel(num_classes=10, norm_first=True, pool="seq", **TINY).eval()
-    encoder = model.vit_encoder
-    assert dict(encoder.attention_pool.named_parameters())["weight"].shape == (1, TINY["em_dim"])
-    x = torch.randn(3, 3, 32, 32)
-    tokens = encoder.layernorm(encoder.encoder(encoder.embedding(x))[:, 1:])  # [B, patches, D]
-    expected = torch.matmul(torch.softmax(encoder.attention_pool(tokens), dim=1).transpose(-1, -2), tokens).squeeze(-2)
-    torch.testing.assert_close(model.forward_features(x), expected)
-    assert not torch.allclose(expected, tokens.mean(1))  # the learnt weights are not the plain mean
-    model.train()
-    model(x).sum().backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
 def lsa_reference(block: nn.Module, x: torch.Tensor) -> torch.Tensor:

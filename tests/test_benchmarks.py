@@ -4,6 +4,7 @@ import re
 import sys
 
 import pytest
+import torch
 
 from tests.conftest import REPO
 
@@ -44,6 +45,26 @@ def test_throughput_prints_every_row_with_its_ratio(capsys, monkeypatch):
     assert ratios[0] == 1.0 and all(abs(r - rate / rates[0]) < 0.01 + 0.01 * r for r, rate in zip(ratios, rates))
     assert re.search(r"without our FastEstimator sampler fix", out)
     assert "our path, end to end (batch 24," in out and "apphub recipe, end to end (batch 128," in out  # --batch_size
+
+
+def test_throughput_only_peer_measures_our_path_and_the_peer_against_it(capsys):
+    throughput.main(["--size", "tiny", "--steps", "2", "--skip", "1", "--batch_size", "16", "--only", "peer"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "images/s" not in line and "---" not in line]
+    has_timm = throughput.timm_vit(throughput.SIZES["tiny"]) is not None
+    assert [row.split("|")[1].strip().split(" (")[0] for row in rows] == \
+        ["our path, end to end"] + ["peer: hand-written timm ViT loop, same size"] * has_timm, out[-2000:]
+    assert "vs our path end to end" in out and "apphub" not in out.split("device:")[1]
+    assert float(rows[0].split("|")[3].strip().rstrip("x")) == 1.0
+    if has_timm:
+        assert "/ the faster peer:" in out
+
+
+def test_the_peer_loop_refuses_cuda_graphs_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    with pytest.raises(ValueError, match="needs a GPU"):
+        throughput.timm_loop(torch.nn.Linear(1, 1), batch_size=2, steps=1, skip=0, graphs=True)
 
 
 def test_throughput_refuses_a_batch_size_below_one(capsys):

@@ -284,9 +284,12 @@ def main(argv: List[str] = None) -> None:
          lambda: model_step_alone(ours, ours_batch, steps, skip), ours_flops),
         *peer_rows,
     ]
-    rows, peers = [], []  # peers: the rows of the peer loop that ran
+    # what the ratio line calls each peer row, and the images/s of those that ran
+    peer_labels = dict(zip([name for name, _, _ in peer_rows],
+                           ["the hand-written timm loop", "its CUDA-graph variant"]))
+    rows, peer_rates = [], {}
     for name, measure, flops in measurements:
-        is_peer = any(name == p[0] for p in peer_rows)
+        is_peer = name in peer_labels
         try:
             rate = measure()
         except Exception as err:  # a peer variant that fails on this machine is reported, not fatal
@@ -295,7 +298,8 @@ def main(argv: List[str] = None) -> None:
             print(f"peer row failed: {name}: {type(err).__name__}: {str(err).splitlines()[0][:300]}", flush=True)
             continue
         rows.append((name, rate, flops))
-        peers += [rows[-1]] if is_peer else []
+        if is_peer:
+            peer_rates[name] = rate
         print(f"MEASURED {name}: {rate:,.0f} images/s", flush=True)  # at once, in case a later row fails
     if peer is None:
         print("peer row skipped: timm is not installed (pip install -e \".[bench]\")")
@@ -311,11 +315,10 @@ def main(argv: List[str] = None) -> None:
     for name, rate, flops in rows:
         tflops = f"{rate * flops / 1e12:7.2f}" if flops else "      -"
         print(f"| {name.ljust(width)} | {rate:{rw},.0f} | {rate / base:{len(versus) - 1}.2f}x | {tflops} |")
-    if peers:
-        best = max(rate for _, rate, _ in peers)
-        print(f"\nour path end to end / the hand-written timm loop: {ours_rate / peers[0][1]:.2f}x" +
-              (f"; / its CUDA-graph variant: {ours_rate / peers[1][1]:.2f}x" if len(peers) > 1 else "") +
-              f"; / the faster peer: {ours_rate / best:.2f}x")
+    if peer_rates:
+        ratios = [f"/ {peer_labels[name]}: {ours_rate / rate:.2f}x" for name, rate in peer_rates.items()]
+        print(f"\nour path end to end {'; '.join(ratios)}; / the faster peer: "
+              f"{ours_rate / max(peer_rates.values()):.2f}x")
 
 
 if __name__ == "__main__":

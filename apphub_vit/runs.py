@@ -152,10 +152,23 @@ class DivergenceGuard(Trace):
 
 class SafeBestModelSaver(BestModelSaver):
     """FastEstimator's BestModelSaver, writing each file whole (`atomic_path`) and never weights that are not finite;
-    its best-so-far survives a resume (`state` / `load_state`)."""
+    its best-so-far survives a resume (`state` / `load_state`). The file is written in a thread from a copy that
+    reaches the host while the GPU goes on (`HostCopy`), started when the next training epoch begins or the run ends:
+    the eval epoch does not wait for the copy or the disk."""
     def __init__(self, model: torch.nn.Module, save_dir: str, metric: str, save_best_mode: str) -> None:
         super().__init__(model=model, save_dir=save_dir, metric=metric, save_best_mode=save_best_mode)
         self.rerun_epoch: Optional[int] = None  # the eval FastEstimator repeats after a resume: already counted
+        self.writes = BackgroundWrite()
+
+    def flush(self) -> None:
+        """Start writing the best model of the last eval, if that has not begun: `Checkpoint` calls it when the next
+        training epoch begins (this trace runs in eval only), and before it writes a checkpoint that names it."""
+        self.writes.start()
+
+    def on_end(self, data: Data) -> None:
+        self.flush()
+        self.writes.join()
+        super().on_end(data)
 
     def on_epoch_end(self, data: Data) -> None:
         if self.system.epoch_idx == self.rerun_epoch:
@@ -170,10 +183,11 @@ class SafeBestModelSaver(BestModelSaver):
         if self.monitor_op(value, self.best):
             self.best, self.since_best = float(value), 0
             path = os.path.join(self.save_dir, f"{self.model_name}.pt")  # FastEstimator's name
-            with atomic_path(path) as tmp:  # from the CPU (the model may live on the GPU between epochs)
-                torch.save(_cpu(unwrap(self.model).state_dict()), tmp)
+            # from the CPU (the model may live on the GPU between epochs); written once the copy has arrived, at the
+            # next training epoch's start or the run's end (`flush`), in a thread
+            self.writes.submit(HostCopy(unwrap(self.model).state_dict()), lambda state: _save(state, path))
             self.model_path = path
-            print(f"FastEstimator-BestModelSaver: Saved model to {path}")
+            print(f"FastEstimator-BestModelSaver: Saving model to {path}")
         else:
             self.since_best += 1
         data.write_with_log(self.outputs[0], self.since_best)
@@ -205,8 +219,10 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
 
 
 class Checkpoint(Trace):
-    """Writes `<save_dir>/checkpoint.pt` after every eval epoch (in a background thread, from a copy on the CPU) and,
-    with `resume`, restores it when training begins; releases the run's lock at the end.
+    """Writes `<save_dir>/checkpoint.pt` after every eval epoch and, with `resume`, restores it when training begins;
+    releases the run's lock at the end. The copy of the state leaves the GPU without the host waiting
+    (`HostCopy`), and a thread writes the file from it once the next training epoch begins (or the run ends), after
+    the best-model files it names.
 
     stateful: traces with `state()` / `load_state(state)` (the best-model savers, the run recorder), restored in order.
     config: what the run was built with (JSON-able); a resume with another configuration is refused, naming the
@@ -220,7 +236,7 @@ class Checkpoint(Trace):
         self._ranks_rng: Optional[list] = None
         self.config = json.loads(json.dumps(config, default=repr))  # as the file stores it
         self.resumed_from: Optional[int] = None
-        self._writer: Optional[threading.Thread] = None
+        self.writes = BackgroundWrite()
         if resume:
             self._saved = load_checkpoint(self.path)
             differ = sorted(k for k in set(self.config) | set(self._saved["config"])
@@ -260,25 +276,27 @@ class Checkpoint(Trace):
             return
         state = {"format": CHECKPOINT_FORMAT, "epoch": self.system.epoch_idx, "step": self.system.global_step,
                  "config": self.config, "rng": _rng_state(), "ranks_rng": self._ranks_rng,
-                 "models": {m.model_name: _cpu(m.state_dict()) for m in self.models},
-                 "optimizers": {m.model_name: _cpu(m.optimizer.state_dict()) for m in self.models
+                 "models": {m.model_name: m.state_dict() for m in self.models},
+                 "optimizers": {m.model_name: m.optimizer.state_dict() for m in self.models
                                 if m.optimizer is not None},
-                 "traces": _cpu([trace.state() for trace in self.stateful])}
-        self._join()
-        self._writer = threading.Thread(target=self._write, args=(state, ), daemon=False)
-        self._writer.start()
+                 "traces": [trace.state() for trace in self.stateful]}
+        self.writes.submit(HostCopy(state), lambda copy: _save(copy, self.path))
 
-    def _write(self, state: Dict[str, Any]) -> None:
-        with atomic_path(self.path) as tmp:
-            torch.save(state, tmp)
+    def on_epoch_begin(self, data: Data) -> None:
+        if self.system.mode == "train":
+            self._flush()
 
-    def _join(self) -> None:
-        if self._writer is not None:
-            self._writer.join()
-            self._writer = None
+    def _flush(self) -> None:
+        """Start writing the last eval's files: the best models first (the checkpoint names them), then, in its thread
+        once theirs are written, the checkpoint."""
+        savers = [trace for trace in self.stateful if isinstance(trace, SafeBestModelSaver)]
+        for saver in savers:
+            saver.flush()
+        self.writes.start(before=lambda: [saver.writes.join() for saver in savers])
 
     def on_end(self, data: Data) -> None:
-        self._join()
+        self._flush()
+        self.writes.join()
         if self.lock is not None:
             self.lock.release()
 
@@ -286,50 +304,122 @@ class Checkpoint(Trace):
 def _cpu(value: Any) -> Any:
     """`value` with its tensors copied to the CPU (detached, as new tensors) and numpy scalars as Python numbers
     (FastEstimator's `set_lr` leaves a numpy float in the optimizer), which `torch.load(weights_only=True)` reads back.
+    `HostCopy(value).result()`: the host waits for the copy."""
+    return HostCopy(value).result()
+
+
+def _containers(value: Any) -> Any:
+    """`value` with every dict, list and tuple in it copied (their items are the same objects)."""
+    if isinstance(value, dict):
+        return {k: _containers(x) for k, x in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_containers(x) for x in value)
+    return value
+
+
+class HostCopy:
+    """A copy of `value` on the CPU (as `_cpu` returns it), in two halves, so that the host need not wait for the GPU:
+    making one queues the copies, `result()` waits for them and returns the copy.
 
     The tensors of one device and dtype travel together: one `torch.cat` where they live and one copy to the host,
     then views of it. One at a time, the checkpoint of a GPU run (the ViT's parameters, AdamW's two moments and step
     per parameter) is some 450 synchronous copies to pageable memory, about 0.2 s after every epoch on an H200
-    (docs/performance.md)."""
-    tensors: List[torch.Tensor] = []
+    (docs/performance.md). From a GPU the copy goes into pinned memory without blocking, so the GPU's queue goes on
+    (the training steps queued after it see the weights change only after the copy has read them: one stream)."""
+    def __init__(self, value: Any) -> None:
+        self._value = _containers(value)  # as they are now: the caller may go on changing its own lists and dicts
+        self._tensors: List[torch.Tensor] = []
+        self._event: Optional[torch.cuda.Event] = None
 
-    def collect(v: Any) -> None:
-        if isinstance(v, torch.Tensor):
-            tensors.append(v.detach())
-        elif isinstance(v, dict):
-            for x in v.values():
-                collect(x)
-        elif isinstance(v, (list, tuple)):
-            for x in v:
-                collect(x)
+        def collect(v: Any) -> None:
+            if isinstance(v, torch.Tensor):
+                self._tensors.append(v.detach())
+            elif isinstance(v, dict):
+                for x in v.values():
+                    collect(x)
+            elif isinstance(v, (list, tuple)):
+                for x in v:
+                    collect(x)
 
-    collect(value)
-    groups: Dict[Tuple[torch.device, torch.dtype], List[int]] = {}
-    for i, tensor in enumerate(tensors):
-        groups.setdefault((tensor.device, tensor.dtype), []).append(i)
-    copies: List[torch.Tensor] = list(tensors)  # each replaced by its copy below
-    for members in groups.values():
-        flat = torch.cat([tensors[i].reshape(-1) for i in members]).cpu()  # a new tensor, also on the CPU
-        for i, part in zip(members, flat.split([tensors[i].numel() for i in members])):
-            copies[i] = part.view(tensors[i].shape)
-            if not tensors[i].is_contiguous():
-                # laid out as the original (a channels_last conv weight and its AdamW moments): a resume must give
-                # the fused AdamW each moment in its parameter's layout, and `.to(device)` keeps the file's
-                copies[i] = torch.empty_like(tensors[i], device="cpu").copy_(copies[i])
-    fresh = iter(copies)
+        collect(value)
+        groups: Dict[Tuple[torch.device, torch.dtype], List[int]] = {}
+        for i, tensor in enumerate(self._tensors):
+            groups.setdefault((tensor.device, tensor.dtype), []).append(i)
+        self._flat: List[Tuple[List[int], torch.Tensor]] = []
+        for (device, dtype), members in groups.items():
+            flat = torch.cat([self._tensors[i].reshape(-1) for i in members])  # a new tensor where they live
+            if device.type == "cuda":
+                host = torch.empty(flat.shape, dtype=dtype, pin_memory=True)
+                host.copy_(flat, non_blocking=True)
+                self._event = self._event or torch.cuda.Event()
+                flat = host
+            elif device.type != "cpu":
+                flat = flat.cpu()
+            self._flat.append((members, flat))
+        if self._event is not None:
+            self._event.record()  # the copies are on the current stream, queued after each other: the last marks all
 
-    def rebuild(v: Any) -> Any:
-        if isinstance(v, torch.Tensor):
-            return next(fresh)
-        if isinstance(v, np.generic):
-            return v.item()
-        if isinstance(v, dict):
-            return {k: rebuild(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return type(v)(rebuild(x) for x in v)
-        return v
+    def result(self) -> Any:
+        """The copy, once every transfer has arrived (a wait for the GPU only until then)."""
+        if self._event is not None:
+            self._event.synchronize()
+        copies: List[torch.Tensor] = list(self._tensors)  # each replaced by its copy below
+        for members, flat in self._flat:
+            for i, part in zip(members, flat.split([self._tensors[i].numel() for i in members])):
+                copies[i] = part.view(self._tensors[i].shape)
+                if not self._tensors[i].is_contiguous():
+                    # laid out as the original (a channels_last conv weight and its AdamW moments): a resume must give
+                    # the fused AdamW each moment in its parameter's layout, and `.to(device)` keeps the file's
+                    copies[i] = torch.empty_like(self._tensors[i], device="cpu").copy_(copies[i])
+        fresh = iter(copies)
 
-    return rebuild(value)
+        def rebuild(v: Any) -> Any:
+            if isinstance(v, torch.Tensor):
+                return next(fresh)
+            if isinstance(v, np.generic):
+                return v.item()
+            if isinstance(v, dict):
+                return {k: rebuild(x) for k, x in v.items()}
+            if isinstance(v, (list, tuple)):
+                return type(v)(rebuild(x) for x in v)
+            return v
+
+        return rebuild(self._value)
+
+
+class BackgroundWrite:
+    """One file written from a `HostCopy` by a thread, after the host has made sure (`start`, on the main thread) that
+    the copy arrived. The wait is kept off the writer thread: a CUDA call from another thread while `DeviceNetwork`
+    captures a CUDA graph would break the capture. A file waits in `pending` until `start()`; `join()` waits for
+    the thread."""
+    def __init__(self) -> None:
+        self.pending: Optional[Tuple[HostCopy, Callable[[Any], None]]] = None
+        self._thread: Optional[threading.Thread] = None
+
+    def submit(self, copy: HostCopy, write: Callable[[Any], None]) -> None:
+        self.start()  # one file at a time, in order: the previous one first
+        self.pending = (copy, write)
+
+    def start(self, before: Callable[[], None] = lambda: None) -> None:
+        """Start writing the pending file, if there is one; `before`, run first in the thread (another's join)."""
+        if self.pending is None:
+            return
+        copy, write = self.pending
+        self.pending = None
+        state = copy.result()
+        self.join()
+        self._thread = threading.Thread(target=lambda: (before(), write(state)), daemon=False)
+        self._thread.start()
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+
+def _save(state: Any, path: str) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint(path: str) -> Dict[str, Any]:

@@ -1,5 +1,5 @@
 """Model bookkeeping shared by the apps: parameter counts, and whether a state_dict fits a model."""
-from typing import Any, Dict, Iterable, List, Mapping, Union
+from typing import Any, Dict, Iterable, List, Mapping, Tuple, Union
 
 import torch
 
@@ -40,4 +40,12 @@ def state_dict_mismatches(own: Mapping[str, torch.Tensor], loaded: Mapping[str, 
 def non_finite(state: Mapping[str, torch.Tensor]) -> List[str]:
     """The names of the floating-point tensors of a state_dict that hold a NaN or an infinity (weights a diverged
     training left), in order; empty when every one is finite."""
-    return [k for k, v in state.items() if torch.is_floating_point(v) and not torch.isfinite(v).all()]
+    floats = [(k, v) for k, v in state.items() if torch.is_floating_point(v)]
+    finite: Dict[str, bool] = {}
+    by_device: Dict[torch.device, List[Tuple[str, torch.Tensor]]] = {}
+    for k, v in floats:
+        by_device.setdefault(v.device, []).append((k, v))
+    for group in by_device.values():  # one check per device, so one wait for a GPU instead of one per tensor
+        flags = torch.stack([torch.isfinite(v).all() for _, v in group]).tolist()
+        finite.update((k, flag) for (k, _), flag in zip(group, flags))
+    return [k for k, _ in floats if not finite[k]]

@@ -24,7 +24,9 @@ import torch
 from apphub_vit.data import load_cifar
 from apphub_vit.encoder_io import ENCODER_FILE
 from apphub_vit.records import RECORD_FILE, read_record
-from apphub_vit.runs import CHECKPOINT_FILE, LOCK_FILE, _cpu
+from apphub_vit import runs
+from apphub_vit.runs import (CHECKPOINT_FILE, LOCK_FILE, Checkpoint, HostCopy, SafeBestModelSaver,
+                             _cpu)
 from tests.conftest import REPO, cli_env, fastestimator_cmd
 
 PRETRAIN = str(REPO / "apphub_vit" / "pretrain.py")
@@ -170,6 +172,74 @@ def test_the_checkpoints_copy_holds_every_tensor_apart_in_one_transfer_per_dtype
     torch.save(copy, tmp_path / "c.pt")
     back = torch.load(tmp_path / "c.pt", weights_only=True)
     assert all(torch.equal(back["models"][k], v) for k, v in copy["models"].items())
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU (where the copy runs while the host goes on)"))])
+def test_a_host_copy_holds_the_values_of_when_it_was_made_not_of_when_it_is_read(device):
+    weights = torch.nn.Linear(256, 256).to(device)
+    then = {k: v.detach().cpu().clone() for k, v in weights.state_dict().items()}
+    box = {"w": [1, 2]}
+    copy = HostCopy({"model": weights.state_dict(), "box": box})
+    with torch.no_grad():  # what training does next, queued after the copy on the same stream
+        for _ in range(5):
+            weights.weight.mul_(2.0).add_(1.0)
+    box["w"].append(3)  # a caller's list, changed after the copy was made
+    got = copy.result()
+    assert all(torch.equal(got["model"][k], v) and got["model"][k].device.type == "cpu" for k, v in then.items())
+    assert got["box"] == {"w": [1, 2]} and not torch.equal(got["model"]["weight"], weights.weight.detach().cpu())
+
+
+class _System:
+    mode, epoch_idx, global_step = "eval", 1, 10
+
+
+def test_the_best_model_and_the_checkpoint_are_written_after_the_eval_in_order_from_its_weights(tmp_path,
+                                                                                                monkeypatch):
+    """An eval epoch only queues the files; the next training epoch's start writes them (the best model first, whole,
+    then the checkpoint that names it), each with the weights of the eval, whatever training did since."""
+    from fastestimator.util.data import Data
+    model = torch.nn.Linear(3, 2)
+    model.model_name, model.optimizer = "net", None
+    saver = SafeBestModelSaver(model, str(tmp_path), metric="accuracy", save_best_mode="max")
+    checkpoint = Checkpoint(str(tmp_path), [model], [saver], config={}, lock=None)
+    for trace in (saver, checkpoint):
+        trace.system = _System()
+    order = []
+    save = runs._save
+
+    def slow_save(state, path):
+        if path.endswith("net_best_accuracy.pt"):
+            time.sleep(0.3)  # a slow disk: the checkpoint must still come after it
+        save(state, path)
+        order.append(os.path.basename(path))
+
+    monkeypatch.setattr(runs, "_save", slow_save)
+    at_eval = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    data = Data({"accuracy": 0.5})
+    saver.on_epoch_end(data)
+    checkpoint.on_epoch_end(data)
+    assert not (tmp_path / "net_best_accuracy.pt").exists() and not (tmp_path / CHECKPOINT_FILE).exists()
+    with torch.no_grad():
+        model.weight.add_(1.0)  # the next epoch trains on before the files are written
+    _System.mode = "train"
+    try:
+        checkpoint.on_epoch_begin(Data())  # starts both writes
+    finally:
+        _System.mode = "eval"
+    checkpoint.writes.join()
+    assert order == ["net_best_accuracy.pt", CHECKPOINT_FILE]
+    best = torch.load(tmp_path / "net_best_accuracy.pt", weights_only=True)
+    saved = runs.load_checkpoint(str(tmp_path / CHECKPOINT_FILE))
+    for k, v in at_eval.items():
+        assert torch.equal(best[k], v) and torch.equal(saved["models"]["net"][k], v), k
+    assert saved["traces"][0]["best"] == 0.5 and saved["traces"][0]["model_path"].endswith("net_best_accuracy.pt")
+    data = Data({"accuracy": 0.7})  # a better eval as the run's last: its files are written when the run ends
+    saver.on_epoch_end(data)
+    checkpoint.on_epoch_end(data)
+    checkpoint.on_end(Data())
+    assert torch.equal(torch.load(tmp_path / "net_best_accuracy.pt", weights_only=True)["weight"], model.weight)
+    assert runs.load_checkpoint(str(tmp_path / CHECKPOINT_FILE))["traces"][0]["best"] == 0.7
 
 
 def test_the_checkpoints_copy_keeps_each_tensors_layout_through_a_resume(tmp_path):

@@ -341,7 +341,7 @@ class HostCopy:
                 for x in v:
                     collect(x)
 
-        collect(value)
+        collect(self._value)  # in the order `result` rebuilds it
         groups: Dict[Tuple[torch.device, torch.dtype], List[int]] = {}
         for i, tensor in enumerate(self._tensors):
             groups.setdefault((tensor.device, tensor.dtype), []).append(i)

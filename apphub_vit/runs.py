@@ -274,13 +274,15 @@ class Checkpoint(Trace):
             return
         if not self.write or self.system.mode != "eval" or self.system.epoch_idx == self.resumed_from:
             return
-        state = {"format": CHECKPOINT_FORMAT, "epoch": self.system.epoch_idx, "step": self.system.global_step,
-                 "config": self.config, "rng": _rng_state(), "ranks_rng": self._ranks_rng,
-                 "models": {m.model_name: m.state_dict() for m in self.models},
-                 "optimizers": {m.model_name: m.optimizer.state_dict() for m in self.models
-                                if m.optimizer is not None},
-                 "traces": [trace.state() for trace in self.stateful]}
-        self.writes.submit(HostCopy(state), lambda copy: _save(copy, self.path))
+        # the generators' states are new CPU tensors already, and stay whole: as views into one shared buffer (what
+        # HostCopy gives) they were restored from the wrong bytes, which crashed a resumed torchrun rank
+        fixed = {"format": CHECKPOINT_FORMAT, "epoch": self.system.epoch_idx, "step": self.system.global_step,
+                 "config": self.config, "rng": _rng_state(), "ranks_rng": self._ranks_rng}
+        state = HostCopy({"models": {m.model_name: m.state_dict() for m in self.models},
+                          "optimizers": {m.model_name: m.optimizer.state_dict() for m in self.models
+                                         if m.optimizer is not None},
+                          "traces": [trace.state() for trace in self.stateful]})
+        self.writes.submit(state, lambda copy: _save({**fixed, **copy}, self.path))
 
     def on_epoch_begin(self, data: Data) -> None:
         if self.system.mode == "train":

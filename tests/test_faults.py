@@ -216,6 +216,7 @@ def test_the_best_model_and_the_checkpoint_are_written_after_the_eval_in_order_f
 
     monkeypatch.setattr(runs, "_save", slow_save)
     at_eval = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    checkpoint._ranks_rng = [runs._rng_state(), runs._rng_state()]  # as torchrun's rank 0 gathers them
     data = Data({"accuracy": 0.5})
     saver.on_epoch_end(data)
     checkpoint.on_epoch_end(data)
@@ -234,6 +235,8 @@ def test_the_best_model_and_the_checkpoint_are_written_after_the_eval_in_order_f
     for k, v in at_eval.items():
         assert torch.equal(best[k], v) and torch.equal(saved["models"]["net"][k], v), k
     assert saved["traces"][0]["best"] == 0.5 and saved["traces"][0]["model_path"].endswith("net_best_accuracy.pt")
+    for rng in (saved["rng"], *saved["ranks_rng"]):  # every generator's state restores (a resumed rank's too)
+        runs._set_rng_state(rng)
     data = Data({"accuracy": 0.7})  # a better eval as the run's last: its files are written when the run ends
     saver.on_epoch_end(data)
     checkpoint.on_epoch_end(data)

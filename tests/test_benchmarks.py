@@ -264,7 +264,7 @@ def test_attention_benchmark_prints_a_row_per_kernel_and_the_unmasked_bound(caps
     from networks import vit
     attention.main(["--budget", "tiny"])
     text = capsys.readouterr().out
-    assert "| LSA, sdpa | " in text and "| no LSA (bound: flash) | " in text and "1.00x" in text
+    assert "| LSA, sdpa | " in text and "| no LSA (the same model unmasked: the bound) | " in text and "1.00x" in text
     assert vit.lsa_kernel == "auto"  # the benchmark leaves the module's setting as it found it
     with pytest.raises(SystemExit):
         attention.main(["--budget", "tiny", "--kernels", "triton"])

@@ -310,15 +310,6 @@ def _cpu(value: Any) -> Any:
     return HostCopy(value).result()
 
 
-def _containers(value: Any) -> Any:
-    """`value` with every dict, list and tuple in it copied (their items are the same objects)."""
-    if isinstance(value, dict):
-        return {k: _containers(x) for k, x in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_containers(x) for x in value)
-    return value
-
-
 class HostCopy:
     """A copy of `value` on the CPU (as `_cpu` returns it), in two halves, so that the host need not wait for the GPU:
     making one queues the copies, `result()` waits for them and returns the copy.
@@ -329,21 +320,20 @@ class HostCopy:
     (docs/performance.md). From a GPU the copy goes into pinned memory without blocking, so the GPU's queue goes on
     (the training steps queued after it see the weights change only after the copy has read them: one stream)."""
     def __init__(self, value: Any) -> None:
-        self._value = _containers(value)  # as they are now: the caller may go on changing its own lists and dicts
-        self._tensors: List[torch.Tensor] = []
+        self._tensors: List[torch.Tensor] = []  # in the order `result` rebuilds them
         self._event: Optional[torch.cuda.Event] = None
 
-        def collect(v: Any) -> None:
+        def collect(v: Any) -> Any:  # v with its dicts, lists and tuples copied, its tensors collected
             if isinstance(v, torch.Tensor):
                 self._tensors.append(v.detach())
             elif isinstance(v, dict):
-                for x in v.values():
-                    collect(x)
+                return {k: collect(x) for k, x in v.items()}
             elif isinstance(v, (list, tuple)):
-                for x in v:
-                    collect(x)
+                return type(v)(collect(x) for x in v)
+            return v
 
-        collect(self._value)  # in the order `result` rebuilds it
+        # the containers as they are now: the caller may go on changing its own lists and dicts
+        self._value = collect(value)
         groups: Dict[Tuple[torch.device, torch.dtype], List[int]] = {}
         for i, tensor in enumerate(self._tensors):
             groups.setdefault((tensor.device, tensor.dtype), []).append(i)

@@ -11,8 +11,9 @@
 
 `DeviceNetwork` keeps training outputs on the device (they are turned into numbers only when a trace logs them,
 every `log_steps`), copies inputs through pinned memory without blocking, and runs the forward pass under bf16
-autocast when asked (bf16 has fp32's range, so no loss scaling and no sync). Eval mode keeps FastEstimator's own
-behaviour (its EvalEssential trace stacks per-batch values with numpy). On a CPU it behaves as `TorchNetwork`.
+autocast when asked (bf16 has fp32's range, so no loss scaling and no sync). In eval and test mode scalars (the losses,
+which FastEstimator's EvalEssential stacks with numpy) come to the host after every batch, and other outputs stay on
+the device until a trace copies what it reads (`to_number`). On a CPU it behaves as `TorchNetwork`.
 
 Without syncs the GPU still idles: a training step is a few hundred kernels queued by FastEstimator's op chain in Python
 (augmentation, forward, `torch.autograd.grad`, one gradient copy per parameter, the optimizer), several times longer on
@@ -53,6 +54,15 @@ def _to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_to_device(v, device) for v in value)
     return value
+
+
+def _eval_output(value: torch.Tensor) -> torch.Tensor:
+    """An eval or test output as the traces get it: a scalar (a loss, which FastEstimator's EvalEssential stacks with
+    numpy) on the host; anything else on its device, for the trace that wants it to copy (`to_number`) only what it
+    reads: PredictionGrid 16 images of a batch rather than thousands of normalised ones. bf16 becomes fp32, which numpy
+    can hold."""
+    value = value.float() if value.dtype == torch.bfloat16 else value
+    return value.cpu() if value.ndim == 0 else value
 
 
 class DeviceNetwork(TorchNetwork):
@@ -141,14 +151,14 @@ class DeviceNetwork(TorchNetwork):
             with torch.no_grad() if not self.ctx_state["req_grad"] else NonContext():
                 with self._autocast():
                     self._forward_batch(batch_in, self.ctx_state, self.ctx_ops)
-        keep_on_device = self.device.type != "cpu" and self.ctx_state["mode"] == "train"
+        # training outputs stay where they are (a trace turns them into numbers every `log_steps`), on a GPU
+        stay = self.device.type != "cpu" and self.ctx_state["mode"] == "train"
         prediction = {}
         for key in self.ctx_outputs:
             if key in batch_in:
                 value = batch_in[key]
-                value = value.detach() if isinstance(value, torch.Tensor) else value
-                if isinstance(value, torch.Tensor) and not keep_on_device:
-                    value = value.float().cpu() if value.dtype == torch.bfloat16 else value.cpu()
+                if isinstance(value, torch.Tensor):
+                    value = value.detach() if stay else _eval_output(value.detach())
                 prediction[key] = value
         return batch, prediction
 

@@ -136,9 +136,8 @@ class PredictionGrid(Trace):
         if self._count >= self.n:
             return
         take = self.n - self._count
-        images = to_number(data[self.inputs[0]])[:take]
-        true = to_number(data[self.inputs[1]])[:take]
-        pred = to_number(data[self.inputs[2]])[:take]
+        # slice before converting: on a GPU the batch stays there (DeviceNetwork), and only `take` images cross
+        images, true, pred = (to_number(data[key][:take]) for key in self.inputs)
         if true.ndim > 1 and true.shape[-1] > 1:
             true = true.argmax(-1)
         pred = pred.argmax(-1) if pred.ndim > 1 and pred.shape[-1] > 1 else pred.reshape(len(pred), -1)[:, 0]

@@ -50,7 +50,7 @@ def get_estimator(epochs: Optional[int] = None,
         batch_size: Images per step (None: the recipe's; the learning rate scales linearly with it).
         train_steps_per_epoch: Cap on steps per epoch (None: the whole training set).
         eval_steps_per_epoch: Cap on eval steps (None: the whole eval set); eval batches are the train batch on a
-            CPU, 2,500 images on a GPU (`apphub_vit.hardware.GPU_EVAL_BATCH`).
+            CPU, 5,000 images on a GPU (`apphub_vit.hardware.GPU_EVAL_BATCH`).
         save_dir: Output folder (None: a new `runs/pretrain-<time>`).
         data_dir: A local folder with CIFAR-100 / ciFAIR-100, e.g. `cifar-100-python` (see `apphub_vit.data`).
         dataset: "cifair100" (real), "synthetic" (generated, no download), or "cifar10_split_a" / "cifar10_split_b"

@@ -7,6 +7,7 @@ import sys
 from dataclasses import replace
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 
@@ -225,6 +226,25 @@ def test_eval_batches_are_large_on_a_gpu_and_the_train_batch_elsewhere():
         assert resolve_hardware(vit, device_augment=False).eval_batch_size == vit.batch_size  # per-sample pipeline
     with mock.patch.object(torch.cuda, "is_available", lambda: False):
         assert resolve_hardware(vit).eval_batch_size == vit.batch_size
+
+
+@needs_cuda
+def test_eval_steps_bring_the_losses_to_the_host_and_leave_the_rest_on_the_gpu():
+    """Eval outputs: the loss on the host (FastEstimator's EvalEssential stacks it with numpy), the predictions on the
+    GPU in fp32 (a trace copies what it reads), with the values of a plain forward pass."""
+    from fastestimator.util.util import to_number
+    network, model = _network(cuda_graph=True)
+    network.autocast_dtype = torch.bfloat16
+    batch = _batches(1)[0]
+    with network(mode="eval", epoch=1, ds_id="", desired_output_keys={"ce", "y_pred"}):
+        out = network.run_step(dict(batch))
+    assert out["ce"].device.type == "cpu" and out["ce"].ndim == 0
+    assert out["y_pred"].device.type == "cuda" and out["y_pred"].dtype == torch.float32
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        expected = model(batch["x"].cuda()).float()
+    assert torch.equal(out["y_pred"], expected)
+    assert float(np.mean(np.array([out["ce"]]))) == float(out["ce"])  # EvalEssential's stacking works on it
+    assert to_number(out["y_pred"]).shape == (8, 5)
 
 
 @needs_cuda

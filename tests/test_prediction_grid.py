@@ -93,6 +93,19 @@ def test_trace_accepts_hwc_images_and_class_indices(tmp_path):
     assert trace.shown == 6 and trace.correct == 6 and (tmp_path / "hwc.png").is_file()
 
 
+def test_trace_converts_only_the_images_it_keeps(tmp_path, monkeypatch):
+    """On a GPU an eval batch stays on the device (DeviceNetwork): the trace must copy its first `n` images, not the
+    whole batch of normalised images."""
+    import apphub_vit.prediction_grid as grid
+    converted = []
+    monkeypatch.setattr(grid, "to_number", lambda value: converted.append(len(value)) or np.asarray(value))
+    trace = PredictionGrid("x", "y", "y_pred", None, str(tmp_path), n=4)
+    trace.on_epoch_begin({})
+    for batch in fake_batches(2, 64):
+        trace.on_batch_end(batch)
+    assert trace._count == 4 and converted == [4, 4, 4]  # one batch's first 4 of 64; the second batch not at all
+
+
 def test_trace_without_eval_writes_nothing(tmp_path, capsys):
     trace = PredictionGrid("x", "y", "y_pred", None, str(tmp_path))
     trace.on_end({})

@@ -33,17 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-try:
-    from torch.nn.attention.flex_attention import flex_attention
-except ImportError:  # torch < 2.5
-    flex_attention = None
-
 STEMS = ("patch", "conv")  # how the image becomes tokens (ViTEmbeddings)
-# How LSA's masked attention runs (`lsa_attention`): "auto" (FlexAttention for compiled passes without gradients on a
-# GPU, else SDPA), or one of the two always. A module setting for benchmarks/attention.py, which compares them.
-LSA_KERNELS = ("auto", "sdpa", "flex")
-lsa_kernel = "auto"
-FLEX_MAX_ROWS = 65535  # batch x heads that FlexAttention's Triton kernel can launch (CUDA's grid limit in y)
 
 
 @dataclass(frozen=True)
@@ -127,36 +117,13 @@ def conv_stem(num_channels: int, em_dim: int, patch_size: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def _hide_self(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor,
-               kv_idx: torch.Tensor) -> torch.Tensor:
-    return torch.where(q_idx == kv_idx, float("-inf"), score)  # FlexAttention's score_mod: no token attends to itself
-
-
 def lsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
     """softmax(q k^T) v with the diagonal masked out (Locality Self-Attention's mask; q carries the learnt scale).
 
-    q, k, v: [B, heads, L, head size] -> [B, heads, L, head size]. Scaled-dot-product attention with a boolean mask
-    cannot use the flash kernel; FlexAttention (Dong et al. 2024, `torch.nn.attention.flex_attention`) compiles the
-    mask into one fused Triton kernel instead, which made the default model's compiled eval forward pass a third
-    faster on a GPU (docs/performance.md). "auto" takes it there for passes without gradients only (eval, test,
-    inference): its gradients match SDPA's, but a training step captured as a CUDA graph with it trained wrongly
-    (`apphub_vit.device_network`; the cause was not found), and it lacks attention dropout. Eager it is an unfused
-    reference, and on a CPU it has no backward."""
-    kernel = lsa_kernel
-    if kernel not in LSA_KERNELS:
-        raise ValueError(f"networks.vit.lsa_kernel must be one of {LSA_KERNELS}, got {kernel!r}")
-    if kernel == "auto":
-        # its kernel's grid has one row per (image, head), and a CUDA grid at most 65,535 rows: an eval batch of
-        # 10,000 images of 8 heads does not launch ("invalid argument")
-        flex = flex_attention is not None and q.is_cuda and dropout_p == 0.0 and not torch.is_grad_enabled()
-        flex = flex and torch.compiler.is_compiling() and q.shape[0] * q.shape[1] <= FLEX_MAX_ROWS
-        kernel = "flex" if flex else "sdpa"
-    if kernel == "flex":
-        if flex_attention is None or dropout_p or q.shape[0] * q.shape[1] > FLEX_MAX_ROWS:
-            raise ValueError(f"lsa_kernel='flex' needs torch >= 2.5, no attention dropout (got {dropout_p}) and at "
-                             f"most {FLEX_MAX_ROWS} images x heads (got {q.shape[0]} x {q.shape[1]}): use "
-                             f"lsa_kernel='auto', which takes SDPA where FlexAttention cannot run")
-        return flex_attention(q, k, v, score_mod=_hide_self, scale=1.0)
+    q, k, v: [B, heads, L, head size] -> [B, heads, L, head size]. Scaled-dot-product attention with a boolean mask,
+    which keeps it off the flash kernel. Of the other kernels measured for the mask (docs/performance.md), attention
+    written out trained slower, and FlexAttention's fused kernel (the mask as its `score_mod`) evaluated faster but its
+    compiled passes gave wrong outputs in some processes, so neither is used."""
     n = q.shape[-2]
     others = ~torch.eye(n, dtype=torch.bool, device=q.device)  # [L, L], True where attention is allowed
     return F.scaled_dot_product_attention(q, k, v, attn_mask=others, dropout_p=dropout_p, scale=1.0)

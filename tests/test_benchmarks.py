@@ -257,18 +257,3 @@ def test_epoch_profile_regions_exclude_the_regions_inside_them():
     assert profile.seconds[(1, "train", "inner")] == pytest.approx(0.05, abs=0.015)
     assert profile.seconds[(1, "train", "outer")] == pytest.approx(0.02, abs=0.015)
     assert profile.calls[(1, "train", "outer")] == profile.calls[(1, "train", "inner")] == 1
-
-
-def test_attention_benchmark_prints_a_row_per_kernel_and_the_unmasked_bound(capsys):
-    import attention
-    from networks import vit
-    attention.main(["--budget", "tiny"])
-    text = capsys.readouterr().out
-    assert "| LSA, sdpa | " in text and "| no LSA (the same model unmasked: the bound) | " in text and "1.00x" in text
-    assert vit.lsa_kernel == "auto"  # the benchmark leaves the module's setting as it found it
-    with pytest.raises(SystemExit):
-        attention.main(["--budget", "tiny", "--kernels", "triton"])
-    if not torch.cuda.is_available():
-        with pytest.raises(SystemExit):
-            attention.main(["--budget", "tiny", "--kernels", "flex"])
-        assert "needs a GPU" in capsys.readouterr().err

@@ -14,10 +14,11 @@ holds the time at the end of each eval; the first eval at or above a target is t
 this script does not know goes to the app as it is (`--epochs 50 --lr 3e-3`), so the app checks it; without
 --epochs, the recipe's epochs (100 for "vit"; finetune.py alone trains one epoch, as the apphub finetunes).
 
-Printed: per seed and as mean / sample standard deviation, the wall time (from process start) at which each target was
-first reached (or "-" if never), the final test accuracy, and the run's split: start-up (process start to `fit()`,
-less the next), the distillation teacher's training (a column only where a recipe has one), train, eval (and the
-first eval epoch alone), and the rest (between epochs: traces, checkpoints) to the process's exit.
+Printed: per seed (each row also as soon as its run ends) and as mean / sample standard deviation, the wall time
+(from process start) at which each target was first reached (or "-" if never), the final test accuracy, and the run's
+split: start-up (process start to `fit()`, less the next), the distillation teacher's training (a column only where a
+recipe has one), train, eval (and the first eval epoch alone), and the rest (between epochs: traces, checkpoints) to
+the process's exit.
 Exits 1 if a run fails.
 Measured: docs/performance.md.
 """
@@ -167,6 +168,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 1
         rows.append(summarize(record, targets))
         print(f"seed {seed}: final {rows[-1]['final']:.2%}, {rows[-1]['wall']:.1f} s from process start", flush=True)
+        # each run's row as soon as it ends: the record lacks the process's start, so a series cut off later (a GPU
+        # host taken back) keeps the rows of the runs that ended
+        print(table(rows[-1:], targets, [seed]).splitlines()[-1], flush=True)
     device = record["device"].get("name", "?") if isinstance(record.get("device"), dict) else record.get("device")
     print(f"\ntime to test accuracy, seconds from process start; {record['app']}, {record['dataset']}, "
           f"{record['schedule']['epochs']} epochs of batch {record['schedule']['batch_size']}, device {device}; "

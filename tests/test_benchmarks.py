@@ -168,7 +168,9 @@ def test_time_to_accuracy_reads_each_target_from_the_runs_records(tmp_path, caps
                                   "--out", str(out), "--epochs", "2"]) == 0
     text = capsys.readouterr().out
     rows = [line for line in text.splitlines() if line.startswith("| seed")]
-    assert len(rows) == 2 and "| mean |" in text and "| std |" in text, text[-2000:]
+    assert len(rows) == 4 and "| mean |" in text and "| std |" in text, text[-2000:]
+    assert rows[:2] == rows[2:]  # each seed's row as its run ended, then the same rows in the final table
+    rows = rows[2:]
     for seed, row in zip((1, 2), rows):  # --first_seed 1: the runs are seeds 1 and 2, each given to the app
         assert re.search(rf"^seed {seed}: .* --seed {seed} ", text, re.M), text[:2000]
         cells = [c.strip() for c in row.strip("|").split("|")]

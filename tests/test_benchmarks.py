@@ -259,3 +259,48 @@ def test_epoch_profile_regions_exclude_the_regions_inside_them():
     assert profile.seconds[(1, "train", "inner")] == pytest.approx(0.05, abs=0.015)
     assert profile.seconds[(1, "train", "outer")] == pytest.approx(0.02, abs=0.015)
     assert profile.calls[(1, "train", "outer")] == profile.calls[(1, "train", "inner")] == 1
+
+
+def test_sweep_runs_the_control_and_each_variant_on_held_out_images_and_reuses_finished_runs(tmp_path, capsys):
+    import csv
+    import json
+    import sweep
+    out = tmp_path / "sweep"
+    argv = ["--budget", "tiny", "--out", str(out), "--seeds", "1", "--parallel", "2",
+            "--variant", "wd=--weight_decay 0.1"]
+    assert sweep.main(argv) == 0
+    text = capsys.readouterr().out
+    assert text.count(": started (") == 2 and "| control | (none) |" in text and "| wd | --weight_decay 0.1 |" in text
+    for name, decay in (("control-s0", None), ("wd-s0", 0.1)):
+        record = json.loads((out / name / "run_record.json").read_text())
+        assert record["hparams"]["validation"] == 16 and record["hparams"]["overrides"].get("weight_decay") == decay
+    with open(out / "sweep.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["variant"], r["epoch"]) for r in rows} == {(v, e) for v in ("control", "wd") for e in ("1", "2")}
+    assert all((out / name).is_file() for name in ("sweep.md", "comparison.md", "comparison.png"))
+    assert sweep.main(argv) == 0  # the same command again: nothing runs, the report is written from the records
+    text = capsys.readouterr().out
+    assert ": started (" not in text and text.count("reused (finished earlier)") == 2 and "| wd |" in text
+    with pytest.raises(SystemExit):  # another command over the same runs stops before anything starts
+        sweep.main(argv[:-1] + ["wd=--weight_decay 0.2"])
+    assert "holds a run of another command" in capsys.readouterr().err
+
+
+def test_sweep_verdict_picks_the_best_variant_that_beats_the_control_by_the_margin():
+    import sweep
+    last = {"control": [0.900, 0.910], "a": [0.912, 0.912], "b": [0.909, 0.909], "c": [0.916, 0.914]}
+    leads, pick = sweep.verdict(last, margin=0.3)
+    assert leads == pytest.approx({"a": 0.7, "b": 0.4, "c": 1.0}) and pick == "c"
+    assert sweep.verdict(last, margin=1.5) == (pytest.approx(leads), None)
+    assert sweep.verdict({"control": [0.9], "a": [0.903]}, margin=0.3)[1] == "a"  # exactly the margin wins
+
+
+@pytest.mark.parametrize("variant, message", [("lr", "write NAME=FLAGS"), ("control=--lr 1", "write NAME=FLAGS"),
+                                              ("a b=--lr 1", "write NAME=FLAGS"), ("lr=", "no app flags"),
+                                              ("s=--seed 3", "sets --seed"), ("v=--validation 0", "sets --validation")])
+def test_sweep_refuses_what_cannot_be_a_variant(variant, message, tmp_path, capsys):
+    import sweep
+    with pytest.raises(SystemExit):
+        sweep.main(["--budget", "tiny", "--out", str(tmp_path), "--variant", variant])
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # refused before any run started

@@ -41,7 +41,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from apphub_vit import compare  # noqa: E402
 from apphub_vit.records import read_record  # noqa: E402
-from time_to_accuracy import APP, TINY, default_cli  # noqa: E402
+from time_to_accuracy import APP, app_arguments, default_cli  # noqa: E402
 
 CONTROL = "control"
 PLAN = "sweep.json"  # each run's command, to tell a finished run of this sweep from another one
@@ -212,15 +212,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if own:
         parser.error(f"{', '.join(own)}: the sweep sets these for every run (--validation and --data_dir are its own "
                      f"options)")
-    if args.budget == "tiny":
-        app_args = TINY + app_args
-    elif args.data_dir is None:
-        parser.error("--data_dir is needed: a local CIFAR-10 folder (python ../shared/data/cifar10/to_batches.py "
-                     "/tmp/c10 writes one); or --budget tiny for a smoke test on generated data")
-    else:
-        app_args = ["--data_dir", os.path.abspath(args.data_dir)] + app_args
-    if "--epochs" not in app_args:  # finetune.py's own default is the apphub's one epoch; here the recipe's
-        app_args = app_args + ["--epochs", "100"]
+    app_args = app_arguments(parser, args.budget, args.data_dir, app_args)
     out = os.path.abspath(args.out)
     if os.path.exists(out) and not os.path.isdir(out):
         parser.error(f"--out '{out}' is a file, not a folder")

@@ -118,6 +118,25 @@ def table(rows: List[Dict[str, Optional[float]]], targets: Sequence[float],
     return "\n".join(lines)
 
 
+def app_arguments(parser: argparse.ArgumentParser, budget: str, data_dir: Optional[str],
+                  app_args: List[str]) -> List[str]:
+    """The app's arguments for a budget: the tiny configuration, or the data folder; and the recipe's epochs unless
+    given (finetune.py's own default is the apphub's one epoch). Errors go through `parser`."""
+    if budget == "tiny":
+        app_args = TINY + app_args
+    elif data_dir is None:
+        parser.error("--data_dir is needed: a local CIFAR-10 folder (python ../shared/data/cifar10/to_batches.py "
+                     "/tmp/c10 writes one); or --budget tiny for a smoke test on generated data")
+    else:
+        app_args = ["--data_dir", os.path.abspath(data_dir)] + app_args
+    if "--epochs" not in app_args:
+        recipe = app_args[app_args.index("--recipe") + 1] if "--recipe" in app_args[:-1] else "vit"
+        if recipe not in VIT_RECIPES:
+            parser.error(f"--recipe {recipe!r} is not one of {', '.join(VIT_RECIPES)}")
+        app_args = app_args + ["--epochs", str(VIT_RECIPES[recipe].epochs)]
+    return app_args
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_dir", default=None, help="a local CIFAR-10 folder (cifar-10-batches-py or its parent)")
@@ -140,18 +159,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"--targets must be fractions separated by commas (e.g. 0.8,0.9), got {args.targets!r}")
     if args.seeds < 1 or args.first_seed < 0:
         parser.error(f"--seeds must be at least 1 and --first_seed at least 0, got {args.seeds} and {args.first_seed}")
-    if args.budget == "tiny":
-        app_args = TINY + app_args
-    elif args.data_dir is None:
-        parser.error("--data_dir is needed: a local CIFAR-10 folder (python ../shared/data/cifar10/to_batches.py "
-                     "/tmp/c10 writes one); or --budget tiny for a smoke test on generated data")
-    else:
-        app_args = ["--data_dir", os.path.abspath(args.data_dir)] + app_args
-    if "--epochs" not in app_args:  # finetune.py's own default is the apphub's one epoch; here the recipe's
-        recipe = app_args[app_args.index("--recipe") + 1] if "--recipe" in app_args[:-1] else "vit"
-        if recipe not in VIT_RECIPES:
-            parser.error(f"--recipe {recipe!r} is not one of {', '.join(VIT_RECIPES)}")
-        app_args = app_args + ["--epochs", str(VIT_RECIPES[recipe].epochs)]
+    app_args = app_arguments(parser, args.budget, args.data_dir, app_args)
     out = os.path.abspath(args.out or tempfile.mkdtemp(prefix="time_to_accuracy-"))
     os.makedirs(out, exist_ok=True)
     taken = [name for name in os.listdir(out) if name.startswith("seed")]

@@ -16,9 +16,10 @@ from apphub_vit.recipes import Recipe
 PRECISIONS = ("fp32", "bf16", "fp16")  # bf16: autocast, no loss scaling; fp16: FastEstimator's mixed_precision
 # Eval batches on a GPU. An eval step is a forward pass alone, and FastEstimator's eval loop does per-batch work on the
 # host (its op chain, the metric traces' copies of the predictions); at the train batch (256) that host work, not the
-# GPU, set the eval speed, and fewer batches of 5,000 still beat 2,500 (docs/performance.md). 5,000 divides
-# the CIFAR and MNIST test sets (10,000), the validation split (5,000) and a five-class split's test set, so every eval
-# batch has one shape (one compiled graph); its activations take about a GB.
+# GPU, set the eval speed, and batches of 5,000 made an eval epoch faster than 2,500 did (docs/performance.md; measured
+# with an attention kernel since removed). 5,000 divides the CIFAR and MNIST test sets (10,000), the validation split
+# (5,000) and a five-class split's test set, so every eval batch has one shape (one compiled graph); its activations
+# take about a GB.
 GPU_EVAL_BATCH = 5000
 
 

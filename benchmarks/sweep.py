@@ -47,7 +47,6 @@ CONTROL = "control"
 PLAN = "sweep.json"  # each run's command, to tell a finished run of this sweep from another one
 # set by the sweep for every run: a variant may not change them
 OWN_FLAGS = ("--seed", "--save_dir", "--validation", "--data_dir", "--from_scratch")
-Run = Tuple[str, int]  # (variant, seed)
 
 
 def parse_variant(text: str) -> Tuple[str, List[str]]:

@@ -11,9 +11,6 @@ invisible to checkpoints:
 * `norm_first=True` gives the pre-norm block of the paper and timm (the apphub's is post-norm);
 * `pool="mean"` has the head read the mean of the patch tokens instead of the CLS token (same parameters);
 * `drop_path` adds stochastic depth (Huang et al. 2016) for longer training recipes;
-* `token_keep` < 1 is PatchDropout (Liu et al. 2023, "PatchDropout: Economizing Vision Transformers Using Patch
-  Dropout"; yueliukth/PatchDropout): in training each image keeps a random share of its patch tokens (and the CLS
-  token), so a step costs about that share of the transformer's work; eval and inference see every token;
 * `lsa=True` gives Locality Self-Attention (Lee et al. 2021, "Vision Transformer for Small-Size Datasets";
   aanna0701/SPT_LSA_ViT): a learnt softmax temperature per head, and no token attends to itself. Off by default, so
   the apphub's checkpoints keep loading; on, each block has one more parameter, `attn_scale`;
@@ -56,7 +53,6 @@ class ViTConfig:
     lsa: bool = False  # Locality Self-Attention (Lee et al. 2021): learnt temperature per head, no attention to self
     spt: bool = False  # Shifted Patch Tokenization (Lee et al. 2021): diagonal half-patch shifts as extra channels
     stem: str = "patch"  # the tokens: one Conv2d of kernel = stride = patch ("patch") or CCT's 3x3 Conv2d ("conv")
-    token_keep: float = 1.0  # PatchDropout: the share of patch tokens a training image keeps (1: all)
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "image_size", "patch_size", "num_channels", "em_dim", "num_heads", "ff_dim"):
@@ -92,24 +88,16 @@ class ViTConfig:
         for name in ("drop", "drop_path"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"ViT {name} must be in [0, 1), got {getattr(self, name)!r}")
-        if isinstance(self.token_keep, bool) or not 0.0 < self.token_keep <= 1.0:
-            raise ValueError(f"ViT token_keep is the share of patch tokens a training image keeps: it must be in "
-                             f"(0, 1] (1: all of them), got {self.token_keep!r}")
 
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size)**2
 
-    @property
-    def kept_patches(self) -> int:
-        """Patch tokens a training image keeps (`token_keep`; at least one)."""
-        return max(1, round(self.token_keep * self.num_patches))
-
     def encoder_signature(self) -> Dict[str, Any]:
         """The fields that define the encoder's function (what must match to transfer an encoder): everything but the
-        regularisation in training (dropout, stochastic depth, PatchDropout) and `pool` (how the head reads the tokens:
-        a finetuning choice). `norm_first` changes no weight shape but changes what the weights compute."""
-        return {k: v for k, v in asdict(self).items() if k not in ("drop", "drop_path", "token_keep", "pool")}
+        regularisation rates and `pool` (how the head reads the tokens: a finetuning choice). `norm_first` changes no
+        weight shape but changes what the weights compute."""
+        return {k: v for k, v in asdict(self).items() if k not in ("drop", "drop_path", "pool")}
 
 
 def conv_stem(num_channels: int, em_dim: int, patch_size: int) -> nn.Sequential:
@@ -139,19 +127,6 @@ def lsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: 
     n = q.shape[-2]
     others = ~torch.eye(n, dtype=torch.bool, device=q.device)  # [L, L], True where attention is allowed
     return F.scaled_dot_product_attention(q, k, v, attn_mask=others, dropout_p=dropout_p, scale=1.0)
-
-
-def keep_tokens(x: torch.Tensor, keep: int) -> torch.Tensor:
-    """PatchDropout's selection: the CLS token and `keep` patch tokens per image, drawn at random without replacement
-    (on the device, so a CUDA graph draws anew at every replay), in their original order.
-
-    x: [B, 1 + N, D] (CLS first, position embeddings added) -> [B, 1 + keep, D]."""
-    b, n, d = x.shape[0], x.shape[1] - 1, x.shape[2]
-    if keep >= n:
-        return x
-    chosen = torch.rand(b, n, device=x.device).argsort(dim=1)[:, :keep].sort(dim=1).values + 1  # [B, keep]
-    patches = x.gather(1, chosen.unsqueeze(-1).expand(-1, -1, d))  # [B, keep, D]
-    return torch.cat([x[:, :1], patches], dim=1)  # [B, 1 + keep, D]
 
 
 class ViTEmbeddings(nn.Module):
@@ -287,21 +262,17 @@ class ViTEncoder(nn.Module):
     def __init__(self, num_layers: int = 12, image_size: int = 224, patch_size: int = 16, num_channels: int = 3,
                  em_dim: int = 768, drop: float = 0.1, num_heads: int = 12, ff_dim: int = 3072,
                  norm_first: bool = False, drop_path: float = 0.0, pool: str = "cls", lsa: bool = False,
-                 spt: bool = False, stem: str = "patch", token_keep: float = 1.0) -> None:
+                 spt: bool = False, stem: str = "patch") -> None:
         super().__init__()
         self.config = ViTConfig(num_layers=num_layers, image_size=image_size, patch_size=patch_size,
                                 num_channels=num_channels, em_dim=em_dim, num_heads=num_heads, ff_dim=ff_dim, drop=drop,
-                                norm_first=norm_first, drop_path=drop_path, pool=pool, lsa=lsa, spt=spt, stem=stem,
-                                token_keep=token_keep)
+                                norm_first=norm_first, drop_path=drop_path, pool=pool, lsa=lsa, spt=spt, stem=stem)
         self.embedding = ViTEmbeddings(image_size, patch_size, num_channels, em_dim, drop, spt, stem)
         self.encoder = TransformerStack(self.config)
         self.layernorm = nn.LayerNorm(em_dim, eps=1e-6)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> [B, em_dim]
-        x = self.embedding(x)  # [B, num_patches + 1, em_dim]
-        if self.training and self.config.token_keep < 1.0:
-            x = keep_tokens(x, self.config.kept_patches)  # [B, kept_patches + 1, em_dim]
-        x = self.encoder(x)
+        x = self.encoder(self.embedding(x))  # [B, num_patches + 1, em_dim]
         # the CLS token, or the average of the patch tokens (the CLS token stays in the sequence either way)
         return self.layernorm(x[:, 0] if self.config.pool == "cls" else x[:, 1:].mean(1))  # [B, em_dim]
 
@@ -311,14 +282,14 @@ class ViTModel(nn.Module):
     def __init__(self, num_classes: int, num_layers: int = 12, image_size: int = 224, patch_size: int = 16,
                  num_channels: int = 3, em_dim: int = 768, drop: float = 0.1, num_heads: int = 12, ff_dim: int = 3072,
                  norm_first: bool = False, drop_path: float = 0.0, pool: str = "cls", lsa: bool = False,
-                 spt: bool = False, stem: str = "patch", token_keep: float = 1.0) -> None:
+                 spt: bool = False, stem: str = "patch") -> None:
         super().__init__()
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
             raise ValueError(f"ViTModel num_classes must be a positive integer, got {num_classes!r}")
         self.vit_encoder = ViTEncoder(num_layers=num_layers, image_size=image_size, patch_size=patch_size,
                                       num_channels=num_channels, em_dim=em_dim, drop=drop, num_heads=num_heads,
                                       ff_dim=ff_dim, norm_first=norm_first, drop_path=drop_path, pool=pool, lsa=lsa,
-                                      spt=spt, stem=stem, token_keep=token_keep)
+                                      spt=spt, stem=stem)
         self.linear_classifier = nn.Linear(em_dim, num_classes)
 
     @classmethod

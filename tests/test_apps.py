@@ -326,18 +326,6 @@ def test_stochastic_depth_is_off_by_default_and_drop_path_turns_it_back_on(tmp_p
     assert not all(torch.equal(deep(x), deep(x)) for _ in range(5))  # a branch dropped in some pass
 
 
-def test_patch_dropout_is_off_by_default_and_token_keep_turns_it_on(tmp_path):
-    default = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "a"), from_scratch=True,
-                                         **TINY_RUN, **TINY_VIT)
-    dropped = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "b"), from_scratch=True,
-                                         token_keep=0.5, **TINY_RUN, **TINY_VIT)
-    assert default.model.config.token_keep == 1.0 and dropped.model.config.token_keep == 0.5
-    assert dropped.config["overrides"]["token_keep"] == 0.5
-    with pytest.raises(ValueError, match=r"token_keep must be a number in \(0.0, 1.0\]"):
-        finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "c"), from_scratch=True,
-                                   token_keep=0, **TINY_RUN, **TINY_VIT)
-
-
 def test_weight_decay_spares_biases_norms_and_embeddings_unless_decay_all(tmp_path):
     def build(folder, **kw):
         return finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / folder), from_scratch=True,

@@ -34,16 +34,13 @@ class ApphubViT(nn.Module):
         return self.linear_classifier(self.vit_encoder.layernorm(x[0]))
 
 
-@pytest.mark.parametrize("norm_first,drop_path,lsa,spt,stem,token_keep", [
-    (False, 0.0, False, False, "patch", 1.0), (True, 0.0, False, False, "patch", 1.0),
-    (True, 0.2, False, False, "patch", 1.0), (True, 0.0, True, False, "patch", 1.0),
-    (True, 0.0, False, True, "patch", 1.0), (True, 0.0, True, True, "patch", 1.0),
-    (True, 0.0, True, False, "conv", 1.0), (False, 0.0, False, False, "conv", 1.0),
-    (True, 0.0, True, False, "conv", 0.5)])
-def test_shapes_finite_and_every_parameter_gets_a_gradient(norm_first, drop_path, lsa, spt, stem, token_keep):
+@pytest.mark.parametrize("norm_first,drop_path,lsa,spt,stem", [
+    (False, 0.0, False, False, "patch"), (True, 0.0, False, False, "patch"), (True, 0.2, False, False, "patch"),
+    (True, 0.0, True, False, "patch"), (True, 0.0, False, True, "patch"), (True, 0.0, True, True, "patch"),
+    (True, 0.0, True, False, "conv"), (False, 0.0, False, False, "conv")])
+def test_shapes_finite_and_every_parameter_gets_a_gradient(norm_first, drop_path, lsa, spt, stem):
     torch.manual_seed(0)
-    model = ViTModel(num_classes=10, norm_first=norm_first, drop_path=drop_path, lsa=lsa, spt=spt, stem=stem,
-                     token_keep=token_keep, **TINY)
+    model = ViTModel(num_classes=10, norm_first=norm_first, drop_path=drop_path, lsa=lsa, spt=spt, stem=stem, **TINY)
     x = torch.randn(3, 3, 32, 32)
     assert model.forward_features(x).shape == (3, 32)
     logits = model(x)
@@ -92,8 +89,6 @@ def test_apphub_checkpoint_loads_and_computes_the_same_function():
     (dict(stem="convolution"), "stem must be 'patch' .* or 'conv'"),
     (dict(stem="conv", image_size=28, patch_size=7), "patch_size must be a power of 2 .* got 7"),
     (dict(stem="conv", spt=True), "use spt=False with stem='conv'"),
-    (dict(token_keep=0.0), r"token_keep .* must be in \(0, 1\]"),
-    (dict(token_keep=1.5), r"token_keep .* must be in \(0, 1\]"),
 ])
 def test_invalid_configurations_raise_clear_value_errors(bad, message):
     with pytest.raises(ValueError, match=message):
@@ -288,40 +283,3 @@ def test_conv_stem_replaces_the_patch_conv_in_the_state_dict_and_the_encoder_sig
     assert plain.config.encoder_signature() != conv.config.encoder_signature()
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the recipes' precision on a GPU
         assert torch.isfinite(conv(torch.randn(2, 3, 32, 32)).float()).all()
-
-
-def test_patch_dropout_keeps_the_cls_token_and_a_random_share_of_patch_tokens_in_training_only():
-    """PatchDropout (Liu et al. 2023): in training the blocks see the CLS token and `token_keep` of the patch tokens,
-    a new random subset per image and step, each with its own position embedding; in eval every token."""
-    torch.manual_seed(0)
-    model = ViTModel(num_classes=10, norm_first=True, lsa=True, stem="conv", pool="mean", token_keep=0.25, drop=0.0,
-                     **{**TINY, "patch_size": 4}).eval()  # 8 x 8 = 64 patch tokens, 16 kept
-    assert model.config.kept_patches == 16
-    seen = []
-    model.vit_encoder.encoder.layers[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
-    x = torch.randn(3, 3, 32, 32)
-    with torch.no_grad():
-        tokens = model.vit_encoder.embedding(x)  # [B, 65, D]: every token, as the blocks would see it in eval
-        model.train()
-        model(x)
-        model(x)
-        model.eval()
-        model(x)
-    first, second, evaluated = seen
-    assert first.shape == second.shape == (3, 17, 32) and evaluated.shape == (3, 65, 32)
-    torch.testing.assert_close(evaluated, tokens)
-    torch.testing.assert_close(first[:, 0], tokens[:, 0])  # the CLS token is always kept
-    for kept in (first, second):
-        for image in range(3):  # every kept token is one of the image's own tokens, none twice, in their order
-            match = (kept[image, 1:, None, :] == tokens[image, None, 1:, :]).all(-1)  # [16, 64]
-            assert (match.sum(1) == 1).all()
-            positions = match.float().argmax(1)
-            assert (positions.diff() > 0).all()
-    assert not torch.equal(first, second) and not torch.equal(first[0], first[1])  # new draws per step and image
-
-
-def test_patch_dropout_is_a_training_choice_outside_the_encoder_signature_and_the_state_dict():
-    plain, dropped = ViTModel(num_classes=10, **TINY), ViTModel(num_classes=10, token_keep=0.5, **TINY)
-    assert plain.config.encoder_signature() == dropped.config.encoder_signature()
-    assert plain.state_dict().keys() == dropped.state_dict().keys()
-    assert ViTModel(num_classes=10, token_keep=1e-3, **TINY).config.kept_patches == 1  # at least one patch token

@@ -13,8 +13,9 @@ moves), the garbage collector's calls (the pipeline's after every epoch, `AppEst
 the rest (the loop itself, the loader's batches). Each region's time excludes the regions timed inside it. On a GPU
 every timed region ends with `torch.cuda.synchronize()`, so GPU work counts in the region that queued it; that makes
 the steps wait for each other, so the parts are an attribution of the time, not the run's speed
-(benchmarks/time_to_accuracy.py and benchmarks/throughput.py measure that). With --torch_profiler the last train
-epoch and its eval also run under `torch.profiler`, whose top operators are printed.
+(benchmarks/time_to_accuracy.py and benchmarks/throughput.py measure that). With --torch_profiler the last
+train epoch and the last eval epoch each run under `torch.profiler`: printed for each, its wall time, the GPU kernels'
+summed time (the share of the wall time the GPU was busy) and the top operators.
 Measured: docs/performance.md.
 """
 import argparse
@@ -26,12 +27,13 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import apphub_vit  # noqa: E402,F401  (FastEstimator compatibility fixes)
 import torch  # noqa: E402
+from fastestimator.trace import Trace  # noqa: E402
 from fastestimator.util.cli_util import parse_cli_to_dictionary  # noqa: E402
 
 from apphub_vit import finetune  # noqa: E402
@@ -178,6 +180,54 @@ def report(summary: Dict[str, Dict[str, Dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
+def device_seconds(events: Sequence[Any]) -> float:
+    """Seconds of the GPU's own events (kernels, copies) among a profile's averages, as torch's table totals them: a
+    CPU op also carries its kernels' time, so counting it too would count every kernel twice."""
+    return sum(e.self_device_time_total for e in events
+               if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation) / 1e6
+
+
+def profiler_report(mode: str, prof: torch.profiler.profile, wall: float, rows: int = 25) -> str:
+    """One profiled epoch: its wall time, the GPU kernels' summed time (how busy the GPU was: a share far below 100%
+    says the epoch waits on the host) and the top operators by GPU time (CPU time on a CPU)."""
+    events = prof.key_averages()
+    cuda = torch.cuda.is_available()
+    lines = [f"\n{mode} epoch under torch.profiler: wall {wall:.4f} s"]
+    if cuda:
+        kernels = device_seconds(events)
+        lines[0] += f", GPU kernels {kernels:.4f} s ({kernels / wall:.0%} of the wall time)"
+    lines.append(events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=rows))
+    return "\n".join(lines)
+
+
+class TorchProfiler(Trace):
+    """torch.profiler around the last train epoch and, separately, the last eval epoch; each is printed when it ends.
+    `instrument`'s synchronizes run inside them too, so the GPU's busy share is that of the timed run (a lower bound
+    for an untimed one)."""
+    def __init__(self, epoch: int) -> None:
+        super().__init__(mode=["train", "eval"])
+        self.epoch = epoch
+        self.prof: Optional[torch.profiler.profile] = None
+        self.start = 0.0
+
+    def on_epoch_begin(self, data: Any) -> None:
+        if self.system.epoch_idx == self.epoch:
+            activities = [torch.profiler.ProfilerActivity.CPU] + (
+                [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self.prof = torch.profiler.profile(activities=activities)
+            _sync()
+            self.prof.__enter__()
+            self.start = time.perf_counter()
+
+    def on_epoch_end(self, data: Any) -> None:
+        if self.prof is not None:
+            _sync()
+            wall = time.perf_counter() - self.start
+            self.prof.__exit__(None, None, None)
+            print(profiler_report(self.system.mode, self.prof, wall), flush=True)
+            self.prof = None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_dir", default=None, help="a local CIFAR-10 folder (cifar-10-batches-py or its parent)")
@@ -186,7 +236,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--budget", choices=("full", "tiny"), default="full",
                         help="full: the app on --data_dir; tiny: generated data, a 1-layer ViT (smoke test)")
     parser.add_argument("--torch_profiler", action="store_true",
-                        help="also run the last train and eval epochs under torch.profiler and print its top ops")
+                        help="also run the last train epoch and the last eval epoch under torch.profiler and print, "
+                             "for each, the GPU's busy share and the top ops")
     parser.add_argument("--save_dir", default=None, help="the run's folder (default: a new temporary folder)")
     args, app_args = parser.parse_known_args(argv)
     if args.epochs < 2:
@@ -203,27 +254,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     estimator = finetune.get_estimator(from_scratch=True, epochs=args.epochs, save_dir=save_dir, **options)
     profile = instrument(estimator)
     if args.torch_profiler:
-        from fastestimator.trace import Trace
-
-        class Profiler(Trace):
-            """torch.profiler around the last train epoch and its eval."""
-            def __init__(self) -> None:
-                super().__init__(mode=["train", "eval"])
-                self.prof: Optional[torch.profiler.profile] = None
-
-            def on_epoch_begin(self, data: Any) -> None:
-                if self.system.epoch_idx == args.epochs and self.system.mode == "train":
-                    activities = [torch.profiler.ProfilerActivity.CPU] + (
-                        [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-                    self.prof = torch.profiler.profile(activities=activities)
-                    self.prof.__enter__()
-
-            def on_end(self, data: Any) -> None:
-                if self.prof is not None:
-                    self.prof.__exit__(None, None, None)
-                    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-                    print(self.prof.key_averages().table(sort_by=sort, row_limit=25), flush=True)
-        estimator.traces.append(Profiler())
+        estimator.traces.append(TorchProfiler(args.epochs))
     with timed_gc(profile):
         estimator.fit()
     summary = summarize(profile)

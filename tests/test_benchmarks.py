@@ -237,6 +237,34 @@ def test_epoch_profile_times_every_part_of_an_epoch_once(tmp_path, capsys):
     assert "| network steps (run_step) |" in text and "eval epochs" in text
 
 
+def test_epoch_profile_profiles_the_last_train_and_eval_epochs_apart(tmp_path, capsys):
+    import epoch_profile
+    argv = ["--budget", "tiny", "--epochs", "2", "--torch_profiler", "--save_dir", str(tmp_path)]
+    assert epoch_profile.main(argv) == 0
+    text = capsys.readouterr().out
+    # one report per mode, each with its own operator table (the eval one holds no backward pass)
+    train, eval_ = text.split("\ntrain epoch under torch.profiler: wall ")[1:], text.split(
+        "\neval epoch under torch.profiler: wall ")[1:]
+    assert len(train) == 1 and len(eval_) == 1
+    eval_table = eval_[0].split("\ntrain epochs")[0]
+    assert "aten::addmm" in eval_table and "backward" not in eval_table.lower()
+    assert "backward" in train[0].split("\neval epoch under")[0].lower()
+
+
+def test_epoch_profile_counts_each_gpu_kernel_once():
+    from types import SimpleNamespace
+
+    import epoch_profile
+    from torch.autograd import DeviceType
+
+    def event(device_type, us, annotation=False):
+        return SimpleNamespace(device_type=device_type, self_device_time_total=us, is_user_annotation=annotation)
+    # a CPU op that launched a 300 us kernel carries its time too; so does a user's annotation around them
+    events = [event(DeviceType.CPU, 300.0), event(DeviceType.CUDA, 300.0), event(DeviceType.CUDA, 300.0, True),
+              event(DeviceType.CUDA, 200.0)]
+    assert epoch_profile.device_seconds(events) == pytest.approx(500e-6)
+
+
 def test_epoch_profile_needs_two_epochs_and_data(capsys):
     import epoch_profile
     with pytest.raises(SystemExit):

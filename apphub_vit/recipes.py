@@ -38,7 +38,7 @@ DECAY = ("all", "matrices")  # weight decay on every parameter, or not on `ViTMo
 SCHEDULES = ("constant", "warmup_cosine")  # after the linear warmup: hold the lr, or a cosine decay per step to min_lr
 # the ViTConfig fields a recipe or a user may set (image size and channels belong to the data set)
 MODEL_FIELDS = ("num_layers", "em_dim", "num_heads", "ff_dim", "patch_size", "norm_first", "pool", "drop",
-                "drop_path", "spt", "lsa", "stem")
+                "drop_path", "spt", "lsa", "stem", "drloc")
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,7 @@ CHECKS: Dict[str, Callable[[str, Any], Any]] = {
     "stem": lambda n, v: options.choice(n, v, STEMS),
     "drop": _rate,
     "drop_path": _rate,
+    "drloc": options.number,
 }
 
 

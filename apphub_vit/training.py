@@ -99,6 +99,13 @@ class SmoothLabels(TensorOp):
         return smooth_one_hot(data, self.num_classes, self.smoothing, torch.float32)
 
 
+class AddLoss(TensorOp):
+    """The sum of two losses (the cross-entropy and a model's auxiliary loss) as the one the update minimises."""
+    def forward(self, data: List[torch.Tensor], state: Dict[str, Any]) -> torch.Tensor:
+        main, auxiliary = data
+        return main + auxiliary
+
+
 def classifier_network(model: torch.nn.Module, augment_ops: List[TensorOp], num_classes: int, recipe: Recipe,
                        hw: Hardware, train_label: str = "y", teacher: Optional[torch.nn.Module] = None,
                        average: Optional[WeightAverage] = None) -> fe.Network:
@@ -117,10 +124,16 @@ def classifier_network(model: torch.nn.Module, augment_ops: List[TensorOp], num_
                 DistillTargets(inputs=(train_label, "y_teacher"), outputs="y_distill", weight=recipe.distill,
                                smoothing=recipe.label_smoothing)]
         train_label = "y_distill"
-    return DeviceNetwork(ops=ops + [
-        ModelOp(model=model, inputs="x", outputs="y_pred"),
+    if recipe.model.drloc:  # the model also returns its weighted auxiliary loss in training (networks/drloc.py)
+        forward = [ModelOp(model=model, inputs="x", outputs=("y_pred", "drloc"), mode="train"),
+                   ModelOp(model=model, inputs="x", outputs="y_pred", mode="!train")]
+        objective = [AddLoss(inputs=("ce", "drloc"), outputs="ce", mode="train")]
+    else:
+        forward, objective = [ModelOp(model=model, inputs="x", outputs="y_pred")], []
+    return DeviceNetwork(ops=ops + forward + [
         CrossEntropy(inputs=("y_pred", train_label), outputs="ce", from_logits=True, mode="train"),
         CrossEntropy(inputs=("y_pred", "y"), outputs="ce", from_logits=True, mode="!train"),
+        *objective,  # in training "ce" is then the objective: the cross-entropy plus the weighted auxiliary loss
         DistributedUpdateOp(model=model, loss_name="ce"),  # UpdateOp, its gradients averaged over torchrun's ranks
     ] + ([EMAUpdate(average)] if average is not None else []),
         autocast_dtype=torch.bfloat16 if hw.precision == "bf16" else None, cuda_graph=hw.cuda_graph)

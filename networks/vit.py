@@ -21,17 +21,22 @@ invisible to checkpoints:
   per halving of the resolution a 3x3 Conv2d, ReLU and a 3x3 max-pool of stride 2, so patch 4 gives two stages and
   the same 8x8 tokens; the early convolutions of Xiao et al. 2021 ("Early Convolutions Help Transformers See
   Better") in CCT's form, made for small data sets;
+* `drloc` > 0 adds Liu et al. 2021's dense relative localization (networks/drloc.py): in training the model also
+  returns that weight times the auxiliary loss, `(logits, loss)`, as timm's distilled ViT returns two heads' outputs
+  in training only; eval and inference return the logits alone;
 * invalid configurations raise `ValueError` instead of an `assert`.
 
 Layout (timm `vision_transformer.py`): `ViTEmbeddings` -> `ViTEncoder.forward` (the pooled, layer-normalised
 embedding) -> `linear_classifier`.
 """
-from dataclasses import asdict, dataclass
-from typing import Any, Dict, Set
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Dict, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from networks.drloc import DenseRelativeLoc
 
 STEMS = ("patch", "conv")  # how the image becomes tokens (ViTEmbeddings)
 
@@ -53,6 +58,7 @@ class ViTConfig:
     lsa: bool = False  # Locality Self-Attention (Lee et al. 2021): learnt temperature per head, no attention to self
     spt: bool = False  # Shifted Patch Tokenization (Lee et al. 2021): diagonal half-patch shifts as extra channels
     stem: str = "patch"  # the tokens: one Conv2d of kernel = stride = patch ("patch") or CCT's 3x3 Conv2d ("conv")
+    drloc: float = 0.0  # weight of the dense relative localization loss in training (Liu et al. 2021; 0: no head)
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "image_size", "patch_size", "num_channels", "em_dim", "num_heads", "ff_dim"):
@@ -88,6 +94,9 @@ class ViTConfig:
         for name in ("drop", "drop_path"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"ViT {name} must be in [0, 1), got {getattr(self, name)!r}")
+        if isinstance(self.drloc, bool) or not isinstance(self.drloc, (int, float)) or not self.drloc >= 0:
+            raise ValueError(f"ViT drloc is the weight of the dense relative localization loss: a number >= 0 (0: "
+                             f"off), got {self.drloc!r}")
 
     @property
     def num_patches(self) -> int:
@@ -95,9 +104,9 @@ class ViTConfig:
 
     def encoder_signature(self) -> Dict[str, Any]:
         """The fields that define the encoder's function (what must match to transfer an encoder): everything but the
-        regularisation rates and `pool` (how the head reads the tokens: a finetuning choice). `norm_first` changes no
-        weight shape but changes what the weights compute."""
-        return {k: v for k, v in asdict(self).items() if k not in ("drop", "drop_path", "pool")}
+        regularisation rates, `pool` (how the head reads the tokens: a finetuning choice) and `drloc` (an auxiliary
+        head beside the classifier's). `norm_first` changes no weight shape but changes what the weights compute."""
+        return {k: v for k, v in asdict(self).items() if k not in ("drop", "drop_path", "pool", "drloc")}
 
 
 def conv_stem(num_channels: int, em_dim: int, patch_size: int) -> nn.Sequential:
@@ -271,10 +280,15 @@ class ViTEncoder(nn.Module):
         self.encoder = TransformerStack(self.config)
         self.layernorm = nn.LayerNorm(em_dim, eps=1e-6)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> [B, em_dim]
-        x = self.encoder(self.embedding(x))  # [B, num_patches + 1, em_dim]
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> [B, num_patches + 1, em_dim]
+        return self.encoder(self.embedding(x))  # the last layer's output, CLS first
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:  # [B, num_patches + 1, em_dim] -> [B, em_dim]
         # the CLS token, or the average of the patch tokens (the CLS token stays in the sequence either way)
-        return self.layernorm(x[:, 0] if self.config.pool == "cls" else x[:, 1:].mean(1))  # [B, em_dim]
+        return self.layernorm(x[:, 0] if self.config.pool == "cls" else x[:, 1:].mean(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> [B, em_dim]
+        return self.pool(self.forward_tokens(x))
 
 
 class ViTModel(nn.Module):
@@ -282,7 +296,7 @@ class ViTModel(nn.Module):
     def __init__(self, num_classes: int, num_layers: int = 12, image_size: int = 224, patch_size: int = 16,
                  num_channels: int = 3, em_dim: int = 768, drop: float = 0.1, num_heads: int = 12, ff_dim: int = 3072,
                  norm_first: bool = False, drop_path: float = 0.0, pool: str = "cls", lsa: bool = False,
-                 spt: bool = False, stem: str = "patch") -> None:
+                 spt: bool = False, stem: str = "patch", drloc: float = 0.0) -> None:
         super().__init__()
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
             raise ValueError(f"ViTModel num_classes must be a positive integer, got {num_classes!r}")
@@ -291,6 +305,8 @@ class ViTModel(nn.Module):
                                       ff_dim=ff_dim, norm_first=norm_first, drop_path=drop_path, pool=pool, lsa=lsa,
                                       spt=spt, stem=stem)
         self.linear_classifier = nn.Linear(em_dim, num_classes)
+        self._config = replace(self.vit_encoder.config, drloc=drloc)  # the encoder's fields and this model's own
+        self.relative_loc = DenseRelativeLoc(em_dim, image_size // patch_size) if self._config.drloc > 0 else None
 
     @classmethod
     def from_config(cls, num_classes: int, cfg: ViTConfig) -> "ViTModel":
@@ -298,7 +314,7 @@ class ViTModel(nn.Module):
 
     @property
     def config(self) -> ViTConfig:
-        return self.vit_encoder.config
+        return self._config
 
     def no_weight_decay(self) -> Set[str]:
         """Names of the parameters that timm and DeiT leave out of weight decay: biases, every LayerNorm's scale and
@@ -314,5 +330,10 @@ class ViTModel(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.vit_encoder(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> [B, num_classes] logits
-        return self.linear_classifier(self.forward_features(x))
+    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """[B, C, H, W] -> [B, num_classes] logits; in training with `drloc`, (logits, drloc * its loss)."""
+        if self.relative_loc is None or not self.training:
+            return self.linear_classifier(self.forward_features(x))
+        tokens = self.vit_encoder.forward_tokens(x)  # [B, num_patches + 1, em_dim]
+        logits = self.linear_classifier(self.vit_encoder.pool(tokens))  # [B, num_classes]
+        return logits, self._config.drloc * self.relative_loc(tokens[:, 1:])

@@ -326,6 +326,24 @@ def test_stochastic_depth_is_off_by_default_and_drop_path_turns_it_back_on(tmp_p
     assert not all(torch.equal(deep(x), deep(x)) for _ in range(5))  # a branch dropped in some pass
 
 
+def test_relative_localization_is_off_by_default_and_drloc_trains_its_head_through_the_app(tmp_path):
+    default = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "a"), from_scratch=True,
+                                         **TINY_RUN, **TINY_VIT)
+    assert default.model.config.drloc == 0 and default.model.relative_loc is None
+    estimator = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "b"), from_scratch=True,
+                                           drloc=0.5, **TINY_RUN, **TINY_VIT)
+    head = [p.detach().clone() for p in estimator.model.relative_loc.parameters()]
+    estimator.fit()
+    # the auxiliary loss is part of what the update minimises: its head, used by nothing else, has learnt
+    assert all(not torch.equal(before, after.detach().cpu())
+               for before, after in zip(head, estimator.model.relative_loc.parameters()))
+    record = read_record(str(tmp_path / "b" / RECORD_FILE))
+    assert record["hparams"]["recipe"]["model"]["drloc"] == 0.5 and record["final_accuracy"] is not None
+    with pytest.raises(ValueError, match=r"drloc must be a number in \[0.0, inf\]"):
+        finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "c"), from_scratch=True,
+                                   drloc=-1, **TINY_RUN, **TINY_VIT)
+
+
 def test_weight_decay_spares_biases_norms_and_embeddings_unless_decay_all(tmp_path):
     def build(folder, **kw):
         return finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / folder), from_scratch=True,

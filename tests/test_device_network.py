@@ -269,6 +269,23 @@ def test_mnist_app_trains_with_the_graph_on_a_gpu():
 
 
 @needs_cuda
+def test_relative_localization_trains_inside_the_captured_step(tmp_path):
+    """The dense relative localization head (`networks.drloc`: randint, gather, its MLP) in the compiled step
+    captured as a CUDA graph: captured once, its head trained, and evaluated on the logits alone."""
+    from apphub_vit import finetune
+    from tests.conftest import TINY_RUN, TINY_VIT
+    est = finetune.get_estimator(dataset="synthetic", save_dir=str(tmp_path), from_scratch=True, drloc=0.5,
+                                 **{**TINY_RUN, "epochs": 2, "train_steps_per_epoch": 8}, **TINY_VIT)
+    assert est.network.cuda_graph and est.model.relative_loc is not None
+    before = [p.detach().cpu().clone() for p in est.model.relative_loc.parameters()]
+    summary = est.fit(summary="keep", warmup=False)
+    assert est.network.graph_failure is None and est.network.graph_captures == 1
+    assert all(not torch.equal(b, p.detach().cpu()) for b, p in zip(before, est.model.relative_loc.parameters()))
+    ce = [float(c) for c in summary.history["eval"]["ce"].values()]
+    assert len(ce) == 2 and all(math.isfinite(c) for c in ce)
+
+
+@needs_cuda
 def test_the_conv_stem_trains_compiled_with_the_fused_optimizer():
     """The default recipe's conv stem, compiled, one step of its fused AdamW. In the app's full-size runs the compiled
     backward laid the stem's weight gradients out channels_last and the fused AdamW refused them ("must have same

@@ -89,6 +89,8 @@ def test_apphub_checkpoint_loads_and_computes_the_same_function():
     (dict(stem="convolution"), "stem must be 'patch' .* or 'conv'"),
     (dict(stem="conv", image_size=28, patch_size=7), "patch_size must be a power of 2 .* got 7"),
     (dict(stem="conv", spt=True), "use spt=False with stem='conv'"),
+    (dict(drloc=-0.1), "drloc is the weight .* a number >= 0"),
+    (dict(drloc=True), "drloc is the weight .* a number >= 0"),
 ])
 def test_invalid_configurations_raise_clear_value_errors(bad, message):
     with pytest.raises(ValueError, match=message):
@@ -283,3 +285,47 @@ def test_conv_stem_replaces_the_patch_conv_in_the_state_dict_and_the_encoder_sig
     assert plain.config.encoder_signature() != conv.config.encoder_signature()
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the recipes' precision on a GPU
         assert torch.isfinite(conv(torch.randn(2, 3, 32, 32)).float()).all()
+
+
+def test_relative_localization_regresses_each_pairs_offset_on_the_token_grid():
+    """Liu et al. 2021's targets: for two tokens of a side x side grid (row-major), their row and column offsets. A
+    predictor that reads each token's position from its embedding and subtracts has zero loss; one that mixes up rows
+    and columns does not."""
+    from networks.drloc import DenseRelativeLoc
+    torch.manual_seed(0)
+    side = 5
+    head = DenseRelativeLoc(em_dim=4, side=side, pairs=50)
+    rows, cols = torch.arange(side * side) // side, torch.arange(side * side) % side
+    tokens = torch.stack([rows, cols, torch.zeros_like(rows), torch.zeros_like(rows)], -1).float().expand(3, -1, -1)
+    exact = nn.Linear(8, 2, bias=False)
+    with torch.no_grad():
+        exact.weight.copy_(torch.tensor([[1., 0, 0, 0, -1, 0, 0, 0], [0, 1, 0, 0, 0, -1, 0, 0]]))
+    head.mlp = exact
+    assert head(tokens).item() == 0.0
+    with torch.no_grad():
+        exact.weight.copy_(exact.weight.flip(0))  # columns predicted as rows
+    assert head(tokens).item() > 0.5
+    with pytest.raises(ValueError, match="expects 5 x 5 = 25 patch tokens, got 24"):
+        head(tokens[:, 1:])
+
+
+def test_relative_localization_adds_a_training_loss_and_leaves_eval_and_the_encoder_alone():
+    torch.manual_seed(0)
+    plain, aux = ViTModel(num_classes=10, **TINY), ViTModel(num_classes=10, drloc=0.5, **TINY)
+    assert plain.relative_loc is None and aux.config.drloc == 0.5
+    assert plain.config.encoder_signature() == aux.config.encoder_signature()
+    assert all(k.startswith("relative_loc.") for k in aux.state_dict().keys() - plain.state_dict().keys())
+    assert plain.state_dict().keys() <= aux.state_dict().keys()
+    x = torch.randn(3, 3, 32, 32)
+    logits, loss = aux.train()(x)
+    assert logits.shape == (3, 10) and loss.shape == () and loss.item() > 0
+    (logits.sum() + loss).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in aux.parameters())
+    assert all(p.grad.abs().sum() > 0 for p in aux.relative_loc.parameters())
+    aux.eval()
+    with torch.no_grad():  # eval: the logits alone, as the model without the head computes them
+        torch.testing.assert_close(aux(x), aux.linear_classifier(aux.forward_features(x)))
+    # the apphub-size conv-stem model stays within 3.5M parameters with the head
+    big = ViTModel.from_config(10, ViTConfig(num_layers=6, em_dim=256, num_heads=8, ff_dim=512, patch_size=4,
+                                             stem="conv", lsa=True, norm_first=True, pool="mean", drloc=0.1))
+    assert sum(p.numel() for p in big.parameters()) <= 3_500_000

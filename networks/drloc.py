@@ -4,9 +4,11 @@ Follows Liu et al. 2021, "Efficient Training of Visual Transformers with Small D
 from the last layer's grid of patch tokens, pairs of tokens are drawn at random and a small MLP on each pair's two
 embeddings predicts their offset on the grid (rows, columns), with an L1 loss. The task needs spatial knowledge that
 the classification loss alone does not ask for, and is learnt from the same images without labels. As in the authors'
-code: uniform pairs (with replacement), the raw transformer outputs (before the final norm), offsets in grid units,
-L1 regression. Their MLP is 2 x 512 wide; this one is em_dim / 2 wide, which keeps the apphub-size ViT within 3.5M
-parameters. It is used in training only.
+code and training script (`--drloc_mode l1 --use_abs`): uniform pairs (with replacement), the raw transformer
+outputs (before the final norm), the absolute row and column offsets in grid units, L1 regression. Two differences:
+their MLP is 2 x 512 wide, this one em_dim / 2 (which keeps the apphub-size ViT within 3.5M parameters); and their
+script ramps the loss's weight up over 20 epochs and then down, where here it is constant (a weight that changes
+between epochs would be one more device tensor for the captured step). Used in training only.
 """
 import torch
 import torch.nn as nn
@@ -34,5 +36,5 @@ class DenseRelativeLoc(nn.Module):
         pick = (lambda idx: tokens.gather(1, idx.unsqueeze(-1).expand(-1, -1, d)))  # [B, P] -> [B, P, D]
         predicted = self.mlp(torch.cat([pick(first), pick(second)], dim=-1))  # [B, P, 2]
         offset = torch.stack([first // self.side - second // self.side, first % self.side - second % self.side],
-                             dim=-1)  # [B, P, 2]: rows, columns
+                             dim=-1).abs()  # [B, P, 2]: how many rows and columns apart
         return F.l1_loss(predicted.float(), offset.float())

@@ -332,8 +332,8 @@ class ViTModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         """[B, C, H, W] -> [B, num_classes] logits; in training with `drloc`, (logits, drloc * its loss)."""
-        if self.relative_loc is None or not self.training:
-            return self.linear_classifier(self.forward_features(x))
         tokens = self.vit_encoder.forward_tokens(x)  # [B, num_patches + 1, em_dim]
         logits = self.linear_classifier(self.vit_encoder.pool(tokens))  # [B, num_classes]
+        if self.relative_loc is None or not self.training:
+            return logits
         return logits, self._config.drloc * self.relative_loc(tokens[:, 1:])

@@ -112,6 +112,14 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
                          "Pass a model saved by a run, e.g. <save_dir>/<model>_best_accuracy.pt.",
                          inside="<model>_best_accuracy.pt")
     target = unwrap(model)
+    optional = tuple(getattr(target, "training_only", ()))
+    if isinstance(state, dict) and optional:
+        # parts only training uses may be in the file or not: the file's are dropped where this model has none, and
+        # this model keeps its own (fresh) ones where the file has none
+        own = target.state_dict()
+        is_optional = (lambda key: isinstance(key, str) and key.startswith(optional))
+        state = {**{k: v for k, v in own.items() if is_optional(k)},
+                 **{k: v for k, v in state.items() if not is_optional(k) or k in own}}
     problems = state_dict_mismatches(target.state_dict(), state) if isinstance(state, dict) else ["not a state_dict"]
     if problems:
         raise ValueError(f"weights_path '{path}' does not fit this model: {'; '.join(problems)}. Pass the architecture "

@@ -18,7 +18,8 @@ The CIFAR recipes (`VIT_RECIPES`):
   "Vision Transformer for Small-Size Datasets" (Lee et al. 2021) and Compact Convolutional Transformers (Hassani et
   al. 2021): the same size with pre-norm blocks, no dropout, a head on the mean of the tokens, CCT's convolutional
   tokenizer as the stem (two 3x3 Conv2d + max-pool stages: the same 8x8 tokens as patch 4) and Lee et al.'s Locality
-  Self-Attention; AdamW lr 2e-3 at batch 256, weight decay 0.2 on the weight matrices only (timm's and DeiT's
+  Self-Attention, with Liu et al. 2021's dense relative localization loss (weight 0.5) beside the classifier in
+  training; AdamW lr 2e-3 at batch 256, weight decay 0.2 on the weight matrices only (timm's and DeiT's
   split), 10 warmup epochs then a cosine decay per step, label smoothing 0.1, AutoAugment's CIFAR-10 policy before
   the six ops, and DeiT's hard-label distillation (weight 0.5) from a ResNet-9 teacher trained first for 12 epochs on
   the same images. The teacher is for a ViT that learns from random weights: a pretrained encoder finetunes without
@@ -133,7 +134,8 @@ VIT_RECIPES = {
     "apphub": Recipe("apphub", model=ViTConfig(), epochs=100, batch_size=128, optimizer="sgd", lr=0.01,
                      weight_decay=1e-4, decay="all", schedule="constant", warmup_epochs=0.0, min_lr=0.0,
                      label_smoothing=0.0, augment="apphub"),
-    "vit": Recipe("vit", model=ViTConfig(norm_first=True, drop=0.0, pool="mean", stem="conv", lsa=True), epochs=100,
+    "vit": Recipe("vit", model=ViTConfig(norm_first=True, drop=0.0, pool="mean", stem="conv", lsa=True, drloc=0.5),
+                  epochs=100,
                   batch_size=256, optimizer="adamw", lr=2e-3, weight_decay=0.2, decay="matrices",
                   schedule="warmup_cosine", warmup_epochs=10.0, min_lr=0.0, label_smoothing=0.1,
                   augment="autoaugment", distill=0.5),

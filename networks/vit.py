@@ -293,6 +293,10 @@ class ViTEncoder(nn.Module):
 
 class ViTModel(nn.Module):
     """`ViTEncoder` followed by a linear head. Arguments and defaults as the apphub's `ViTModel` (ViT-B/16 sizes)."""
+    # state_dict prefixes of what only training uses (the relative-localization head): a saved model loads for eval
+    # and further training whether it has them or not (apphub_vit.common.load_weights)
+    training_only: Tuple[str, ...] = ("relative_loc.", )
+
     def __init__(self, num_classes: int, num_layers: int = 12, image_size: int = 224, patch_size: int = 16,
                  num_channels: int = 3, em_dim: int = 768, drop: float = 0.1, num_heads: int = 12, ff_dim: int = 3072,
                  norm_first: bool = False, drop_path: float = 0.0, pool: str = "cls", lsa: bool = False,

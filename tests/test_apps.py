@@ -312,9 +312,9 @@ def test_boolean_options_take_the_command_lines_spellings(tmp_path):
 
 
 def test_stochastic_depth_is_off_by_default_and_drop_path_turns_it_back_on(tmp_path):
-    def build(folder, **kw):
+    def build(folder, **kw):  # without the relative-localization head, whose random token pairs are another draw
         return finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / folder), from_scratch=True,
-                                          **kw, **TINY_RUN, **TINY_VIT).model.train()
+                                          drloc=0, **kw, **TINY_RUN, **TINY_VIT).model.train()
 
     x = torch.randn(8, 3, 32, 32)
     default = build("a")  # recipe "vit": no dropout and no stochastic depth, so training mode is deterministic
@@ -326,12 +326,15 @@ def test_stochastic_depth_is_off_by_default_and_drop_path_turns_it_back_on(tmp_p
     assert not all(torch.equal(deep(x), deep(x)) for _ in range(5))  # a branch dropped in some pass
 
 
-def test_relative_localization_is_off_by_default_and_drloc_trains_its_head_through_the_app(tmp_path):
-    default = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "a"), from_scratch=True,
-                                         **TINY_RUN, **TINY_VIT)
-    assert default.model.config.drloc == 0 and default.model.relative_loc is None
+def test_relative_localization_is_on_in_recipe_vit_and_trains_its_head_through_the_app(tmp_path):
+    off = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "a"), from_scratch=True, drloc=0,
+                                     **TINY_RUN, **TINY_VIT)
+    assert off.model.config.drloc == 0 and off.model.relative_loc is None
+    apphub = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "d"), from_scratch=True,
+                                        recipe="apphub", **TINY_RUN, **TINY_VIT)
+    assert apphub.model.relative_loc is None  # the seed's recipe has no such head
     estimator = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "b"), from_scratch=True,
-                                           drloc=0.5, **TINY_RUN, **TINY_VIT)
+                                           **TINY_RUN, **TINY_VIT)  # the default recipe, no flag: weight 0.5
     head = [p.detach().clone() for p in estimator.model.relative_loc.parameters()]
     estimator.fit()
     # the auxiliary loss is part of what the update minimises: its head, used by nothing else, has learnt
@@ -342,6 +345,27 @@ def test_relative_localization_is_off_by_default_and_drloc_trains_its_head_throu
     with pytest.raises(ValueError, match=r"drloc must be a number in \[0.0, inf\]"):
         finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "c"), from_scratch=True,
                                    drloc=-1, **TINY_RUN, **TINY_VIT)
+
+
+def test_a_saved_model_loads_with_or_without_the_training_only_head(tmp_path):
+    """`weights_path` files without a run_record.json beside them: one saved without the relative-localization head
+    (`drloc` 0, the default before) loads into the default, which keeps its fresh head; one saved with it loads into a
+    model without it. Any other difference is still refused."""
+    def build(folder, **kw):
+        return finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / folder), **kw, **TINY_RUN,
+                                          **TINY_VIT).model
+
+    plain = build("a", from_scratch=True, drloc=0)
+    torch.save(plain.state_dict(), tmp_path / "plain.pt")
+    with_head = build("b", weights_path=str(tmp_path / "plain.pt"))
+    assert with_head.relative_loc is not None
+    kept = {k: v for k, v in with_head.state_dict().items() if not k.startswith("relative_loc.")}
+    assert kept.keys() == plain.state_dict().keys() and all(torch.equal(v, plain.state_dict()[k]) for k, v in kept.items())
+    torch.save(with_head.state_dict(), tmp_path / "head.pt")
+    back = build("c", weights_path=str(tmp_path / "head.pt"), drloc=0)
+    assert back.relative_loc is None and all(torch.equal(v, kept[k]) for k, v in back.state_dict().items())
+    with pytest.raises(ValueError, match="does not fit this model: .*attn_scale"):
+        build("d", weights_path=str(tmp_path / "head.pt"), lsa=False)
 
 
 def test_weight_decay_spares_biases_norms_and_embeddings_unless_decay_all(tmp_path):

@@ -77,14 +77,14 @@ class ConstantTeacher(torch.nn.Module):
 @pytest.mark.parametrize("distill", [0.0, 0.5, 1.0])
 def test_the_students_loss_takes_the_teachers_labels_by_the_distill_weight(distill):
     base = VIT_RECIPES["vit"]
-    recipe = replace(base, model=replace(base.model, **TINY_SHAPE, spt=False, lsa=False), distill=distill,
+    recipe = replace(base, model=replace(base.model, **TINY_SHAPE, spt=False, lsa=False, drloc=0.0), distill=distill,
                      label_smoothing=0.0, lr=0.0)
     hw = resolve_hardware(recipe)
     student = build_vit("student", 10, recipe, hw)
     teacher = fe.build(model_fn=lambda: ConstantTeacher(7, 10).requires_grad_(False), optimizer_fn=None,
                        model_name="teacher")
     before = teacher.logits.detach().clone()
-    network = classifier_network(student, [], 10, recipe, hw, teacher=teacher if distill else None)
+    network = classifier_network(student, [], 10, recipe, hw, teacher=teacher if distill else None)  # "ce": CE alone
     x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % 3  # true labels 0..2, the teacher says 7
     batch = network.transform({"x": x, "y": y}, mode="train")
     logits = batch["y_pred"].float()

@@ -33,8 +33,8 @@ after `fit()` and `test()`). Everything that changes the weights between epochs 
 `keep_on_device=False` the graph is dropped at the end of every epoch and captured again at the first step of the next
 (each capture reuses one side stream and first returns the last graph's memory pool to the GPU, so memory stays flat
 over epochs). What it needs: fixed shapes (a batch of another shape runs uncaptured), no host syncs
-and no host-side randomness in the ops (so not MixUpCutMix, not fp16's GradScaler), and optimizers built with
-`capturable=True` (the apps do this). A capture that fails anyway (a sync in an op, out of memory) is reported and the
+and no host-side randomness in the ops (so not MixUpCutMix, not fp16's GradScaler), and optimizers a graph can replay:
+Adam / AdamW built with `capturable=True`, SGD with `fused=True` (the apps build them so on a GPU). A capture that fails anyway (a sync in an op, out of memory) is reported and the
 run goes on without the graph. More, with the bugs of capturing every epoch and their tests: docs/cuda-graphs.md.
 """
 import gc
@@ -54,6 +54,14 @@ def _to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_to_device(v, device) for v in value)
     return value
+
+
+def _capturable(optimizer: torch.optim.Optimizer, group: Dict[str, Any]) -> bool:
+    """Whether a captured step can run this optimizer's update of `group`: Adam / AdamW built with capturable=True
+    (their step count lives on the device), or SGD's fused kernel (torch has no capturable SGD; the fused one keeps no
+    step count and reads a tensor learning rate on the device, so nothing in its step waits for the host once the
+    momentum buffers exist, which the eager warm-up steps make)."""
+    return bool(group.get("capturable", False)) or (isinstance(optimizer, torch.optim.SGD) and bool(group.get("fused")))
 
 
 def _eval_output(value: torch.Tensor) -> torch.Tensor:
@@ -171,10 +179,10 @@ class DeviceNetwork(TorchNetwork):
             optimizer = model.current_optimizer
             if optimizer is None:
                 continue
-            if not all(group.get("capturable", False) for group in optimizer.param_groups):
-                raise ValueError(f"cuda_graph=True needs an optimizer built with capturable=True (model "
-                                 f"{model.model_name!r} has {type(optimizer).__name__} without it): pass "
-                                 f"capturable=True to the optimizer, or use cuda_graph=False")
+            if not all(_capturable(optimizer, group) for group in optimizer.param_groups):
+                raise ValueError(f"cuda_graph=True needs an optimizer a graph can replay (model {model.model_name!r} "
+                                 f"has {type(optimizer).__name__} without it): build Adam / AdamW with "
+                                 f"capturable=True or SGD with fused=True, or use cuda_graph=False")
             for group in optimizer.param_groups:
                 lrs.append((group, torch.tensor(float(group["lr"]), device=self.device)))
         data = dict(static_in)

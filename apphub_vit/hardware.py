@@ -36,11 +36,10 @@ class Hardware:
 
 def cuda_graph_blockers(recipe: Recipe, precision: str) -> List[str]:
     """Why a train step of this recipe cannot be a CUDA graph (empty: it can). A graph replays the step as captured:
-    fine for random draws on the device, not for MixUpCutMix's draws on the host (mix or cut, box size), fp16's
-    host-side inf check, or SGD (torch's SGD is not capturable)."""
+    fine for random draws on the device and for every optimizer the apps build on a GPU (AdamW / Adam capturable, SGD
+    fused), not for MixUpCutMix's draws on the host (mix or cut, box size) or fp16's host-side inf check."""
     return [why for why, blocks in (("MixUp/CutMix draws on the host (mix_prob > 0)", recipe.mix_prob > 0),
-                                    ("fp16 loss scaling syncs every step", precision == "fp16"),
-                                    (f"recipe {recipe.name!r} uses SGD", recipe.optimizer == "sgd")) if blocks]
+                                    ("fp16 loss scaling syncs every step", precision == "fp16")) if blocks]
 
 
 def resolve_hardware(recipe: Recipe, device_augment: Optional[bool] = None, precision: Optional[str] = None,

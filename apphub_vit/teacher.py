@@ -53,13 +53,15 @@ def train_teacher(train: Dict[str, np.ndarray], eval_data: Dict[str, np.ndarray]
                   reuse: bool = False, train_steps_per_epoch: Optional[int] = None) -> Dict[str, Any]:
     """Train a ResNet-9 on `train` ({"x": uint8 [N, 32, 32, 3], "y": [N]}) for `epochs`, measure it on `eval_data`,
     save it to `path` (if given) and return {"model": the frozen teacher (an `fe.build` model without optimiser, for a
-    `ModelOp`), "accuracy", "seconds", "epochs", "reused"}. reuse: load the teacher already at `path` (a resumed run's)
-    instead of training one."""
+    `ModelOp`), "accuracy", "seconds", "epochs", "reused", "cuda_graph" (whether its train step ran as a CUDA graph)}.
+    reuse: load the teacher already at `path` (a resumed run's) instead of training one. Its train step is a CUDA graph
+    where the student's may be one (`hw.cuda_graph`): its SGD is the fused one, which a graph can replay."""
     start = time.perf_counter()
     model = single_device(fe.build(model_fn=lambda: channels_last(ResNet9(num_classes), hw.gpu),
                                    optimizer_fn=lambda p: torch.optim.SGD(p, lr=TEACHER_LR, momentum=0.9,
                                                                           nesterov=True,
-                                                                          weight_decay=TEACHER_WEIGHT_DECAY),
+                                                                          weight_decay=TEACHER_WEIGHT_DECAY,
+                                                                          fused=hw.gpu),
                                    model_name="teacher"))
     reused = bool(reuse and path and os.path.exists(path))
     if reused:
@@ -72,7 +74,7 @@ def train_teacher(train: Dict[str, np.ndarray], eval_data: Dict[str, np.ndarray]
         ModelOp(model=model, inputs="x", outputs="y_pred"),
         CrossEntropy(inputs=("y_pred", "y"), outputs="ce", from_logits=True),
         UpdateOp(model=model, loss_name="ce"),
-    ], autocast_dtype=torch.bfloat16 if hw.precision == "bf16" else None)  # SGD cannot be captured: no CUDA graph
+    ], autocast_dtype=torch.bfloat16 if hw.precision == "bf16" else None, cuda_graph=hw.cuda_graph)
     held_out = BatchLoader(eval_data, hw.eval_batch_size, shuffle=False)
     pipeline = fe.Pipeline(train_data=BatchLoader(train, batch, shuffle=True, drop_last=True), eval_data=held_out,
                            test_data=held_out)
@@ -95,7 +97,8 @@ def train_teacher(train: Dict[str, np.ndarray], eval_data: Dict[str, np.ndarray]
                                      model_name="teacher"))
     seconds = time.perf_counter() - start
     print(f"apphub_vit: teacher accuracy {accuracy:.4f} on the eval images ({seconds:.1f} s)", flush=True)
-    return {"model": teacher, "accuracy": accuracy, "seconds": seconds, "epochs": epochs, "reused": reused}
+    return {"model": teacher, "accuracy": accuracy, "seconds": seconds, "epochs": epochs, "reused": reused,
+            "cuda_graph": network.graph_captures > 0}
 
 
 class DistillTargets(TensorOp):

@@ -33,9 +33,9 @@ def make_optimizer(recipe: Recipe, capturable: bool = False, no_decay: Optional[
         keep = [p for p in params if id(p) not in (no_decay or ())]
         return [group for group in ({"params": keep}, {"params": skip, "weight_decay": 0.0}) if group["params"]]
 
-    if recipe.optimizer == "sgd":
+    if recipe.optimizer == "sgd":  # fused on a GPU: one kernel, and the SGD a CUDA graph can replay
         return lambda params: torch.optim.SGD(groups(params), lr=recipe.lr, momentum=0.9,
-                                              weight_decay=recipe.weight_decay)
+                                              weight_decay=recipe.weight_decay, fused=torch.cuda.is_available())
     cls = torch.optim.AdamW if recipe.optimizer == "adamw" else torch.optim.Adam  # Adam: L2 in the gradient
     # fused: one kernel for all parameters on a GPU instead of a loop of small ones
     return lambda params: cls(groups(params), lr=recipe.lr, weight_decay=recipe.weight_decay,

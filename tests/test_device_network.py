@@ -19,9 +19,10 @@ from fastestimator.op.tensorop import TensorOp  # noqa: E402
 from fastestimator.op.tensorop.loss import CrossEntropy  # noqa: E402
 from fastestimator.op.tensorop.model import ModelOp, UpdateOp  # noqa: E402
 
-from apphub_vit.device_network import DeviceNetwork  # noqa: E402
+from apphub_vit.device_network import DeviceNetwork, _capturable  # noqa: E402
 from apphub_vit.hardware import cuda_graph_blockers, resolve_hardware  # noqa: E402
 from apphub_vit.recipes import VIT_RECIPES  # noqa: E402
+from apphub_vit.training import make_optimizer  # noqa: E402
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (none here)")
 
@@ -56,12 +57,20 @@ class _Recorder(TensorOp):
         return data * 1.0
 
 
-def _network(cuda_graph: bool, noise: float = 0.0, seed: int = 0, first_ops=(), keep_on_device: bool = True):
+def _adamw(params):
+    return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.05, fused=True, capturable=True)
+
+
+def _sgd(params):  # as the teacher's and recipe apphub's on a GPU: momentum, Nesterov, weight decay, fused
+    return torch.optim.SGD(params, lr=1e-2, momentum=0.9, nesterov=True, weight_decay=5e-4, fused=True)
+
+
+def _network(cuda_graph: bool, noise: float = 0.0, seed: int = 0, first_ops=(), keep_on_device: bool = True,
+             optimizer_fn=_adamw):
     torch.manual_seed(seed)
     model = fe.build(model_fn=lambda: torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(),
                                                           torch.nn.Linear(32, 5)),
-                     optimizer_fn=lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.05, fused=True,
-                                                              capturable=True))
+                     optimizer_fn=optimizer_fn)
     ops = list(first_ops) + ([_Noise(noise)] if noise else []) + [
         ModelOp(model=model, inputs="x", outputs="y_pred"),
         CrossEntropy(inputs=("y_pred", "y"), outputs="ce", from_logits=True),
@@ -112,6 +121,34 @@ def test_graph_steps_match_uncaptured_steps_across_epochs_and_learning_rates(kee
     for p_graph, p_eager in zip(graph_model.parameters(), eager_model.parameters()):
         torch.testing.assert_close(p_graph.detach().cpu(), p_eager.detach().cpu(), rtol=1e-4, atol=1e-5)
     assert float(graph_model.current_optimizer.param_groups[0]["lr"]) == lrs[-1]  # a float again, as FE expects
+
+
+@needs_cuda
+def test_fused_sgd_steps_in_the_graph_match_uncaptured_ones():
+    """torch has no capturable SGD; its fused kernel reads the learning rate from a device tensor, so the graph may
+    replay it (the teacher's and recipe apphub's optimizer). The same steps, learning rates changing every step."""
+    lrs = [1e-2 * (1 + i % 3) for i in range(24)]
+    eager, eager_model = _network(cuda_graph=False, optimizer_fn=_sgd)
+    graph, graph_model = _network(cuda_graph=True, optimizer_fn=_sgd)
+    eager_losses = _train(eager, eager_model, epochs=3, steps=8, lrs=lrs)
+    graph_losses = _train(graph, graph_model, epochs=3, steps=8, lrs=lrs)
+    assert graph.graph_captures == 1 and graph.graph_failure is None and graph.eager_train_steps == 2
+    assert eager_losses[-1] < eager_losses[0]
+    torch.testing.assert_close(torch.tensor(graph_losses), torch.tensor(eager_losses), rtol=1e-4, atol=1e-5)
+    for p_graph, p_eager in zip(graph_model.parameters(), eager_model.parameters()):
+        torch.testing.assert_close(p_graph.detach().cpu(), p_eager.detach().cpu(), rtol=1e-4, atol=1e-5)
+
+
+def test_only_optimizers_a_graph_can_replay_are_captured():
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert _capturable(_adamw(params), _adamw(params).param_groups[0])
+    assert _capturable(_sgd(params), _sgd(params).param_groups[0])
+    for unfit in (torch.optim.AdamW(params, lr=1e-2), torch.optim.SGD(params, lr=1e-2, momentum=0.9)):
+        assert not _capturable(unfit, unfit.param_groups[0])  # a host-side step count; SGD's foreach path
+    with mock.patch.object(torch.cuda, "is_available", lambda: True):  # the apps' optimizers as built on a GPU
+        for recipe in VIT_RECIPES.values():
+            optimizer = make_optimizer(recipe, True, set())(params)
+            assert all(_capturable(optimizer, group) for group in optimizer.param_groups), recipe.name
 
 
 def _optimizer_state(model):
@@ -201,7 +238,7 @@ def test_the_apps_capture_only_what_a_graph_can_replay():
     assert cuda_graph_blockers(vit, precision="bf16") == []  # the GPU default
     assert "MixUp" in " ".join(cuda_graph_blockers(replace(vit, mix_prob=0.5), precision="bf16"))
     assert "fp16" in " ".join(cuda_graph_blockers(vit, precision="fp16"))
-    assert "SGD" in " ".join(cuda_graph_blockers(VIT_RECIPES["apphub"], precision="bf16"))
+    assert cuda_graph_blockers(VIT_RECIPES["apphub"], precision="bf16") == []  # its SGD is the fused one on a GPU
 
 
 def test_the_graph_is_on_by_default_only_where_nothing_blocks_it():
@@ -209,7 +246,7 @@ def test_the_graph_is_on_by_default_only_where_nothing_blocks_it():
     with mock.patch.object(torch.cuda, "is_available", lambda: True):  # as resolved on a GPU
         assert resolve_hardware(vit).cuda_graph is True
         assert resolve_hardware(vit, precision="fp16").cuda_graph is False
-        assert resolve_hardware(VIT_RECIPES["apphub"]).cuda_graph is False
+        assert resolve_hardware(VIT_RECIPES["apphub"]).cuda_graph is True
         assert resolve_hardware(vit, cuda_graph=False).cuda_graph is False
         with pytest.raises(ValueError, match="cannot capture this configuration: fp16 loss scaling"):
             resolve_hardware(vit, precision="fp16", cuda_graph=True)

@@ -32,10 +32,10 @@ after `fit()` and `test()`). Everything that changes the weights between epochs 
 `load_state_dict` and the EMA's swap do); a file saved from them must be written from a CPU copy. With
 `keep_on_device=False` the graph is dropped at the end of every epoch and captured again at the first step of the next
 (each capture reuses one side stream and first returns the last graph's memory pool to the GPU, so memory stays flat
-over epochs). What it needs: fixed shapes (a batch of another shape runs uncaptured), no host syncs
-and no host-side randomness in the ops (so not MixUpCutMix, not fp16's GradScaler), and optimizers a graph can replay:
-Adam / AdamW built with `capturable=True`, SGD with `fused=True` (the apps build them so on a GPU). A capture that fails anyway (a sync in an op, out of memory) is reported and the
-run goes on without the graph. More, with the bugs of capturing every epoch and their tests: docs/cuda-graphs.md.
+over epochs). What it needs: fixed shapes (a batch of another shape runs uncaptured), no host syncs and no host-side
+randomness in the ops (so not MixUpCutMix, not fp16's GradScaler), and optimizers a graph can replay: Adam / AdamW
+built with `capturable=True`, SGD with `fused=True` (the apps build them so on a GPU). A capture that fails anyway (a
+sync in an op, out of memory) is reported and the run goes on without the graph. More, with the bugs of capturing every epoch and their tests: docs/cuda-graphs.md.
 """
 import gc
 from typing import Any, Dict, List, MutableMapping, Optional, Sequence, Tuple

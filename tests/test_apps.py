@@ -360,7 +360,8 @@ def test_a_saved_model_loads_with_or_without_the_training_only_head(tmp_path):
     with_head = build("b", weights_path=str(tmp_path / "plain.pt"))
     assert with_head.relative_loc is not None
     kept = {k: v for k, v in with_head.state_dict().items() if not k.startswith("relative_loc.")}
-    assert kept.keys() == plain.state_dict().keys() and all(torch.equal(v, plain.state_dict()[k]) for k, v in kept.items())
+    assert kept.keys() == plain.state_dict().keys()
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in kept.items())
     torch.save(with_head.state_dict(), tmp_path / "head.pt")
     back = build("c", weights_path=str(tmp_path / "head.pt"), drloc=0)
     assert back.relative_loc is None and all(torch.equal(v, kept[k]) for k, v in back.state_dict().items())

@@ -35,7 +35,8 @@ after `fit()` and `test()`). Everything that changes the weights between epochs 
 over epochs). What it needs: fixed shapes (a batch of another shape runs uncaptured), no host syncs and no host-side
 randomness in the ops (so not MixUpCutMix, not fp16's GradScaler), and optimizers a graph can replay: Adam / AdamW
 built with `capturable=True`, SGD with `fused=True` (the apps build them so on a GPU). A capture that fails anyway (a
-sync in an op, out of memory) is reported and the run goes on without the graph. More, with the bugs of capturing every epoch and their tests: docs/cuda-graphs.md.
+sync in an op, out of memory) is reported and the run goes on without the graph. More, with the bugs of capturing
+every epoch and their tests: docs/cuda-graphs.md.
 """
 import gc
 from typing import Any, Dict, List, MutableMapping, Optional, Sequence, Tuple

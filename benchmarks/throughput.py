@@ -139,15 +139,17 @@ def model_step_alone(kwargs: Dict, batch_size: int, steps: int, skip: int) -> fl
 def train_flops_per_image(model: torch.nn.Module, batch: int = 2, backward: bool = True) -> float:
     """FLOPs of one image's forward (and backward) pass through `model`, counted by FlopCounterMode (matmuls,
     convolutions) on the CPU with attention run as plain matmuls (the counter has no formula for the CPU's fused
-    attention kernel); the model is left as it was."""
+    attention kernel); a model that also returns an auxiliary loss in training (recipe `vit`'s relative-localization
+    head) has that loss's head counted too. The model is left as it was."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
     model = model.cpu().train()
     x = torch.randn(batch, 3, 32, 32)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         out = model(x)
+        logits, auxiliary = out if isinstance(out, tuple) else (out, 0.0)  # (logits, its weighted loss) with drloc
         if backward:
-            out.float().logsumexp(dim=1).sum().backward()
+            (logits.float().logsumexp(dim=1).sum() + auxiliary).backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / batch
 

@@ -135,8 +135,7 @@ VIT_RECIPES = {
                      weight_decay=1e-4, decay="all", schedule="constant", warmup_epochs=0.0, min_lr=0.0,
                      label_smoothing=0.0, augment="apphub"),
     "vit": Recipe("vit", model=ViTConfig(norm_first=True, drop=0.0, pool="mean", stem="conv", lsa=True, drloc=0.5),
-                  epochs=100,
-                  batch_size=256, optimizer="adamw", lr=2e-3, weight_decay=0.2, decay="matrices",
+                  epochs=100, batch_size=256, optimizer="adamw", lr=2e-3, weight_decay=0.2, decay="matrices",
                   schedule="warmup_cosine", warmup_epochs=10.0, min_lr=0.0, label_smoothing=0.1,
                   augment="autoaugment", distill=0.5),
 }

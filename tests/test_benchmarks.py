@@ -1,12 +1,13 @@
 """Smoke tests of the benchmark scripts on CPU with tiny configurations (their figures come from real runs
 elsewhere)."""
 import re
+import shlex
 import sys
 
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import CLIENT, REPO, CliServer
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import throughput  # noqa: E402
@@ -160,12 +161,19 @@ def test_flop_count_of_a_vit_matches_its_matmuls_by_hand():
     assert throughput.train_flops_per_image(model, batch=3) == pytest.approx(forward + backward, rel=0.01)
 
 
-def test_time_to_accuracy_reads_each_target_from_the_runs_records(tmp_path, capsys):
+def _forked_cli(monkeypatch):
+    """--cli for the scripts' runs: each a process of its own, forked from one that imported TensorFlow, torch and
+    FastEstimator once (tests/cli_server.py) instead of importing them again (most of a tiny run's wall time)."""
+    monkeypatch.setenv("CLI_SERVER_SOCKET", CliServer.socket_path())
+    return shlex.join(CLIENT + ["fastestimator"])
+
+
+def test_time_to_accuracy_reads_each_target_from_the_runs_records(tmp_path, capsys, monkeypatch):
     import json
     import time_to_accuracy
     out = tmp_path / "tta"
     assert time_to_accuracy.main(["--budget", "tiny", "--seeds", "2", "--first_seed", "1", "--targets", "0.0,1.01",
-                                  "--out", str(out), "--epochs", "2"]) == 0
+                                  "--out", str(out), "--epochs", "2", "--cli", _forked_cli(monkeypatch)]) == 0
     text = capsys.readouterr().out
     rows = [line for line in text.splitlines() if line.startswith("| seed")]
     assert len(rows) == 4 and "| mean |" in text and "| std |" in text, text[-2000:]
@@ -289,12 +297,13 @@ def test_epoch_profile_regions_exclude_the_regions_inside_them():
     assert profile.calls[(1, "train", "outer")] == profile.calls[(1, "train", "inner")] == 1
 
 
-def test_sweep_runs_the_control_and_each_variant_on_held_out_images_and_reuses_finished_runs(tmp_path, capsys):
+def test_sweep_runs_the_control_and_each_variant_on_held_out_images_and_reuses_finished_runs(
+        tmp_path, capsys, monkeypatch):
     import csv
     import json
     import sweep
     out = tmp_path / "sweep"
-    argv = ["--budget", "tiny", "--out", str(out), "--seeds", "1", "--parallel", "2",
+    argv = ["--budget", "tiny", "--out", str(out), "--seeds", "1", "--parallel", "2", "--cli", _forked_cli(monkeypatch),
             "--variant", "wd=--weight_decay 0.1"]
     assert sweep.main(argv) == 0
     text = capsys.readouterr().out

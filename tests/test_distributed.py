@@ -23,18 +23,33 @@ from apphub_vit.runs import CHECKPOINT_FILE
 from apphub_vit.teacher import TEACHER_FILE
 from networks.vit import ViTModel
 from pipelines.loader import BatchLoader
-from tests.conftest import REPO, TINY_RUN, TINY_VIT, cli_env
+from tests.conftest import CLIENT, REPO, TINY_RUN, TINY_VIT, CliServer, cli, cli_env, start_cli
 
 TINY = ["--dataset", "synthetic", "--num_process", "0", "--num_layers", "2", "--em_dim", "32", "--num_heads", "2",
         "--ff_dim", "64", "--patch_size", "8", "--warmup", "False",
         "--distill", "0"]  # no teacher (conftest.TINY_VIT)
 
 
-def _torchrun(args, cwd, nproc=2):
-    """`torchrun --standalone --nproc_per_node nproc ARGS` on the CPU (gloo), as users launch it."""
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                          str(nproc)] + [str(a) for a in args], capture_output=True, text=True, env=cli_env(),
-                         cwd=cwd, timeout=300)
+def _launch(args, cwd, env=None):
+    """`torchrun --standalone --nproc_per_node 2 ARGS` on the CPU (gloo), started: torchrun and its ranks each a process
+    of its own, forked from one that imported TensorFlow, torch and FastEstimator once (tests/cli_server.py; the ranks
+    through torchrun's --no-python and tests/cli_client.py) instead of importing them again (most of a tiny run's wall
+    time). A launch as users type it: test_a_two_rank_pretraining_and_finetuning_...'s first."""
+    torchrun = ["python", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--no-python"]
+    return start_cli(torchrun + CLIENT + ["python"] + [str(a) for a in args], cwd,
+                     dict(env or {}, CLI_SERVER_SOCKET=CliServer.socket_path()))
+
+
+def _torchrun(args, cwd, as_users_launch_it=False):
+    """`torchrun --standalone --nproc_per_node 2 ARGS` run to its end (_launch's, or as users launch it: torchrun's
+    and each rank's interpreter importing everything anew); its stdout."""
+    if as_users_launch_it:
+        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+                             + [str(a) for a in args], capture_output=True, text=True, env=cli_env(), cwd=cwd,
+                             timeout=300)
+    else:
+        out = _launch(args, cwd)
+        out.wait(300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout
 
@@ -42,9 +57,8 @@ def _torchrun(args, cwd, nproc=2):
 def test_a_loss_that_is_not_finite_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     # rank 1 alone sees it: stopping alone would leave rank 0 waiting at its next gradient all-reduce
     step = [REPO / "tests" / "distributed_step.py", tmp_path / "run"]
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-                         + [str(a) for a in step + _tiny_run(1, 6)], capture_output=True, text=True,
-                         env=dict(cli_env(), NAN_LOSS_ON_RANK="1"), cwd=tmp_path, timeout=300)
+    out = _launch(step + _tiny_run(1, 6), tmp_path, env=dict(NAN_LOSS_ON_RANK="1"))
+    out.wait(300)
     assert out.returncode != 0  # TrainingDiverged on both ranks
     assert out.stdout.count("training diverged: the loss 'ce' is not finite by step 2") == 2, out.stdout[-3000:]
     record = read_record(str(tmp_path / "run" / RECORD_FILE))
@@ -71,8 +85,7 @@ def test_two_ranks_of_half_the_batch_train_the_weights_one_process_trains_with_t
                       "1", "--optimizer", "sgd", "--schedule", "constant", "--warmup_epochs", "0", "--lr", "0.05",
                       "--seed", "5", "--drloc", "0"]
     _torchrun(step + [tmp_path / "two"] + options, tmp_path)
-    one = subprocess.run([sys.executable] + step + [tmp_path / "one"] + options, capture_output=True, text=True,
-                         env=cli_env(), cwd=tmp_path, timeout=300)
+    one = cli(["python"] + step + [tmp_path / "one"] + options, tmp_path, timeout=300)  # `python STEP ...`
     assert one.returncode == 0, one.stderr[-3000:]
     start = torch.load(tmp_path / "one" / "initial.pt", weights_only=True)
     assert all(torch.equal(v, torch.load(tmp_path / "two" / "initial.pt", weights_only=True)[k])
@@ -90,7 +103,7 @@ def test_two_ranks_of_half_the_batch_train_the_weights_one_process_trains_with_t
 
 def test_a_two_rank_pretraining_and_finetuning_write_one_set_of_files_and_the_encoder_finetunes_alone(tmp_path):
     out = _torchrun(["-m", "apphub_vit.distributed", "pretrain", "--save_dir", tmp_path / "pre"] + _tiny_run(2, 3),
-                    tmp_path)
+                    tmp_path, as_users_launch_it=True)
     assert out.count("FastEstimator-Start") == 1  # rank 0's log alone (torchrun's exit status 0: both ranks')
     assert out.count("Saved encoder to") == 1 and out.count("Saved run record to") == 1  # rank 0 alone wrote
     assert _files(tmp_path / "pre") == sorted([CHECKPOINT_FILE, ENCODER_FILE, RECORD_FILE, "prediction_grid.png",
@@ -140,22 +153,20 @@ def test_a_two_rank_run_stopped_mid_epoch_resumes_and_ends_as_the_uninterrupted_
     # the default recipe, random augmentation included: the checkpoint holds every rank's generators
     def command(folder, *extra):
         return ["-m", "apphub_vit.distributed", "pretrain", "--save_dir", folder, "--seed", "0", *extra] + TINY + [
-            "--epochs", "4", "--batch_size", "16", "--train_steps_per_epoch", "40", "--eval_steps_per_epoch", "2",
-            "--synthetic_size", "[640,32]"]
+            "--epochs", "4", "--batch_size", "16", "--train_steps_per_epoch", "20", "--eval_steps_per_epoch", "2",
+            "--synthetic_size", "[320,32]"]  # seconds an epoch: the stop below lands in epoch 3
 
     _torchrun(command(tmp_path / "whole"), tmp_path)
     run = tmp_path / "stopped"
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-                            + [str(a) for a in command(run)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, env=cli_env(), cwd=tmp_path)
+    proc = _launch(command(run), tmp_path)
     start = time.time()
     while _checkpoint_epoch(run / CHECKPOINT_FILE) < 2:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert proc.poll() is None, proc.stderr[-3000:]
         assert time.time() - start < 240, "timed out"
         time.sleep(0.05)
     time.sleep(0.3)  # into epoch 3
     proc.terminate()  # torchrun stops both ranks
-    proc.communicate(timeout=120)
+    proc.wait(timeout=120)
     assert proc.returncode != 0 and not (run / RECORD_FILE).exists()
     out = _torchrun(command(run, "--resume", "True"), tmp_path)
     assert out.count("resumed after epoch") == 2  # both ranks restored the checkpoint

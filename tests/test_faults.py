@@ -14,7 +14,6 @@ and what the apps do then. Nothing a user already has is lost, and every refusal
 import os
 import pickle
 import signal
-import subprocess
 import time
 
 import numpy as np
@@ -27,7 +26,7 @@ from apphub_vit.records import RECORD_FILE, read_record
 from apphub_vit import runs
 from apphub_vit.runs import (CHECKPOINT_FILE, LOCK_FILE, Checkpoint, HostCopy, SafeBestModelSaver,
                              _cpu)
-from tests.conftest import REPO, cli_env, fastestimator_cmd
+from tests.conftest import REPO, cli, start_cli
 
 PRETRAIN = str(REPO / "apphub_vit" / "pretrain.py")
 TINY = ["--dataset", "synthetic", "--batch_size", "16", "--eval_steps_per_epoch", "2", "--num_process", "0",
@@ -36,8 +35,9 @@ TINY = ["--dataset", "synthetic", "--batch_size", "16", "--eval_steps_per_epoch"
 
 
 def _cli(args, cwd, command="train"):
-    return subprocess.run(fastestimator_cmd() + [command] + [str(a) for a in args], capture_output=True, text=True,
-                          env=cli_env(), cwd=cwd, timeout=600)
+    """`fastestimator train ARGS` in a process of its own (forked from one that imported TensorFlow, torch and
+    FastEstimator once for all of them: conftest.cli)."""
+    return cli([command] + list(args), cwd)
 
 
 def _message(out):
@@ -82,15 +82,14 @@ def test_a_diverging_run_stops_exits_non_zero_and_saves_nothing_non_finite(tmp_p
 def _wait_for(predicate, proc, seconds=300):
     start = time.time()
     while not predicate():
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert proc.poll() is None, proc.stderr[-3000:]
         assert time.time() - start < seconds, "timed out"
         time.sleep(0.05)
 
 
 def test_a_second_run_into_a_folder_in_use_is_refused_naming_the_first(tmp_path):
     long_run = _run(tmp_path / "run", steps=4, epochs=100000, size="[64,32]")  # runs until killed below
-    first = subprocess.Popen(fastestimator_cmd() + ["train"] + [str(a) for a in long_run], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=tmp_path)
+    first = start_cli(["train"] + long_run, tmp_path)
     try:
         _wait_for(lambda: (tmp_path / "run" / LOCK_FILE).exists(), first)
         out = _cli(_run(tmp_path / "run", "--overwrite", "True"), tmp_path)
@@ -112,13 +111,11 @@ def _checkpoint_epoch(path):
 def test_a_run_killed_mid_epoch_resumes_and_ends_as_an_uninterrupted_run(tmp_path, extra):
     # the default recipe, random augmentation included: the checkpoint carries every generator's state (and, with
     # ema, the average and the trained weights, which the model holds the average in place of after an eval)
-    args = dict(steps=40, epochs=4, size="[640,32]")
+    args = dict(steps=20, epochs=4, size="[320,32]")  # seconds an epoch: the kill below lands in epoch 3
     whole = _cli(_run(tmp_path / "whole", "--seed", "0", *extra, **args), tmp_path)
     assert whole.returncode == 0, whole.stderr[-3000:]
     run = tmp_path / "killed"
-    command = fastestimator_cmd() + ["train"] + [str(a) for a in _run(run, "--seed", "0", *extra, **args)]
-    proc = subprocess.Popen(command,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=tmp_path)
+    proc = start_cli(["train"] + _run(run, "--seed", "0", *extra, **args), tmp_path)
     _wait_for(lambda: _checkpoint_epoch(run / CHECKPOINT_FILE) >= 2, proc)
     time.sleep(0.3)  # into epoch 3
     proc.send_signal(signal.SIGKILL)

@@ -16,7 +16,7 @@ from apphub_vit.records import RECORD_FILE, read_record
 from apphub_vit.teacher import TEACHER_FILE, DistillTargets
 from apphub_vit.training import SmoothLabels
 from networks.vit import ViTConfig, ViTModel
-from tests.conftest import REPO, TINY_RUN, TINY_VIT, cli_env, fastestimator_cmd, shared_path
+from tests.conftest import REPO, TINY_RUN, TINY_VIT, cli, cli_env, fastestimator_cmd, shared_path
 
 CLI_TINY = ["--epochs", "1", "--batch_size", "16", "--train_steps_per_epoch", "3", "--eval_steps_per_epoch", "2",
             "--num_process", "0", "--synthetic_size", "[256,64]", "--num_layers", "2", "--em_dim", "32", "--num_heads",
@@ -24,8 +24,9 @@ CLI_TINY = ["--epochs", "1", "--batch_size", "16", "--train_steps_per_epoch", "3
 
 
 def _run_cli(args, cwd):
-    out = subprocess.run(fastestimator_cmd() + ["train"] + args, capture_output=True, text=True, env=cli_env(),
-                         cwd=cwd, timeout=600)
+    """`fastestimator train ARGS` (forked from one process that imported everything once: conftest.cli; the test of an
+    unknown option below runs the console script in a new interpreter, as users do)."""
+    out = cli(["train"] + args, cwd)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout
 

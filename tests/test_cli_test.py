@@ -1,13 +1,12 @@
 """`fastestimator test <app> --weights_path PATH`: every app evaluates a saved model on its test split (the held-out
 split) and prints its test metrics, which equal the eval metrics the run recorded for that model."""
 import re
-import subprocess
 
 import pytest
 
 from apphub_vit import autoencoder, finetune, mnist, pretrain, resnet, vit_b16
 from apphub_vit.records import RECORD_FILE, read_record
-from tests.conftest import REPO, TINY_RUN, TINY_VIT, cli_env, fastestimator_cmd
+from tests.conftest import REPO, TINY_RUN, TINY_VIT, cli
 
 # the whole held-out split in eval, as the test reads it all
 MNIST_TINY = dict(dataset="synthetic", synthetic_size=[64, 32], epochs=1, batch_size=8, train_steps_per_epoch=2,
@@ -43,9 +42,8 @@ def test_fastestimator_test_prints_the_saved_models_test_metrics(tmp_path, name)
     trained.fit(warmup=False)
     recorded = read_record(str(tmp_path / "train" / RECORD_FILE))["eval"][-1]["metrics"]
     test_kwargs = {k: v for k, v in kwargs.items() if k not in ("epochs", "train_steps_per_epoch", "from_scratch")}
-    out = subprocess.run(fastestimator_cmd() + ["test", str(REPO / "apphub_vit" / f"{name}.py")] + _cli_args(
-        dict(test_kwargs, save_dir=tmp_path / "test", weights_path=tmp_path / "train" / weights)),
-                         capture_output=True, text=True, env=cli_env(), cwd=tmp_path, timeout=600)
+    out = cli(["test", str(REPO / "apphub_vit" / f"{name}.py")] + _cli_args(
+        dict(test_kwargs, save_dir=tmp_path / "test", weights_path=tmp_path / "train" / weights)), tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     line = next(line for line in out.stdout.splitlines() if line.startswith("FastEstimator-Test"))
     for metric in metrics:

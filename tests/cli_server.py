@@ -1,4 +1,4 @@
-"""Started by tests/conftest.py (`cli()`, `start_cli()`, `client_env()`): runs `fastestimator ARGS` and `python ARGS`
+"""Started by tests/conftest.py (`cli()`, `start_cli()`, `CLIENT`): runs `fastestimator ARGS` and `python ARGS`
 commands each in a process of its own, without paying the imports (TensorFlow, torch, FastEstimator: most of a tiny
 run's wall time) for every one.
 

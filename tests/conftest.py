@@ -171,10 +171,6 @@ def cli(args: list, cwd, env: Optional[dict] = None, timeout: float = 600) -> Fo
     return run
 
 
-def client_env(env: Optional[dict] = None) -> dict:
-    """cli_env() for a command that starts processes through tests/cli_client.py (CLIENT), as `--cli` of the benchmark
-    scripts or after `torchrun --no-python`: the server's socket, started if need be."""
-    return dict(cli_env(), CLI_SERVER_SOCKET=CliServer.socket_path(), **(env or {}))
-
-
+# a command that runs through the server, for programs that start processes of their own (the benchmark scripts' --cli,
+# torchrun's --no-python); the environment they pass on names the socket: CLI_SERVER_SOCKET=CliServer.socket_path()
 CLIENT = [sys.executable, str(REPO / "tests" / "cli_client.py")]

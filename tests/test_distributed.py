@@ -28,6 +28,7 @@ from tests.conftest import CLIENT, REPO, TINY_RUN, TINY_VIT, CliServer, cli, cli
 TINY = ["--dataset", "synthetic", "--num_process", "0", "--num_layers", "2", "--em_dim", "32", "--num_heads", "2",
         "--ff_dim", "64", "--patch_size", "8", "--warmup", "False",
         "--distill", "0"]  # no teacher (conftest.TINY_VIT)
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # after `python`
 
 
 def _launch(args, cwd, env=None):
@@ -35,8 +36,7 @@ def _launch(args, cwd, env=None):
     of its own, forked from one that imported TensorFlow, torch and FastEstimator once (tests/cli_server.py; the ranks
     through torchrun's --no-python and tests/cli_client.py) instead of importing them again (most of a tiny run's wall
     time). A launch as users type it: test_a_two_rank_pretraining_and_finetuning_...'s first."""
-    torchrun = ["python", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--no-python"]
-    return start_cli(torchrun + CLIENT + ["python"] + [str(a) for a in args], cwd,
+    return start_cli(["python"] + TORCHRUN + ["--no-python"] + CLIENT + ["python"] + [str(a) for a in args], cwd,
                      dict(env or {}, CLI_SERVER_SOCKET=CliServer.socket_path()))
 
 
@@ -44,9 +44,8 @@ def _torchrun(args, cwd, as_users_launch_it=False):
     """`torchrun --standalone --nproc_per_node 2 ARGS` run to its end (_launch's, or as users launch it: torchrun's
     and each rank's interpreter importing everything anew); its stdout."""
     if as_users_launch_it:
-        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-                             + [str(a) for a in args], capture_output=True, text=True, env=cli_env(), cwd=cwd,
-                             timeout=300)
+        out = subprocess.run([sys.executable] + TORCHRUN + [str(a) for a in args], capture_output=True, text=True,
+                             env=cli_env(), cwd=cwd, timeout=300)
     else:
         out = _launch(args, cwd)
         out.wait(300)

@@ -2,8 +2,8 @@
 
 A `Recipe` holds the model choices (a whole `ViTConfig`) and the training choices: optimiser, learning rate and the
 batch it is set for, weight decay and which parameters it spares, schedule, label smoothing, augmentation, mixing,
-distillation from a CNN teacher (`apphub_vit/teacher.py`) and an average of the weights for eval (`apphub_vit/ema.py`;
-both CIFAR apps only).
+distillation from a CNN teacher (`apphub_vit/teacher.py`), an average of the weights for eval (`apphub_vit/ema.py`) and
+flip test-time augmentation (`tta`; these three in the CIFAR apps only).
 Each app has a `RecipeBook` of named recipes; `RecipeBook.resolve(name, overrides)` returns the recipe with any of its
 fields replaced by name (``--lr 1e-3`` on the command line, ``lr=1e-3`` from Python, or a key of a
 ``--hyperparameters`` JSON file), each value checked, and refuses unknown names. The resolved recipe is what ran, and
@@ -63,6 +63,9 @@ class Recipe:
     # the teacher's training (apphub_vit/teacher.py), when distill > 0: 12 epochs taught as well as 24 or 48 did
     teacher_epochs: int = 12
     ema: float = 0.0  # decay per step of an average of the weights that eval uses (apphub_vit/ema.py; 0: none)
+    # eval and test predict on each image and its mirror image, the mean of the two logits (flip test-time
+    # augmentation, as airbench); `accuracy_no_tta` is then recorded beside `accuracy`, from the same model
+    tta: bool = False
 
     def field_values(self) -> Dict[str, Any]:
         """Every overridable field by name, the model's included: what `RecipeBook.resolve` accepts."""
@@ -90,6 +93,7 @@ CHECKS: Dict[str, Callable[[str, Any], Any]] = {
     "distill": lambda n, v: options.number(n, v, 0.0, 1.0),
     "teacher_epochs": options.positive_int,
     "ema": lambda n, v: options.number(n, v, 0.0, 1.0, high_open=True),
+    "tta": options.boolean,
     **{name: options.positive_int for name in ("num_layers", "em_dim", "num_heads", "ff_dim", "patch_size")},
     **{name: options.boolean for name in ("norm_first", "spt", "lsa")},
     "pool": lambda n, v: options.choice(n, v, ("cls", "mean")),

@@ -1,7 +1,7 @@
 """The training pieces a recipe decides, shared by the ViT apps: the model with its optimiser, the learning-rate
 schedule, label smoothing and the classifier's network.
 """
-from typing import Any, Callable, Dict, Iterable, List, Optional, Set
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 import fastestimator as fe
 import torch
@@ -99,6 +99,19 @@ class SmoothLabels(TensorOp):
         return smooth_one_hot(data, self.num_classes, self.smoothing, torch.float32)
 
 
+class WithMirrors(TensorOp):
+    """Images [B, C, H, W] -> the same images followed by their left-right mirror images [2B, C, H, W]."""
+    def forward(self, data: torch.Tensor, state: Dict[str, Any]) -> torch.Tensor:
+        return torch.cat([data, data.flip(-1)])
+
+
+class MeanOfMirrors(TensorOp):
+    """Logits of `WithMirrors`' batch [2B, K] -> (each image's mean of its two logits [B, K], its own logits [B, K])."""
+    def forward(self, data: torch.Tensor, state: Dict[str, Any]) -> Tuple[torch.Tensor, torch.Tensor]:
+        own, mirrored = data.float().chunk(2)
+        return (own + mirrored) / 2, own
+
+
 class AddLoss(TensorOp):
     """The sum of two losses (the cross-entropy and a model's auxiliary loss) as the one the update minimises."""
     def forward(self, data: List[torch.Tensor], state: Dict[str, Any]) -> torch.Tensor:
@@ -112,9 +125,11 @@ def classifier_network(model: torch.nn.Module, augment_ops: List[TensorOp], num_
     """The classifier's network: `augment_ops`, the model, cross-entropy against `train_label` in training (smoothed
     targets when the recipe smooths labels and nothing wrote soft labels yet; with a `teacher`, mixed with its hard
     labels on the same images by `recipe.distill`, `apphub_vit.teacher.DistillTargets`) and against the true labels
-    otherwise, the update and, with an `average`, the update of the weights' moving average. `DeviceNetwork`:
-    FastEstimator's TorchNetwork on a CPU in fp32; on a GPU it drops the per-step syncs, runs bf16 autocast and replays
-    the train step (the teacher's forward pass and the average's update included) as a CUDA graph."""
+    otherwise (with `recipe.tta`, on the mean logits of each image and its mirror image: `y_pred`, beside the image's
+    own logits, `y_pred_no_tta`), the update and, with an `average`, the update of the weights' moving average.
+    `DeviceNetwork`: FastEstimator's TorchNetwork on a CPU in fp32; on a GPU it drops the per-step syncs, runs bf16
+    autocast and replays the train step (the teacher's forward pass and the average's update included) as a CUDA
+    graph."""
     ops = list(augment_ops)
     if train_label == "y" and (recipe.label_smoothing or teacher is not None):
         ops.append(SmoothLabels("y", "y_soft", num_classes, recipe.label_smoothing))
@@ -125,11 +140,16 @@ def classifier_network(model: torch.nn.Module, augment_ops: List[TensorOp], num_
                                smoothing=recipe.label_smoothing)]
         train_label = "y_distill"
     if recipe.model.drloc:  # the model also returns its weighted auxiliary loss in training (networks/drloc.py)
-        forward = [ModelOp(model=model, inputs="x", outputs=("y_pred", "drloc"), mode="train"),
-                   ModelOp(model=model, inputs="x", outputs="y_pred", mode="!train")]
+        forward = [ModelOp(model=model, inputs="x", outputs=("y_pred", "drloc"), mode="train")]
         objective = [AddLoss(inputs=("ce", "drloc"), outputs="ce", mode="train")]
     else:
-        forward, objective = [ModelOp(model=model, inputs="x", outputs="y_pred")], []
+        forward, objective = [ModelOp(model=model, inputs="x", outputs="y_pred", mode="train")], []
+    if recipe.tta:  # one forward pass of the images and their mirror images, the logits averaged per image
+        forward += [WithMirrors(inputs="x", outputs="x_tta", mode="!train"),
+                    ModelOp(model=model, inputs="x_tta", outputs="y_pred_tta", mode="!train"),
+                    MeanOfMirrors(inputs="y_pred_tta", outputs=("y_pred", "y_pred_no_tta"), mode="!train")]
+    else:
+        forward.append(ModelOp(model=model, inputs="x", outputs="y_pred", mode="!train"))
     return DeviceNetwork(ops=ops + forward + [
         CrossEntropy(inputs=("y_pred", train_label), outputs="ce", from_logits=True, mode="train"),
         CrossEntropy(inputs=("y_pred", "y"), outputs="ce", from_logits=True, mode="!train"),

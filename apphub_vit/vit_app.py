@@ -166,6 +166,9 @@ def build_vit_estimator(*, app: str, num_classes: int, dataset: str, data_dir: O
                                  teacher=None if teacher is None else teacher["model"], average=average)
 
     # 3. estimator
+    metrics = [Accuracy(true_key="y", pred_key="y_pred")]
+    if recipe.tta:  # the same model without the mirror images, for the record: what the flip adds
+        metrics.append(Accuracy(true_key="y", pred_key="y_pred_no_tta", output_name="accuracy_no_tta"))
     traces = []
     schedule = lr_schedule(recipe, run["train_steps_per_epoch"] or len(train_data) // recipe.batch_size)
     if schedule is not None:
@@ -187,5 +190,5 @@ def build_vit_estimator(*, app: str, num_classes: int, dataset: str, data_dir: O
                             hparams=config, epochs=recipe.epochs,
                             train_steps_per_epoch=run["train_steps_per_epoch"],
                             eval_steps_per_epoch=run["eval_steps_per_epoch"], log_steps=run["log_steps"],
-                            metrics=[Accuracy(true_key="y", pred_key="y_pred")], traces=traces,
+                            metrics=metrics, traces=traces,
                             stateful=[EvalWithAverage(average)] if average is not None else [])

@@ -19,7 +19,7 @@ SHARED = REPO.parent / "shared"  # the project's data folder beside the checkout
 
 # A ViT small enough for CPU tests: 2 layers, dim 32, patch 8 (16 tokens + CLS)
 TINY_SHAPE = dict(num_layers=2, em_dim=32, num_heads=2, ff_dim=64, patch_size=8)
-# ... as the CIFAR ViT apps' options, without the distillation teacher: recipe "vit" first trains a ResNet-9 for 24
+# ... as the CIFAR ViT apps' options, without the distillation teacher: recipe "vit" first trains a ResNet-9 for 12
 # epochs, minutes on a CPU (tests/test_teacher.py runs it with fewer)
 TINY_VIT = dict(TINY_SHAPE, distill=0)
 TINY_RUN = dict(epochs=1, batch_size=16, train_steps_per_epoch=4, eval_steps_per_epoch=2, num_process=0,

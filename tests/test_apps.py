@@ -348,6 +348,34 @@ def test_relative_localization_is_on_in_recipe_vit_and_trains_its_head_through_t
                                    drloc=-1, **TINY_RUN, **TINY_VIT)
 
 
+def test_flip_tta_predicts_the_mean_of_each_image_and_its_mirror_and_records_both_accuracies(tmp_path):
+    estimator = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "a"), from_scratch=True,
+                                           tta=True, **TINY_RUN, **TINY_VIT)
+    model = estimator.model
+    torch.manual_seed(0)
+    x, y = torch.randint(0, 256, (6, 32, 32, 3), dtype=torch.uint8), torch.arange(6) % 10  # as the loader gives them
+    batch = estimator.network.transform({"x": x, "y": y}, mode="eval")
+    images = batch["x"]  # normalised and channels first by the batched ops, as the model sees them
+    assert images.shape == (6, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        own, mirrored = model(images), model(images.flip(-1))
+    assert not torch.allclose(own, mirrored, atol=1e-3)  # the mirror image changes the logits: the check can fail
+    torch.testing.assert_close(batch["y_pred"], (own + mirrored) / 2)
+    torch.testing.assert_close(batch["y_pred_no_tta"], own)
+    estimator.fit()
+    record = read_record(str(tmp_path / "a" / RECORD_FILE))
+    assert record["hparams"]["recipe"]["tta"] is True
+    assert all({"accuracy", "accuracy_no_tta"} <= e["metrics"].keys() for e in record["eval"])
+    off = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "b"), from_scratch=True,
+                                     **TINY_RUN, **TINY_VIT)
+    batch = off.network.transform({"x": x, "y": y}, mode="eval")
+    assert "y_pred_no_tta" not in batch
+    off.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(batch["y_pred"], off.model(batch["x"]))
+
+
 def test_a_saved_model_loads_with_or_without_the_training_only_head(tmp_path):
     """`weights_path` files without a run_record.json beside them: one saved without the relative-localization head
     (`drloc` 0, the default before) loads into the default, which keeps its fresh head; one saved with it loads into a

@@ -22,7 +22,8 @@ The CIFAR recipes (`VIT_RECIPES`):
   training; AdamW lr 2e-3 at batch 256, weight decay 0.2 on the weight matrices only (timm's and DeiT's
   split), 10 warmup epochs then a cosine decay per step, label smoothing 0.1, AutoAugment's CIFAR-10 policy before
   the six ops, and DeiT's hard-label distillation (weight 0.5) from a ResNet-9 teacher trained first for 12 epochs on
-  the same images. The teacher is for a ViT that learns from random weights: a pretrained encoder finetunes without
+  the same images; eval and test predict with flip test-time augmentation (the mean logits of each image and its
+  mirror image, as airbench; `accuracy_no_tta` is recorded beside). The teacher is for a ViT that learns from random weights: a pretrained encoder finetunes without
   one unless `distill` is given. Lee et al.'s Shifted Patch Tokenization (`spt`, with `stem="patch"`) was the stem
   before the conv stem won; encoders trained with it still load.
 
@@ -141,7 +142,7 @@ VIT_RECIPES = {
     "vit": Recipe("vit", model=ViTConfig(norm_first=True, drop=0.0, pool="mean", stem="conv", lsa=True, drloc=0.5),
                   epochs=100, batch_size=256, optimizer="adamw", lr=2e-3, weight_decay=0.2, decay="matrices",
                   schedule="warmup_cosine", warmup_epochs=10.0, min_lr=0.0, label_smoothing=0.1,
-                  augment="autoaugment", distill=0.5),
+                  augment="autoaugment", distill=0.5, tta=True),
 }
 # "apphub": the six pipeline ops only; the others add a per-image policy before them (pipelines.batched.POLICIES)
 CIFAR_AUGMENTS = ("apphub", "autoaugment", "trivialaugment")

@@ -112,8 +112,9 @@ BUDGETS: Dict[str, Dict[str, Dict[str, Any]]] = {
 
 # Every ViT run of a comparison trains without recipe "vit"'s distillation teacher: a pretrained encoder finetunes
 # without one, so the from-scratch run of the same budget must too; and the teacher's 12 epochs would outlast the small
-# budgets' whole runs on a CPU.
-NO_TEACHER = dict(distill=0)
+# budgets' whole runs on a CPU. It also predicts on each image alone, without recipe "vit"'s flip test-time
+# augmentation, as the baselines beside it do.
+LIKE_FOR_LIKE = dict(distill=0, tta=False)
 
 
 def _imagenet_weights(arch: str) -> Optional[str]:
@@ -149,15 +150,15 @@ def make_plans(budget: str, out: str, mnist_dir: Optional[str], force: bool, num
     ae_kwargs = {k: v for k, v in preset["mnist_autoencoder"].items() if mnist_dir is None or k != "synthetic_size"}
     plans = [
         Plan("vit_pretrain", "apphub_vit.pretrain",
-             dict(preset["vit_pretrain"], dataset="synthetic", **vit, **NO_TEACHER, **common("vit_pretrain")),
+             dict(preset["vit_pretrain"], dataset="synthetic", **vit, **LIKE_FOR_LIKE, **common("vit_pretrain")),
              "synthetic CIFAR-100"),
         Plan("vit_finetune", "apphub_vit.finetune",
              dict(preset["vit_transfer"], dataset="synthetic", encoder_weights=os.path.join(pretrain_dir,
                                                                                             "vit_encoder.pt"),
-                  **_arch(vit), **NO_TEACHER, **common("vit_finetune")), "synthetic CIFAR-10",
+                  **_arch(vit), **LIKE_FOR_LIKE, **common("vit_finetune")), "synthetic CIFAR-10",
              ["encoder pretrained by the vit_pretrain run of this comparison"]),
         Plan("vit_scratch", "apphub_vit.finetune",
-             dict(preset["vit_transfer"], dataset="synthetic", from_scratch=True, **_arch(vit), **NO_TEACHER,
+             dict(preset["vit_transfer"], dataset="synthetic", from_scratch=True, **_arch(vit), **LIKE_FOR_LIKE,
                   **common("vit_scratch")), "synthetic CIFAR-10",
              ["the vit_finetune ViT and budget, from random weights (no pretraining)"]),
         *(real_plans(preset, vit, cifar10_dir, common) if cifar10_dir else []),
@@ -190,17 +191,17 @@ def real_plans(preset: Dict[str, Dict[str, Any]], vit: Dict[str, Any], cifar10_d
     a, b = (", ".join(CIFAR10_SPLITS[f"cifar10_split_{k}"]) for k in "ab")
     return [
         Plan("real_pretrain", "apphub_vit.pretrain",
-             dict(preset["real_pretrain"], dataset="cifar10_split_a", data_dir=cifar10_dir, **vit, **NO_TEACHER,
+             dict(preset["real_pretrain"], dataset="cifar10_split_a", data_dir=cifar10_dir, **vit, **LIKE_FOR_LIKE,
                   **common("real_pretrain")), "CIFAR-10 split a", [f"real photos: the CIFAR-10 classes {a}"]),
         Plan("real_finetune", "apphub_vit.finetune",
              dict(preset["real_transfer"], dataset="cifar10_split_b", data_dir=cifar10_dir,
                   encoder_weights=os.path.join(common("real_pretrain")["save_dir"], "vit_encoder.pt"), **_arch(vit),
-                  **NO_TEACHER, **common("real_finetune")), "CIFAR-10 split b",
+                  **LIKE_FOR_LIKE, **common("real_finetune")), "CIFAR-10 split b",
              [f"real photos: the CIFAR-10 classes {b}",
               "encoder pretrained by the real_pretrain run of this comparison, on the five other classes"]),
         Plan("real_scratch", "apphub_vit.finetune",
              dict(preset["real_transfer"], dataset="cifar10_split_b", data_dir=cifar10_dir, from_scratch=True,
-                  **_arch(vit), **NO_TEACHER, **common("real_scratch")), "CIFAR-10 split b",
+                  **_arch(vit), **LIKE_FOR_LIKE, **common("real_scratch")), "CIFAR-10 split b",
              [f"real photos: the CIFAR-10 classes {b}",
               "the real_finetune ViT and budget, from random weights (no pretraining)"]),
     ]

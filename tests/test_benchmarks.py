@@ -101,11 +101,12 @@ def test_accuracy_script_resumes_from_its_checkpoint(tmp_path, capsys):
     args = ["--data_dir", str(tmp_path / "data"), "--em_dim", "16", "--batch_size", "16", "--train_steps_per_epoch",
             "2", "--eval_steps_per_epoch", "2", "--restore_dir", str(tmp_path / "resume"), "--distill", "0"]
     accuracy.main(args + ["--epochs", "2", "--save_dir", str(tmp_path / "one")])
-    before = re.findall(r"Eval: step: 4; epoch: 2; accuracy: \S+; ce: (\S+);", capsys.readouterr().out)
+    last_eval = r"Eval: step: 4; epoch: 2; accuracy: \S+; accuracy_no_tta: \S+; ce: (\S+);"  # recipe vit: flip TTA
+    before = re.findall(last_eval, capsys.readouterr().out)
     accuracy.main(args + ["--epochs", "3", "--save_dir", str(tmp_path / "two")])
     out = capsys.readouterr().out
     assert "resumed after epoch 2 (step 4)" in out, out[-2000:]
-    assert len(before) == 1 and re.findall(r"Eval: step: 4; epoch: 2; accuracy: \S+; ce: (\S+);", out) == before
+    assert len(before) == 1 and re.findall(last_eval, out) == before
     assert re.search(r"Train: step: 6; epoch: 3;", out) and not re.search(r"Train: step: \d+; epoch: 1;", out)
     csv = (tmp_path / "two" / "accuracy.csv").read_text().splitlines()
     assert [line.split(",")[:2] for line in csv[1:]] == [["1", "2"], ["2", "4"], ["3", "6"]]
@@ -197,6 +198,8 @@ def test_time_to_accuracy_reads_each_target_from_the_runs_records(tmp_path, caps
         assert cells[3] == f"{record['final_accuracy']:.2%}"
         assert float(cells[7]) == pytest.approx(record["timing"]["train_seconds"], abs=0.06)
         assert float(cells[9]) == pytest.approx(first_eval["seconds"], abs=0.06)
+        # recipe vit predicts with flip TTA: the same model's single-image accuracy in the last column
+        assert "| final, no TTA |" in text and cells[11] == f"{record['eval'][-1]['metrics']['accuracy_no_tta']:.2%}"
 
 
 def test_time_to_accuracy_splits_a_teachers_training_out_of_start_up():
@@ -207,7 +210,8 @@ def test_time_to_accuracy_splits_a_teachers_training_out_of_start_up():
     plain = time_to_accuracy.summarize({**record, "hparams": {"teacher": None}}, [0.5])
     assert plain["first eval"] is None  # a record from before eval entries had their own seconds
     assert plain["startup"] == 50.0 and plain["teacher"] is None and plain["other"] == 15.0
-    assert "teacher" not in time_to_accuracy.table([plain], [0.5])
+    assert "teacher" not in time_to_accuracy.table([plain], [0.5]) and plain["final, no TTA"] is None
+    assert "no TTA" not in time_to_accuracy.table([plain], [0.5])  # a run without flip TTA has no such column
     distilled = time_to_accuracy.summarize({**record, "hparams": {"teacher": {"seconds": 32.0}}}, [0.5])
     assert distilled["startup"] == 18.0 and distilled["teacher"] == 32.0 and distilled["other"] == 15.0
     assert distilled["50%"] == 90.0 and "| teacher (s) |" in time_to_accuracy.table([distilled, plain], [0.5])

@@ -23,9 +23,9 @@ The CIFAR recipes (`VIT_RECIPES`):
   split), 10 warmup epochs then a cosine decay per step, label smoothing 0.1, AutoAugment's CIFAR-10 policy before
   the six ops, and DeiT's hard-label distillation (weight 0.5) from a ResNet-9 teacher trained first for 12 epochs on
   the same images; eval and test predict with flip test-time augmentation (the mean logits of each image and its
-  mirror image, as airbench; `accuracy_no_tta` is recorded beside). The teacher is for a ViT that learns from random weights: a pretrained encoder finetunes without
-  one unless `distill` is given. Lee et al.'s Shifted Patch Tokenization (`spt`, with `stem="patch"`) was the stem
-  before the conv stem won; encoders trained with it still load.
+  mirror image, as airbench; `accuracy_no_tta` is recorded beside). The teacher is for a ViT that learns from random
+  weights: a pretrained encoder finetunes without one unless `distill` is given. Lee et al.'s Shifted Patch
+  Tokenization (`spt`, with `stem="patch"`) was the stem before the conv stem won; encoders trained with it still load.
 
 The MNIST recipes (`MNIST_RECIPES`, `apphub_vit/mnist.py`) use the same class.
 """

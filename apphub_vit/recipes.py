@@ -37,6 +37,8 @@ from networks.vit import STEMS, ViTConfig
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 DECAY = ("all", "matrices")  # weight decay on every parameter, or not on `ViTModel.no_weight_decay()` (timm's split)
+# eval and test views (apphub_vit.training.TTAViews): the images alone, with their mirror images, or also shifted
+TTA = ("none", "flip", "flip_translate")
 SCHEDULES = ("constant", "warmup_cosine")  # after the linear warmup: hold the lr, or a cosine decay per step to min_lr
 # the ViTConfig fields a recipe or a user may set (image size and channels belong to the data set)
 MODEL_FIELDS = ("num_layers", "em_dim", "num_heads", "ff_dim", "patch_size", "norm_first", "pool", "drop",
@@ -64,15 +66,23 @@ class Recipe:
     # the teacher's training (apphub_vit/teacher.py), when distill > 0: 12 epochs taught as well as 24 or 48 did
     teacher_epochs: int = 12
     ema: float = 0.0  # decay per step of an average of the weights that eval uses (apphub_vit/ema.py; 0: none)
-    # eval and test predict on each image and its mirror image, the mean of the two logits (flip test-time
-    # augmentation, as airbench); `accuracy_no_tta` is then recorded beside `accuracy`, from the same model
-    tta: bool = False
+    # test-time augmentation (TTA): eval and test predict on the mean logits of each image's views (TTA, as airbench;
+    # "none": the image alone); `accuracy_no_tta` is then recorded beside `accuracy`, from the same model, and with
+    # "flip_translate" also `accuracy_flip`
+    tta: str = "none"
 
     def field_values(self) -> Dict[str, Any]:
         """Every overridable field by name, the model's included: what `RecipeBook.resolve` accepts."""
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("name", "model")}
         values.update({name: getattr(self.model, name) for name in MODEL_FIELDS})
         return values
+
+
+def _tta_name(value: Any) -> Any:
+    """The `tta` of before the shifted views was a boolean: True / False (also as text) still mean "flip" / "none"."""
+    if isinstance(value, bool) or str(value).lower() in ("true", "false"):
+        return "flip" if str(value).lower() == "true" else "none"
+    return value
 
 
 def _rate(name: str, value: Any) -> float:
@@ -94,7 +104,7 @@ CHECKS: Dict[str, Callable[[str, Any], Any]] = {
     "distill": lambda n, v: options.number(n, v, 0.0, 1.0),
     "teacher_epochs": options.positive_int,
     "ema": lambda n, v: options.number(n, v, 0.0, 1.0, high_open=True),
-    "tta": options.boolean,
+    "tta": lambda n, v: options.choice(n, _tta_name(v), TTA),
     **{name: options.positive_int for name in ("num_layers", "em_dim", "num_heads", "ff_dim", "patch_size")},
     **{name: options.boolean for name in ("norm_first", "spt", "lsa")},
     "pool": lambda n, v: options.choice(n, v, ("cls", "mean")),
@@ -142,7 +152,7 @@ VIT_RECIPES = {
     "vit": Recipe("vit", model=ViTConfig(norm_first=True, drop=0.0, pool="mean", stem="conv", lsa=True, drloc=0.5),
                   epochs=100, batch_size=256, optimizer="adamw", lr=2e-3, weight_decay=0.2, decay="matrices",
                   schedule="warmup_cosine", warmup_epochs=10.0, min_lr=0.0, label_smoothing=0.1,
-                  augment="autoaugment", distill=0.5, tta=True),
+                  augment="autoaugment", distill=0.5, tta="flip"),
 }
 # "apphub": the six pipeline ops only; the others add a per-image policy before them (pipelines.batched.POLICIES)
 CIFAR_AUGMENTS = ("apphub", "autoaugment", "trivialaugment")

@@ -1,10 +1,11 @@
 """The training pieces a recipe decides, shared by the ViT apps: the model with its optimiser, the learning-rate
 schedule, label smoothing and the classifier's network.
 """
-from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 import fastestimator as fe
 import torch
+import torch.nn.functional as F
 from fastestimator.op.tensorop import TensorOp
 from fastestimator.op.tensorop.loss import CrossEntropy
 from fastestimator.op.tensorop.model import ModelOp
@@ -99,17 +100,41 @@ class SmoothLabels(TensorOp):
         return smooth_one_hot(data, self.num_classes, self.smoothing, torch.float32)
 
 
-class WithMirrors(TensorOp):
-    """Images [B, C, H, W] -> the same images followed by their left-right mirror images [2B, C, H, W]."""
+class TTAViews(TensorOp):
+    """Images [B, C, H, W] -> the views that test-time augmentation predicts on, stacked [V * B, C, H, W]: "flip",
+    each image and its left-right mirror image (V = 2); "flip_translate" (airbench's, Keller Jordan 2024), those two
+    and both again for the image shifted one pixel down-right and one pixel up-left, the edges mirrored as the
+    training crops' padding is (V = 6)."""
+    def __init__(self, inputs: str, outputs: str, views: str, mode: str = "!train") -> None:
+        super().__init__(inputs=inputs, outputs=outputs, mode=mode)
+        self.views = views
+
     def forward(self, data: torch.Tensor, state: Dict[str, Any]) -> torch.Tensor:
-        return torch.cat([data, data.flip(-1)])
+        views = [data, data.flip(-1)]
+        if self.views == "flip_translate":
+            height, width = data.shape[-2:]
+            padded = F.pad(data, (1, 1, 1, 1), mode="reflect")  # [B, C, H + 2, W + 2]
+            for shifted in (padded[..., :height, :width], padded[..., 2:, 2:]):  # content 1 px down-right / up-left
+                views += [shifted, shifted.flip(-1)]
+        return torch.cat(views)
 
 
-class MeanOfMirrors(TensorOp):
-    """Logits of `WithMirrors`' batch [2B, K] -> (each image's mean of its two logits [B, K], its own logits [B, K])."""
-    def forward(self, data: torch.Tensor, state: Dict[str, Any]) -> Tuple[torch.Tensor, torch.Tensor]:
-        own, mirrored = data.float().chunk(2)
-        return (own + mirrored) / 2, own
+class MeanOfViews(TensorOp):
+    """Logits of `TTAViews`' batch [V * B, K] -> (the test-time augmented logits [B, K], each image's own logits
+    [B, K]) and, for "flip_translate", also the flip-only logits [B, K], so that one forward pass records what each
+    step adds. The augmented logits are the mean over the image and its mirror image; with the shifts, as airbench,
+    half that mean and half the mean of the four shifted views."""
+    def __init__(self, inputs: str, outputs: Union[str, Sequence[str]], views: str, mode: str = "!train") -> None:
+        super().__init__(inputs=inputs, outputs=outputs, mode=mode)
+        self.views = views
+
+    def forward(self, data: torch.Tensor, state: Dict[str, Any]) -> Tuple[torch.Tensor, ...]:
+        logits = data.float().chunk(6 if self.views == "flip_translate" else 2)  # V x [B, K]
+        own, flipped = logits[0], (logits[0] + logits[1]) / 2
+        if self.views == "flip":
+            return flipped, own
+        shifted = torch.stack(logits[2:]).mean(0)  # [B, K]
+        return (flipped + shifted) / 2, own, flipped
 
 
 class AddLoss(TensorOp):
@@ -125,8 +150,8 @@ def classifier_network(model: torch.nn.Module, augment_ops: List[TensorOp], num_
     """The classifier's network: `augment_ops`, the model, cross-entropy against `train_label` in training (smoothed
     targets when the recipe smooths labels and nothing wrote soft labels yet; with a `teacher`, mixed with its hard
     labels on the same images by `recipe.distill`, `apphub_vit.teacher.DistillTargets`) and against the true labels
-    otherwise (with `recipe.tta`, on the mean logits of each image and its mirror image: `y_pred`, beside the image's
-    own logits, `y_pred_no_tta`), the update and, with an `average`, the update of the weights' moving average.
+    otherwise (with `recipe.tta`, on the mean logits of its views, `TTAViews`: `y_pred`, beside the image's own logits,
+    `y_pred_no_tta`, and with the shifted views the flip-only logits, `y_pred_flip`), the update and, with an `average`, the update of the weights' moving average.
     `DeviceNetwork`: FastEstimator's TorchNetwork on a CPU in fp32; on a GPU it drops the per-step syncs, runs bf16
     autocast and replays the train step (the teacher's forward pass and the average's update included) as a CUDA
     graph."""
@@ -144,10 +169,11 @@ def classifier_network(model: torch.nn.Module, augment_ops: List[TensorOp], num_
         objective = [AddLoss(inputs=("ce", "drloc"), outputs="ce", mode="train")]
     else:
         forward, objective = [ModelOp(model=model, inputs="x", outputs="y_pred", mode="train")], []
-    if recipe.tta:  # one forward pass of the images and their mirror images, the logits averaged per image
-        forward += [WithMirrors(inputs="x", outputs="x_tta", mode="!train"),
+    if recipe.tta != "none":  # one forward pass of all the views, their logits averaged per image
+        outputs = ("y_pred", "y_pred_no_tta") + (("y_pred_flip",) if recipe.tta == "flip_translate" else ())
+        forward += [TTAViews(inputs="x", outputs="x_tta", views=recipe.tta),
                     ModelOp(model=model, inputs="x_tta", outputs="y_pred_tta", mode="!train"),
-                    MeanOfMirrors(inputs="y_pred_tta", outputs=("y_pred", "y_pred_no_tta"), mode="!train")]
+                    MeanOfViews(inputs="y_pred_tta", outputs=outputs, views=recipe.tta)]
     else:
         forward.append(ModelOp(model=model, inputs="x", outputs="y_pred", mode="!train"))
     return DeviceNetwork(ops=ops + forward + [

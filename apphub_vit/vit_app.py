@@ -167,8 +167,10 @@ def build_vit_estimator(*, app: str, num_classes: int, dataset: str, data_dir: O
 
     # 3. estimator
     metrics = [Accuracy(true_key="y", pred_key="y_pred")]
-    if recipe.tta:  # the same model without the mirror images, for the record: what the flip adds
+    if recipe.tta != "none":  # the same model on single images (and on flips alone), for the record: what TTA adds
         metrics.append(Accuracy(true_key="y", pred_key="y_pred_no_tta", output_name="accuracy_no_tta"))
+    if recipe.tta == "flip_translate":
+        metrics.append(Accuracy(true_key="y", pred_key="y_pred_flip", output_name="accuracy_flip"))
     traces = []
     schedule = lr_schedule(recipe, run["train_steps_per_epoch"] or len(train_data) // recipe.batch_size)
     if schedule is not None:

@@ -231,7 +231,7 @@ def test_the_defaults_are_the_best_measured_recipe(tmp_path):
     assert [op.weight for op in est.network.ops if isinstance(op, DistillTargets)] == [0.5]
     assert est.config["teacher"]["epochs"] == 1 and (tmp_path / TEACHER_FILE).is_file()
     assert (VIT_RECIPES["vit"].ema, VIT_RECIPES["vit"].mix_prob) == (0.0, 0.0)  # both measured, neither won
-    assert est.config["recipe"]["tta"] is True and [m.outputs for m in est.traces if isinstance(m, Accuracy)] == [
+    assert est.config["recipe"]["tta"] == "flip" and [m.outputs for m in est.traces if isinstance(m, Accuracy)] == [
         ["accuracy"], ["accuracy_no_tta"]]  # flip TTA won its sweep; the single-image accuracy recorded beside
 
 
@@ -368,7 +368,7 @@ def test_flip_tta_predicts_the_mean_of_each_image_and_its_mirror_and_records_bot
     torch.testing.assert_close(batch["y_pred_no_tta"], own)
     estimator.fit()
     record = read_record(str(tmp_path / "a" / RECORD_FILE))
-    assert record["hparams"]["recipe"]["tta"] is True
+    assert record["hparams"]["recipe"]["tta"] == "flip"
     assert all({"accuracy", "accuracy_no_tta"} <= e["metrics"].keys() for e in record["eval"])
     off = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "b"), from_scratch=True,
                                      tta=False, **TINY_RUN, **TINY_VIT)
@@ -377,6 +377,43 @@ def test_flip_tta_predicts_the_mean_of_each_image_and_its_mirror_and_records_bot
     off.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(batch["y_pred"], off.model(batch["x"]))
+
+
+def test_flip_translate_tta_adds_the_one_pixel_shifts_as_airbench_and_records_each_step(tmp_path):
+    estimator = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "a"), from_scratch=True,
+                                           tta="flip_translate", **TINY_RUN, **TINY_VIT)
+    model = estimator.model
+    torch.manual_seed(0)
+    x, y = torch.randint(0, 256, (6, 32, 32, 3), dtype=torch.uint8), torch.arange(6) % 10
+    batch = estimator.network.transform({"x": x, "y": y}, mode="eval")
+    images = batch["x"]
+    # the shifts written out by index, independently of F.pad: content one pixel down-right (row / column -1 mirrors
+    # to 1) and one pixel up-left (row / column 32 mirrors to 30)
+    down = torch.arange(32).sub(1).abs()
+    up = torch.arange(1, 33).clamp(max=31)
+    up[-1] = 30
+    model.eval()
+    with torch.no_grad():
+        def flip_mean(view: torch.Tensor) -> torch.Tensor:
+            return (model(view) + model(view.flip(-1))) / 2
+        own = model(images)
+        shifted = (flip_mean(images[:, :, down][..., down]) + flip_mean(images[:, :, up][..., up])) / 2
+    assert not torch.allclose(shifted, flip_mean(images), atol=1e-3)  # the shifts change the logits: this can fail
+    torch.testing.assert_close(batch["y_pred"], (flip_mean(images) + shifted) / 2)
+    torch.testing.assert_close(batch["y_pred_flip"], flip_mean(images))
+    torch.testing.assert_close(batch["y_pred_no_tta"], own)
+    estimator.fit()
+    record = read_record(str(tmp_path / "a" / RECORD_FILE))
+    assert record["hparams"]["recipe"]["tta"] == "flip_translate"
+    assert all({"accuracy", "accuracy_no_tta", "accuracy_flip"} <= e["metrics"].keys() for e in record["eval"])
+    # the boolean of before still works (True is the flip, False no TTA), and a wrong name says what is allowed
+    for value, views in ((True, "flip"), ("False", "none")):
+        est = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / f"b{value}"), from_scratch=True,
+                                         tta=value, **TINY_RUN, **TINY_VIT)
+        assert est.config["recipe"]["tta"] == views
+    with pytest.raises(ValueError, match="tta must be one of 'none', 'flip', 'flip_translate'; got 'shift'"):
+        finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "c"), from_scratch=True, tta="shift",
+                                   **TINY_RUN, **TINY_VIT)
 
 
 def test_a_saved_model_loads_with_or_without_the_training_only_head(tmp_path):

@@ -3,7 +3,7 @@
 A `Recipe` holds the model choices (a whole `ViTConfig`) and the training choices: optimiser, learning rate and the
 batch it is set for, weight decay and which parameters it spares, schedule, label smoothing, augmentation, mixing,
 distillation from a CNN teacher (`apphub_vit/teacher.py`), an average of the weights for eval (`apphub_vit/ema.py`) and
-flip test-time augmentation (`tta`; these three in the CIFAR apps only).
+test-time augmentation (`tta`; these three in the CIFAR apps only).
 Each app has a `RecipeBook` of named recipes; `RecipeBook.resolve(name, overrides)` returns the recipe with any of its
 fields replaced by name (``--lr 1e-3`` on the command line, ``lr=1e-3`` from Python, or a key of a
 ``--hyperparameters`` JSON file), each value checked, and refuses unknown names. The resolved recipe is what ran, and
@@ -22,8 +22,9 @@ The CIFAR recipes (`VIT_RECIPES`):
   training; AdamW lr 2e-3 at batch 256, weight decay 0.2 on the weight matrices only (timm's and DeiT's
   split), 10 warmup epochs then a cosine decay per step, label smoothing 0.1, AutoAugment's CIFAR-10 policy before
   the six ops, and DeiT's hard-label distillation (weight 0.5) from a ResNet-9 teacher trained first for 12 epochs on
-  the same images; eval and test predict with flip test-time augmentation (the mean logits of each image and its
-  mirror image, as airbench; `accuracy_no_tta` is recorded beside). The teacher is for a ViT that learns from random
+  the same images; eval and test predict with airbench's test-time augmentation (the mean logits of each image and
+  its mirror image, averaged with those of the two shifted by one pixel; `accuracy_no_tta` and `accuracy_flip`, the
+  same model on single images and on flips alone, are recorded beside). The teacher is for a ViT that learns from random
   weights: a pretrained encoder finetunes without one unless `distill` is given. Lee et al.'s Shifted Patch
   Tokenization (`spt`, with `stem="patch"`) was the stem before the conv stem won; encoders trained with it still load.
 
@@ -152,7 +153,7 @@ VIT_RECIPES = {
     "vit": Recipe("vit", model=ViTConfig(norm_first=True, drop=0.0, pool="mean", stem="conv", lsa=True, drloc=0.5),
                   epochs=100, batch_size=256, optimizer="adamw", lr=2e-3, weight_decay=0.2, decay="matrices",
                   schedule="warmup_cosine", warmup_epochs=10.0, min_lr=0.0, label_smoothing=0.1,
-                  augment="autoaugment", distill=0.5, tta="flip"),
+                  augment="autoaugment", distill=0.5, tta="flip_translate"),
 }
 # "apphub": the six pipeline ops only; the others add a per-image policy before them (pipelines.batched.POLICIES)
 CIFAR_AUGMENTS = ("apphub", "autoaugment", "trivialaugment")

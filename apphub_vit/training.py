@@ -151,7 +151,8 @@ def classifier_network(model: torch.nn.Module, augment_ops: List[TensorOp], num_
     targets when the recipe smooths labels and nothing wrote soft labels yet; with a `teacher`, mixed with its hard
     labels on the same images by `recipe.distill`, `apphub_vit.teacher.DistillTargets`) and against the true labels
     otherwise (with `recipe.tta`, on the mean logits of its views, `TTAViews`: `y_pred`, beside the image's own logits,
-    `y_pred_no_tta`, and with the shifted views the flip-only logits, `y_pred_flip`), the update and, with an `average`, the update of the weights' moving average.
+    `y_pred_no_tta`, and with the shifted views the flip-only logits, `y_pred_flip`), the update and, with an
+    `average`, the update of the weights' moving average.
     `DeviceNetwork`: FastEstimator's TorchNetwork on a CPU in fp32; on a GPU it drops the per-step syncs, runs bf16
     autocast and replays the train step (the teacher's forward pass and the average's update included) as a CUDA
     graph."""

@@ -231,8 +231,9 @@ def test_the_defaults_are_the_best_measured_recipe(tmp_path):
     assert [op.weight for op in est.network.ops if isinstance(op, DistillTargets)] == [0.5]
     assert est.config["teacher"]["epochs"] == 1 and (tmp_path / TEACHER_FILE).is_file()
     assert (VIT_RECIPES["vit"].ema, VIT_RECIPES["vit"].mix_prob) == (0.0, 0.0)  # both measured, neither won
-    assert est.config["recipe"]["tta"] == "flip" and [m.outputs for m in est.traces if isinstance(m, Accuracy)] == [
-        ["accuracy"], ["accuracy_no_tta"]]  # flip TTA won its sweep; the single-image accuracy recorded beside
+    assert est.config["recipe"]["tta"] == "flip_translate" and [
+        m.outputs for m in est.traces if isinstance(m, Accuracy)] == [["accuracy"], ["accuracy_no_tta"], [
+            "accuracy_flip"]]  # the shifted views won their sweep; single images and flips alone recorded beside
 
 
 def test_a_pretrained_encoder_finetunes_without_the_recipes_teacher_unless_distill_is_given(pretrained, tmp_path):
@@ -353,7 +354,7 @@ def test_relative_localization_is_on_in_recipe_vit_and_trains_its_head_through_t
 
 def test_flip_tta_predicts_the_mean_of_each_image_and_its_mirror_and_records_both_accuracies(tmp_path):
     estimator = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "a"), from_scratch=True,
-                                           **TINY_RUN, **TINY_VIT)  # the default recipe: flip TTA on
+                                           tta="flip", **TINY_RUN, **TINY_VIT)
     model = estimator.model
     torch.manual_seed(0)
     x, y = torch.randint(0, 256, (6, 32, 32, 3), dtype=torch.uint8), torch.arange(6) % 10  # as the loader gives them
@@ -381,7 +382,7 @@ def test_flip_tta_predicts_the_mean_of_each_image_and_its_mirror_and_records_bot
 
 def test_flip_translate_tta_adds_the_one_pixel_shifts_as_airbench_and_records_each_step(tmp_path):
     estimator = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "a"), from_scratch=True,
-                                           tta="flip_translate", **TINY_RUN, **TINY_VIT)
+                                           **TINY_RUN, **TINY_VIT)  # the default recipe: the shifted views on
     model = estimator.model
     torch.manual_seed(0)
     x, y = torch.randint(0, 256, (6, 32, 32, 3), dtype=torch.uint8), torch.arange(6) % 10

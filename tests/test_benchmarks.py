@@ -101,7 +101,7 @@ def test_accuracy_script_resumes_from_its_checkpoint(tmp_path, capsys):
     args = ["--data_dir", str(tmp_path / "data"), "--em_dim", "16", "--batch_size", "16", "--train_steps_per_epoch",
             "2", "--eval_steps_per_epoch", "2", "--restore_dir", str(tmp_path / "resume"), "--distill", "0"]
     accuracy.main(args + ["--epochs", "2", "--save_dir", str(tmp_path / "one")])
-    last_eval = r"Eval: step: 4; epoch: 2; accuracy: \S+; accuracy_no_tta: \S+; ce: (\S+);"  # recipe vit: flip TTA
+    last_eval = r"Eval: step: 4; epoch: 2; accuracy: \S+; accuracy_flip: \S+; accuracy_no_tta: \S+; ce: (\S+);"  # TTA
     before = re.findall(last_eval, capsys.readouterr().out)
     accuracy.main(args + ["--epochs", "3", "--save_dir", str(tmp_path / "two")])
     out = capsys.readouterr().out
@@ -198,8 +198,10 @@ def test_time_to_accuracy_reads_each_target_from_the_runs_records(tmp_path, caps
         assert cells[3] == f"{record['final_accuracy']:.2%}"
         assert float(cells[7]) == pytest.approx(record["timing"]["train_seconds"], abs=0.06)
         assert float(cells[9]) == pytest.approx(first_eval["seconds"], abs=0.06)
-        # recipe vit predicts with flip TTA: the same model's single-image accuracy in the last column
-        assert "| final, no TTA |" in text and cells[11] == f"{record['eval'][-1]['metrics']['accuracy_no_tta']:.2%}"
+        # recipe vit predicts with the shifted views: the same model on single images and on flips alone last
+        last = record["eval"][-1]["metrics"]
+        assert "| final, no TTA | final, flip only |" in text
+        assert cells[11:13] == [f"{last['accuracy_no_tta']:.2%}", f"{last['accuracy_flip']:.2%}"]
 
 
 def test_time_to_accuracy_splits_a_teachers_training_out_of_start_up():

@@ -112,9 +112,9 @@ BUDGETS: Dict[str, Dict[str, Dict[str, Any]]] = {
 
 # Every ViT run of a comparison trains without recipe "vit"'s distillation teacher: a pretrained encoder finetunes
 # without one, so the from-scratch run of the same budget must too; and the teacher's 12 epochs would outlast the small
-# budgets' whole runs on a CPU. It also predicts on each image alone, without recipe "vit"'s flip test-time
-# augmentation, as the baselines beside it do.
-LIKE_FOR_LIKE = dict(distill=0, tta=False)
+# budgets' whole runs on a CPU. It also predicts on each image alone, without recipe "vit"'s test-time augmentation,
+# as the baselines beside it do.
+LIKE_FOR_LIKE = dict(distill=0, tta="none")
 
 
 def _imagenet_weights(arch: str) -> Optional[str]:

@@ -67,7 +67,7 @@ class Recipe:
     # the teacher's training (apphub_vit/teacher.py), when distill > 0: 12 epochs taught as well as 24 or 48 did
     teacher_epochs: int = 12
     ema: float = 0.0  # decay per step of an average of the weights that eval uses (apphub_vit/ema.py; 0: none)
-    # test-time augmentation (TTA): eval and test predict on the mean logits of each image's views (TTA, as airbench;
+    # test-time augmentation (as airbench): eval and test predict on the mean logits of each image's views (`TTA`;
     # "none": the image alone); `accuracy_no_tta` is then recorded beside `accuracy`, from the same model, and with
     # "flip_translate" also `accuracy_flip`
     tta: str = "none"

@@ -22,9 +22,10 @@ The CIFAR recipes (`VIT_RECIPES`):
   training; AdamW lr 2e-3 at batch 256, weight decay 0.2 on the weight matrices only (timm's and DeiT's
   split), 10 warmup epochs then a cosine decay per step, label smoothing 0.1, AutoAugment's CIFAR-10 policy before
   the six ops, and DeiT's hard-label distillation (weight 0.5) from a ResNet-9 teacher trained first for 12 epochs on
-  the same images; eval and test predict with airbench's test-time augmentation (the mean logits of each image and
-  its mirror image, averaged with those of the two shifted by one pixel; `accuracy_no_tta` and `accuracy_flip`, the
-  same model on single images and on flips alone, are recorded beside). The teacher is for a ViT that learns from random
+  the same images; the last epoch's eval and test predict with airbench's test-time augmentation (the mean logits of
+  each image and its mirror image, averaged with those of the two shifted by one pixel; `accuracy_no_tta` and
+  `accuracy_flip`, the same model on single images and on flips alone, are recorded beside), the evals before it on
+  single images. The teacher is for a ViT that learns from random
   weights: a pretrained encoder finetunes without one unless `distill` is given. Lee et al.'s Shifted Patch
   Tokenization (`spt`, with `stem="patch"`) was the stem before the conv stem won; encoders trained with it still load.
 
@@ -67,9 +68,10 @@ class Recipe:
     # the teacher's training (apphub_vit/teacher.py), when distill > 0: 12 epochs taught as well as 24 or 48 did
     teacher_epochs: int = 12
     ema: float = 0.0  # decay per step of an average of the weights that eval uses (apphub_vit/ema.py; 0: none)
-    # test-time augmentation (as airbench): eval and test predict on the mean logits of each image's views (`TTA`;
-    # "none": the image alone); `accuracy_no_tta` is then recorded beside `accuracy`, from the same model, and with
-    # "flip_translate" also `accuracy_flip`
+    # test-time augmentation (as airbench): the last epoch's eval and test predict on the mean logits of each image's
+    # views (`TTA`; "none": the image alone), the evals before it on single images (a sixth of the forward work); with
+    # the views `accuracy_no_tta` is recorded beside `accuracy`, from the same model, and with "flip_translate" also
+    # `accuracy_flip`
     tta: str = "none"
 
     def field_values(self) -> Dict[str, Any]:

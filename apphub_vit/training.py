@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from fastestimator.op.tensorop import TensorOp
 from fastestimator.op.tensorop.loss import CrossEntropy
 from fastestimator.op.tensorop.model import ModelOp
-from fastestimator.schedule import cosine_decay
+from fastestimator.schedule import EpochScheduler, cosine_decay
 
 from apphub_vit.device_network import DeviceNetwork
 from apphub_vit.distributed import DistributedUpdateOp, broadcast_from_main, single_device
@@ -119,6 +119,18 @@ class TTAViews(TensorOp):
         return torch.cat(views)
 
 
+class ModelOnViews(ModelOp):
+    """`ModelOp` on `TTAViews`' stack [V * B, C, H, W] -> logits [V * B, K], one view of B images at a time: the model
+    sees the eval batch's own shape, so the graph compiled for the single-image evals serves the views too (one
+    compile, and no second batch size that would make torch.compile recompile with a dynamic batch)."""
+    def __init__(self, views: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.views = views
+
+    def forward(self, data: torch.Tensor, state: Dict[str, Any]) -> torch.Tensor:
+        return torch.cat([super(ModelOnViews, self).forward(view, state) for view in data.chunk(self.views)])
+
+
 class MeanOfViews(TensorOp):
     """Logits of `TTAViews`' batch [V * B, K] -> (the test-time augmented logits [B, K], each image's own logits
     [B, K]) and, for "flip_translate", also the flip-only logits [B, K], so that one forward pass records what each
@@ -150,8 +162,9 @@ def classifier_network(model: torch.nn.Module, augment_ops: List[TensorOp], num_
     """The classifier's network: `augment_ops`, the model, cross-entropy against `train_label` in training (smoothed
     targets when the recipe smooths labels and nothing wrote soft labels yet; with a `teacher`, mixed with its hard
     labels on the same images by `recipe.distill`, `apphub_vit.teacher.DistillTargets`) and against the true labels
-    otherwise (with `recipe.tta`, on the mean logits of its views, `TTAViews`: `y_pred`, beside the image's own logits,
-    `y_pred_no_tta`, and with the shifted views the flip-only logits, `y_pred_flip`), the update and, with an
+    otherwise (with `recipe.tta`, in the last epoch's eval and in test: on the mean logits of its views, `TTAViews`:
+    `y_pred`, beside the image's own logits, `y_pred_no_tta`, and with the shifted views the flip-only logits,
+    `y_pred_flip`; the evals before it predict on single images), the update and, with an
     `average`, the update of the weights' moving average.
     `DeviceNetwork`: FastEstimator's TorchNetwork on a CPU in fp32; on a GPU it drops the per-step syncs, runs bf16
     autocast and replays the train step (the teacher's forward pass and the average's update included) as a CUDA
@@ -170,13 +183,20 @@ def classifier_network(model: torch.nn.Module, augment_ops: List[TensorOp], num_
         objective = [AddLoss(inputs=("ce", "drloc"), outputs="ce", mode="train")]
     else:
         forward, objective = [ModelOp(model=model, inputs="x", outputs="y_pred", mode="train")], []
-    if recipe.tta != "none":  # one forward pass of all the views, their logits averaged per image
+    single = ModelOp(model=model, inputs="x", outputs="y_pred", mode="!train")
+    if recipe.tta != "none":
+        # The last epoch's eval (the run's final accuracy) and `fastestimator test` predict on the mean logits of the
+        # views; the evals before it on single images, a sixth of the forward work of "flip_translate" (the progress
+        # curve and the best-model choice; the views' gain there is a few tenths of a point, docs/performance.md).
         outputs = ("y_pred", "y_pred_no_tta") + (("y_pred_flip",) if recipe.tta == "flip_translate" else ())
-        forward += [TTAViews(inputs="x", outputs="x_tta", views=recipe.tta),
-                    ModelOp(model=model, inputs="x_tta", outputs="y_pred_tta", mode="!train"),
-                    MeanOfViews(inputs="y_pred_tta", outputs=outputs, views=recipe.tta)]
+        views = [TTAViews(inputs="x", outputs="x_tta", views=recipe.tta),
+                 ModelOnViews(views=6 if recipe.tta == "flip_translate" else 2, model=model, inputs="x_tta",
+                              outputs="y_pred_tta", mode="!train"),
+                 MeanOfViews(inputs="y_pred_tta", outputs=outputs, views=recipe.tta)]
+        forward += views if recipe.epochs == 1 else [EpochScheduler({1: single, recipe.epochs: None})] + [
+            EpochScheduler({1: None, recipe.epochs: op}) for op in views]
     else:
-        forward.append(ModelOp(model=model, inputs="x", outputs="y_pred", mode="!train"))
+        forward.append(single)
     return DeviceNetwork(ops=ops + forward + [
         CrossEntropy(inputs=("y_pred", train_label), outputs="ce", from_logits=True, mode="train"),
         CrossEntropy(inputs=("y_pred", "y"), outputs="ce", from_logits=True, mode="!train"),

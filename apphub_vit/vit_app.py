@@ -8,10 +8,11 @@ shard of every global batch, rank 0 alone evaluates and writes the files.
 import json
 import os
 from dataclasses import asdict, replace
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import fastestimator as fe
 import torch
+from fastestimator.schedule import EpochScheduler
 from fastestimator.trace.adapt import LRScheduler
 from fastestimator.trace.metric import Accuracy
 
@@ -166,11 +167,14 @@ def build_vit_estimator(*, app: str, num_classes: int, dataset: str, data_dir: O
                                  teacher=None if teacher is None else teacher["model"], average=average)
 
     # 3. estimator
-    metrics = [Accuracy(true_key="y", pred_key="y_pred")]
-    if recipe.tta != "none":  # the same model on single images (and on flips alone), for the record: what TTA adds
-        metrics.append(Accuracy(true_key="y", pred_key="y_pred_no_tta", output_name="accuracy_no_tta"))
+    metrics: List[Any] = [Accuracy(true_key="y", pred_key="y_pred")]
+    # with TTA, in the last epoch's eval (and in test): the same model on single images (and on flips alone), for the
+    # record: what TTA adds (the evals before predict on single images, classifier_network)
+    views = [Accuracy(true_key="y", pred_key="y_pred_no_tta", output_name="accuracy_no_tta")] \
+        if recipe.tta != "none" else []
     if recipe.tta == "flip_translate":
-        metrics.append(Accuracy(true_key="y", pred_key="y_pred_flip", output_name="accuracy_flip"))
+        views.append(Accuracy(true_key="y", pred_key="y_pred_flip", output_name="accuracy_flip"))
+    metrics += views if recipe.epochs == 1 else [EpochScheduler({1: None, recipe.epochs: m}) for m in views]
     traces = []
     schedule = lr_schedule(recipe, run["train_steps_per_epoch"] or len(train_data) // recipe.batch_size)
     if schedule is not None:

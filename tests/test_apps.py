@@ -417,6 +417,32 @@ def test_flip_translate_tta_adds_the_one_pixel_shifts_as_airbench_and_records_ea
                                    **TINY_RUN, **TINY_VIT)
 
 
+def test_tta_predicts_in_the_last_epochs_eval_and_in_test_and_the_evals_before_on_single_images(tmp_path):
+    estimator = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "a"), from_scratch=True,
+                                           **dict(TINY_RUN, epochs=3), **TINY_VIT)  # the default: the shifted views
+    model = estimator.model
+    torch.manual_seed(0)
+    x, y = torch.randint(0, 256, (6, 32, 32, 3), dtype=torch.uint8), torch.arange(6) % 10
+    model.eval()
+    for mode, epoch in (("eval", 1), ("eval", 2), ("eval", 3), ("test", 3)):
+        batch = estimator.network.transform({"x": x, "y": y}, mode=mode, epoch=epoch)
+        with torch.no_grad():
+            own = model(batch["x"])
+            mirrored = model(batch["x"].flip(-1))
+        if epoch < 3:  # before the last epoch: the image alone, one forward pass
+            assert "y_pred_no_tta" not in batch and "x_tta" not in batch
+            torch.testing.assert_close(batch["y_pred"], own)
+        else:  # the last epoch's eval and the test: the views' mean (its values: the flip_translate test above)
+            torch.testing.assert_close(batch["y_pred_no_tta"], own)
+            torch.testing.assert_close(batch["y_pred_flip"], (own + mirrored) / 2)
+            assert not torch.allclose(batch["y_pred"], own, atol=1e-3)  # the views change the prediction
+    estimator.fit()
+    record = read_record(str(tmp_path / "a" / RECORD_FILE))
+    assert [sorted(e["metrics"].keys() & {"accuracy", "accuracy_no_tta", "accuracy_flip"}) for e in record["eval"]] \
+        == [["accuracy"]] * 2 + [["accuracy", "accuracy_flip", "accuracy_no_tta"]]
+    assert record["final_accuracy"] == record["eval"][-1]["metrics"]["accuracy"]
+
+
 def test_a_saved_model_loads_with_or_without_the_training_only_head(tmp_path):
     """`weights_path` files without a run_record.json beside them: one saved without the relative-localization head
     (`drloc` 0, the default before) loads into the default, which keeps its fresh head; one saved with it loads into a

@@ -33,6 +33,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import apphub_vit  # noqa: E402,F401  (FastEstimator compatibility fixes)
 import torch  # noqa: E402
+from fastestimator.schedule.schedule import get_current_items  # noqa: E402
 from fastestimator.trace import Trace  # noqa: E402
 from fastestimator.util.cli_util import parse_cli_to_dictionary  # noqa: E402
 
@@ -118,7 +119,8 @@ def instrument(estimator: Any) -> EpochProfile:
 
     def prepare_traces(run_modes: Any) -> None:  # fit() adds FastEstimator's own traces (Logger, the Essentials) here
         prepare(run_modes)
-        for trace in estimator.traces_in_use:
+        # a scheduled trace (an EpochScheduler of metrics: recipe vit's TTA metrics in the last epoch) by its values
+        for trace in filter(None, get_current_items(estimator.traces_in_use)):
             name = f"trace {type(trace).__name__}"
             for hook in HOOKS:
                 setattr(trace, hook, profile.timed(name, getattr(trace, hook)))

@@ -3,10 +3,11 @@ saved model, and the estimator's tail (best-model saving, prediction grid, run r
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import fastestimator as fe
 import torch
+from fastestimator.schedule.schedule import Scheduler
 from fastestimator.trace import Trace
 
 from apphub_vit import options
@@ -130,14 +131,15 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
 def finish_estimator(*, pipeline: fe.Pipeline, network: fe.Network, models: Sequence[torch.nn.Module], app: str,
                      folder: RunFolder, dataset: str, hparams: Dict[str, Any], epochs: int,
                      train_steps_per_epoch: Optional[int], eval_steps_per_epoch: Optional[int], log_steps: int,
-                     metrics: Sequence[Trace] = (), best: Tuple[str, str] = ("accuracy", "max"),
+                     metrics: Sequence[Union[Trace, Scheduler[Trace]]] = (),
+                     best: Tuple[str, str] = ("accuracy", "max"),
                      loss_key: str = "ce", traces: Sequence[Trace] = (), stateful: Sequence[Trace] = (),
                      **recorder: Any) -> fe.Estimator:
-    """The estimator of an app: `metrics` first, then a best-model saver per model on `best` (metric, "max" / "min"),
-    the app's other `traces` (those in `stateful` too, which have `state()` / `load_state()` for the checkpoint, in one
-    process only), the RunRecorder (after every metric), the divergence guard on the training `loss_key`
-    and the per-epoch checkpoint (`apphub_vit.runs`). `estimator.model` is the first model (what `pretrain()` /
-    `finetune()` return), `estimator.config` the hparams."""
+    """The estimator of an app: `metrics` first (a metric of some epochs only: an `EpochScheduler` of it), then a
+    best-model saver per model on `best` (metric, "max" / "min"), the app's other `traces` (those in `stateful` too,
+    which have `state()` / `load_state()` for the checkpoint, in one process only), the RunRecorder (after every
+    metric), the divergence guard on the training `loss_key` and the per-epoch checkpoint (`apphub_vit.runs`).
+    `estimator.model` is the first model (what `pretrain()` / `finetune()` return), `estimator.config` the hparams."""
     ranks = world()
     # under torchrun the other ranks save nothing and record nothing; every rank restores a checkpoint on a resume
     savers = [SafeBestModelSaver(m, folder.save_dir, metric=best[0], save_best_mode=best[1])

@@ -100,7 +100,7 @@ def test_accuracy_script_resumes_from_its_checkpoint(tmp_path, capsys):
     _write_cifar10(tmp_path / "data" / "cifar-10-batches-py", n=64)
     args = ["--data_dir", str(tmp_path / "data"), "--em_dim", "16", "--batch_size", "16", "--train_steps_per_epoch",
             "2", "--eval_steps_per_epoch", "2", "--restore_dir", str(tmp_path / "resume"), "--distill", "0",
-            "--tta", "none"]  # with TTA the last epoch's eval predicts on other views than the same epoch of a longer run
+            "--tta", "none"]  # TTA: the last epoch's eval predicts on views, the same epoch of a longer run does not
     accuracy.main(args + ["--epochs", "2", "--save_dir", str(tmp_path / "one")])
     last_eval = r"Eval: step: 4; epoch: 2; accuracy: \S+; ce: (\S+);"
     before = re.findall(last_eval, capsys.readouterr().out)

@@ -443,6 +443,19 @@ def test_tta_predicts_in_the_last_epochs_eval_and_in_test_and_the_evals_before_o
     assert record["final_accuracy"] == record["eval"][-1]["metrics"]["accuracy"]
 
 
+def test_a_run_with_tta_trains_and_evaluates_as_one_without_until_its_last_epoch(tmp_path):
+    runs = {}
+    for tta in ("flip_translate", "none"):
+        estimator = finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / tta), from_scratch=True,
+                                               seed=0, tta=tta, **dict(TINY_RUN, epochs=3), **TINY_VIT)
+        estimator.fit()
+        record = read_record(str(tmp_path / tta / RECORD_FILE))
+        runs[tta] = estimator.model, [e["metrics"]["ce"] for e in record["eval"]]
+    (views, views_ce), (plain, plain_ce) = runs["flip_translate"], runs["none"]
+    assert all(torch.equal(a, b) for a, b in zip(views.parameters(), plain.parameters()))  # the same training
+    assert views_ce[:2] == plain_ce[:2] and views_ce[2] != plain_ce[2]  # the same evals, but for the last one's views
+
+
 def test_a_saved_model_loads_with_or_without_the_training_only_head(tmp_path):
     """`weights_path` files without a run_record.json beside them: one saved without the relative-localization head
     (`drloc` 0, the default before) loads into the default, which keeps its fresh head; one saved with it loads into a

@@ -100,6 +100,9 @@ class SmoothLabels(TensorOp):
         return smooth_one_hot(data, self.num_classes, self.smoothing, torch.float32)
 
 
+VIEWS = {"flip": 2, "flip_translate": 6}  # how many views of each image a `tta` predicts on (TTAViews)
+
+
 class TTAViews(TensorOp):
     """Images [B, C, H, W] -> the views that test-time augmentation predicts on, stacked [V * B, C, H, W]: "flip",
     each image and its left-right mirror image (V = 2); "flip_translate" (airbench's, Keller Jordan 2024), those two
@@ -141,7 +144,7 @@ class MeanOfViews(TensorOp):
         self.views = views
 
     def forward(self, data: torch.Tensor, state: Dict[str, Any]) -> Tuple[torch.Tensor, ...]:
-        logits = data.float().chunk(6 if self.views == "flip_translate" else 2)  # V x [B, K]
+        logits = data.float().chunk(VIEWS[self.views])  # V x [B, K]
         own, flipped = logits[0], (logits[0] + logits[1]) / 2
         if self.views == "flip":
             return flipped, own
@@ -190,8 +193,8 @@ def classifier_network(model: torch.nn.Module, augment_ops: List[TensorOp], num_
         # curve and the best-model choice; the views' gain there is a few tenths of a point, docs/performance.md).
         outputs = ("y_pred", "y_pred_no_tta") + (("y_pred_flip",) if recipe.tta == "flip_translate" else ())
         views = [TTAViews(inputs="x", outputs="x_tta", views=recipe.tta),
-                 ModelOnViews(views=6 if recipe.tta == "flip_translate" else 2, model=model, inputs="x_tta",
-                              outputs="y_pred_tta", mode="!train"),
+                 ModelOnViews(views=VIEWS[recipe.tta], model=model, inputs="x_tta", outputs="y_pred_tta",
+                              mode="!train"),
                  MeanOfViews(inputs="y_pred_tta", outputs=outputs, views=recipe.tta)]
         forward += views if recipe.epochs == 1 else [EpochScheduler({1: single, recipe.epochs: None})] + [
             EpochScheduler({1: None, recipe.epochs: op}) for op in views]

@@ -100,6 +100,12 @@ class SmoothLabels(TensorOp):
         return smooth_one_hot(data, self.num_classes, self.smoothing, torch.float32)
 
 
+def last_epoch_only(items: Sequence[Any], epochs: int) -> List[Any]:
+    """`items` (ops, traces) as FastEstimator runs them in the last of `epochs` epochs only (and in test, which runs
+    at the last epoch): each an `EpochScheduler` that holds nothing before it."""
+    return list(items) if epochs == 1 else [EpochScheduler({1: None, epochs: item}) for item in items]
+
+
 VIEWS = {"flip": 2, "flip_translate": 6}  # how many views of each image a `tta` predicts on (TTAViews)
 
 
@@ -196,8 +202,8 @@ def classifier_network(model: torch.nn.Module, augment_ops: List[TensorOp], num_
                  ModelOnViews(views=VIEWS[recipe.tta], model=model, inputs="x_tta", outputs="y_pred_tta",
                               mode="!train"),
                  MeanOfViews(inputs="y_pred_tta", outputs=outputs, views=recipe.tta)]
-        forward += views if recipe.epochs == 1 else [EpochScheduler({1: single, recipe.epochs: None})] + [
-            EpochScheduler({1: None, recipe.epochs: op}) for op in views]
+        before = [] if recipe.epochs == 1 else [EpochScheduler({1: single, recipe.epochs: None})]
+        forward += before + last_epoch_only(views, recipe.epochs)
     else:
         forward.append(single)
     return DeviceNetwork(ops=ops + forward + [

@@ -12,7 +12,6 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import fastestimator as fe
 import torch
-from fastestimator.schedule import EpochScheduler
 from fastestimator.trace.adapt import LRScheduler
 from fastestimator.trace.metric import Accuracy
 
@@ -26,7 +25,7 @@ from apphub_vit.prediction_grid import GRID_FILE, PredictionGrid
 from apphub_vit.recipes import CIFAR_AUGMENTS, MODEL_FIELDS, VIT_RECIPES, Recipe, RecipeBook
 from apphub_vit.records import RECORD_FILE
 from apphub_vit.teacher import TEACHER_FILE, train_teacher
-from apphub_vit.training import build_vit, classifier_network, lr_schedule
+from apphub_vit.training import build_vit, classifier_network, last_epoch_only, lr_schedule
 from networks.vit import ViTConfig
 from pipelines.batched import batched_cifar_ops
 from pipelines.cifar import CIFAR_MEAN, CIFAR_STD, cifar_pipeline
@@ -174,7 +173,7 @@ def build_vit_estimator(*, app: str, num_classes: int, dataset: str, data_dir: O
         if recipe.tta != "none" else []
     if recipe.tta == "flip_translate":
         views.append(Accuracy(true_key="y", pred_key="y_pred_flip", output_name="accuracy_flip"))
-    metrics += views if recipe.epochs == 1 else [EpochScheduler({1: None, recipe.epochs: m}) for m in views]
+    metrics += last_epoch_only(views, recipe.epochs)
     traces = []
     schedule = lr_schedule(recipe, run["train_steps_per_epoch"] or len(train_data) // recipe.batch_size)
     if schedule is not None:

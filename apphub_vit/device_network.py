@@ -126,7 +126,7 @@ class DeviceNetwork(TorchNetwork):
         self._drop_graph()
         if self.device.type == "cpu":
             return
-        for model in set().union(*(op.get_fe_models() for op in self.ops)):
+        for model in self.models:  # FastEstimator's own collection: every op's models, the scheduled ops' too
             model.to("cpu")
             if getattr(model, "current_optimizer", None) is not None:
                 self._move_optimizer_between_device(model.current_optimizer.state, "cpu")

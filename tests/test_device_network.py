@@ -18,6 +18,7 @@ from fastestimator.backend import set_lr  # noqa: E402
 from fastestimator.op.tensorop import TensorOp  # noqa: E402
 from fastestimator.op.tensorop.loss import CrossEntropy  # noqa: E402
 from fastestimator.op.tensorop.model import ModelOp, UpdateOp  # noqa: E402
+from fastestimator.schedule import EpochScheduler  # noqa: E402
 
 from apphub_vit.device_network import DeviceNetwork, _capturable  # noqa: E402
 from apphub_vit.hardware import cuda_graph_blockers, resolve_hardware  # noqa: E402
@@ -167,6 +168,24 @@ def test_models_stay_on_the_gpu_between_epochs_until_unloaded():
     losses = _train(network, model, epochs=1, steps=4, lrs=[1e-2] * 4)  # back on the GPU: a new graph, and it trains
     assert all(p.is_cuda for p in model.parameters()) and network.graph_captures == 2
     assert all(math.isfinite(loss) for loss in losses)
+
+
+def test_unload_moves_the_models_of_scheduled_ops_too():
+    """A run whose eval ops change by epoch (recipe vit's TTA views, an EpochScheduler) ends with unload(): it must
+    reach the scheduled ops' models (it once asked each op for its models, and a Scheduler has none to give). The
+    moves to the CPU are recorded, as this runs on a CPU: the network is told its device is a GPU."""
+    network, model = _network(cuda_graph=False)
+    torch.manual_seed(0)
+    scheduled = fe.build(model_fn=lambda: torch.nn.Linear(16, 5), optimizer_fn=None)
+    network = DeviceNetwork(ops=network.ops + [EpochScheduler({1: None, 2: ModelOp(model=scheduled, inputs="x",
+                                                                                     outputs="y2", mode="eval")})])
+    network.device = torch.device("cuda")
+    moves = {}
+    for name, m in (("trained", model), ("scheduled", scheduled)):
+        m.to = mock.Mock(side_effect=lambda *a, _m=m, **k: torch.nn.Module.to(_m, *a, **k))
+        moves[name] = m.to
+    network.unload()
+    assert moves["trained"].call_args == mock.call("cpu") and moves["scheduled"].call_args == mock.call("cpu")
 
 
 @needs_cuda

@@ -20,7 +20,7 @@ split: start-up (process start to `fit()`, less the next), the distillation teac
 recipe has one), train, eval (and the first eval epoch alone), and the rest (between epochs: traces, checkpoints) to
 the process's exit; with test-time augmentation (recipe "vit"'s `tta`), also the final accuracy of the same model
 on single images (`accuracy_no_tta`) and, with the shifted views, on flips alone (`accuracy_flip`).
-Exits 1 if a run fails.
+Exits 1 if a run fails, after the row of a failed run that got as far as writing its record.
 Measured: docs/performance.md.
 """
 import argparse
@@ -62,14 +62,25 @@ def run_once(cli: Sequence[str], app_args: Sequence[str], save_dir: str, seed: i
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
         code = subprocess.call(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)  # this checkout
     wall = time.time() - t0
+    path = os.path.join(save_dir, "run_record.json")
+    record = None
+    if not code or os.path.exists(path):
+        with open(path) as f:
+            record = json.load(f)
+        record.update(wall=wall, t0=t0)
     if code:
         with open(log) as f:
             tail = "".join(f.readlines()[-20:])
-        raise RuntimeError(f"seed {seed}: the run exited with {code} (log {log}):\n{tail}")
-    with open(os.path.join(save_dir, "run_record.json")) as f:
-        record = json.load(f)
-    record.update(wall=wall, t0=t0)
+        raise RunFailed(f"seed {seed}: the run exited with {code} (log {log}):\n{tail}", record)
     return record
+
+
+class RunFailed(RuntimeError):
+    """A run that exited with an error; `record` is the run record it wrote (None if none: the app writes it when fit()
+    ends), so a run that fails after its training still shows what it measured."""
+    def __init__(self, message: str, record: Optional[Dict]) -> None:
+        super().__init__(message)
+        self.record = record
 
 
 def summarize(record: Dict, targets: Sequence[float]) -> Dict[str, Optional[float]]:
@@ -176,8 +187,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         try:
             record = run_once(cli, app_args, os.path.join(out, f"seed{seed}"), seed,
                               os.path.join(out, f"seed{seed}.log"))
-        except RuntimeError as err:
+        except RunFailed as err:
             print(err, file=sys.stderr)
+            if err.record is not None and err.record["eval"]:  # what it measured before failing, marked as such
+                row = summarize(err.record, targets)
+                print(f"seed {seed} failed after fit() wrote its record; its figures (wall: to the failure):\n"
+                      f"{table([row], targets, [seed]).splitlines()[-1]}", flush=True)
             return 1
         rows.append(summarize(record, targets))
         print(f"seed {seed}: final {rows[-1]['final']:.2%}, {rows[-1]['wall']:.1f} s from process start", flush=True)

@@ -205,6 +205,29 @@ def test_time_to_accuracy_reads_each_target_from_the_runs_records(tmp_path, caps
         assert cells[11:13] == [f"{last['accuracy_no_tta']:.2%}", f"{last['accuracy_flip']:.2%}"]
 
 
+@pytest.mark.parametrize("after_fit", [True, False])
+def test_time_to_accuracy_stops_at_a_failed_run_and_shows_what_it_measured(after_fit, tmp_path, capsys, monkeypatch):
+    """A run that fails stops the series with exit 1. One that failed after fit() wrote its record (once, a bug at
+    the models' unloading) still gets its row: its times and accuracy were measured."""
+    import json
+    import time_to_accuracy
+    script = (_forked_cli(monkeypatch) + ' "$@"; exit 3') if after_fit else "exit 3"
+    cli = shlex.join(["sh", "-c", script, "sh"])
+    argv = ["--budget", "tiny", "--seeds", "2", "--out", str(tmp_path / "t"), "--epochs", "1", "--cli", cli]
+    assert time_to_accuracy.main(argv) == 1
+    captured = capsys.readouterr()
+    assert "seed 0: the run exited with 3" in captured.err
+    assert "seed 1" not in captured.out + captured.err  # the series stopped
+    rows = [line for line in captured.out.splitlines() if line.startswith("| seed 0 |")]
+    if after_fit:
+        assert "seed 0 failed after fit() wrote its record" in captured.out and len(rows) == 1
+        record = json.loads((tmp_path / "t" / "seed0" / "run_record.json").read_text())
+        cells = [c.strip() for c in rows[0].strip("|").split("|")]
+        assert cells[5] == f"{record['final_accuracy']:.2%}"  # after the four targets: the accuracy it reached
+    else:
+        assert not rows and "failed after fit()" not in captured.out
+
+
 def test_time_to_accuracy_splits_a_teachers_training_out_of_start_up():
     import time_to_accuracy
     record = {"metrics": {"accuracy_key": "accuracy"}, "final_accuracy": 0.5, "wall": 100.0, "t0": 1000.0,

@@ -175,7 +175,6 @@ def test_unload_moves_the_models_of_scheduled_ops_too():
     reach the scheduled ops' models (it once asked each op for its models, and a Scheduler has none to give). The
     moves to the CPU are recorded, as this runs on a CPU: the network is told its device is a GPU."""
     network, model = _network(cuda_graph=False)
-    torch.manual_seed(0)
     scheduled = fe.build(model_fn=lambda: torch.nn.Linear(16, 5), optimizer_fn=None)
     network = DeviceNetwork(ops=network.ops + [EpochScheduler({1: None, 2: ModelOp(model=scheduled, inputs="x",
                                                                                      outputs="y2", mode="eval")})])

@@ -21,9 +21,16 @@ recipe has one), train, eval (and the first eval epoch alone), and the rest (bet
 the process's exit; with test-time augmentation (recipe "vit"'s `tta`), also the final accuracy of the same model
 on single images (`accuracy_no_tta`) and, with the shifted views, on flips alone (`accuracy_flip`).
 Exits 1 if a run fails, after the row of a failed run that got as far as writing its record.
+
+Curves: as each run ends, its test accuracy after every epoch, against seconds from its process's start, is added to
+OUT/curves.csv and drawn in OUT/curves.png, one line per run. Several series (say, two recipes) in one picture:
+
+    python benchmarks/time_to_accuracy.py --plot runs/vit runs/apphub --png both.png
+
 Measured: docs/performance.md.
 """
 import argparse
+import csv
 import json
 import os
 import shlex
@@ -104,6 +111,77 @@ def summarize(record: Dict, targets: Sequence[float]) -> Dict[str, Optional[floa
     return out
 
 
+CURVE_COLUMNS = ("series", "seed", "epoch", "seconds_from_process_start", "test_accuracy")
+
+
+def curve_rows(record: Dict, seed: int) -> List[Dict]:
+    """One row per eval of a run (needs the `t0` that run_once adds): its seconds from the process's start and its
+    test accuracy. The series is the recipe and the options given to it, as the record has them."""
+    key = record["metrics"]["accuracy_key"] or "accuracy"
+    hparams = record["hparams"]
+    options = " ".join(f"--{k} {v}" for k, v in sorted(hparams.get("overrides", {}).items()) if k != "epochs")
+    series = " ".join(filter(None, [hparams["recipe"]["name"], options]))
+    return [dict(series=series, seed=seed, epoch=e["epoch"],
+                 seconds_from_process_start=round(e["time"] - record["t0"], 3), test_accuracy=e["metrics"][key])
+            for e in record["eval"] if key in e["metrics"]]
+
+
+def write_curves(rows: List[Dict], out: str, targets: Sequence[float] = TARGETS) -> None:
+    """OUT/curves.csv with every run's rows so far, and OUT/curves.png drawn from it."""
+    with open(os.path.join(out, "curves.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CURVE_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    plot_curves(rows, os.path.join(out, "curves.png"), targets)
+
+
+def read_curves(folders: Sequence[str]) -> List[Dict]:
+    """The rows of each folder's curves.csv (a series written by this script), numbers as numbers."""
+    rows = []
+    for folder in folders:
+        path = os.path.join(folder, "curves.csv")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} does not exist: --plot takes folders this script wrote with --out")
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                rows.append(dict(row, seed=int(row["seed"]), epoch=int(row["epoch"]),
+                                 seconds_from_process_start=float(row["seconds_from_process_start"]),
+                                 test_accuracy=float(row["test_accuracy"])))
+    return rows
+
+
+def plot_curves(rows: List[Dict], png: str, targets: Sequence[float] = TARGETS) -> None:
+    """Test accuracy against seconds from the process start (left) and against epochs (right), one line per run,
+    one colour per series; the targets as dotted lines."""
+    import matplotlib
+    matplotlib.use("Agg")  # a file, not a window
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    colours = {}
+    for row in rows:
+        colours.setdefault(row["series"], f"C{len(colours) % 10}")
+    runs = list(dict.fromkeys((r["series"], r["seed"]) for r in rows))
+    for series, seed in runs:
+        run = sorted((r for r in rows if r["series"] == series and r["seed"] == seed), key=lambda r: r["epoch"])
+        seeds = [s for name, s in runs if name == series]
+        label = f"{series} ({len(seeds)} run{'s' if len(seeds) > 1 else ''})" if seed == seeds[0] else None
+        for ax, x in zip(axes, ("seconds_from_process_start", "epoch")):
+            ax.plot([r[x] for r in run], [r["test_accuracy"] for r in run], color=colours[series], alpha=0.7,
+                    label=label)
+    for ax, xlabel in zip(axes, ("seconds from process start", "epoch")):
+        for target in targets:
+            ax.axhline(target, color="grey", linestyle=":", linewidth=0.8)
+        ax.set(xlabel=xlabel)
+        ax.grid(alpha=0.3)
+    low = min(r["test_accuracy"] for r in rows)
+    axes[0].set(ylabel="test accuracy", ylim=(max(0.0, min(low, min(targets)) - 0.05), 1.0), xlim=(0, None))
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=min(len(colours), 3), fontsize=8,
+               bbox_to_anchor=(0.5, -0.08))
+    fig.suptitle("Time to accuracy: every eval of every run")
+    fig.savefig(png, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
 def fmt(value: Optional[float], column: str) -> str:
     if value is None:
         return "-"
@@ -168,21 +246,26 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                     "hold earlier runs")
     parser.add_argument("--cli", default=None, help="the command that runs FastEstimator's command line (default: "
                                                     "`fastestimator`)")
+    parser.add_argument("--plot", nargs="+", default=None, metavar="FOLDER",
+                        help="train nothing: draw the curves.csv of these folders (earlier --out folders) into --png")
+    parser.add_argument("--png", default=None, help="with --plot: the picture to write (must not exist yet)")
     args, app_args = parser.parse_known_args(argv)
     try:
         targets = [float(t) for t in args.targets.split(",")]
     except ValueError:
         parser.error(f"--targets must be fractions separated by commas (e.g. 0.8,0.9), got {args.targets!r}")
+    if args.plot is not None or args.png is not None:
+        return plot_only(parser, args, app_args, targets)
     if args.seeds < 1 or args.first_seed < 0:
         parser.error(f"--seeds must be at least 1 and --first_seed at least 0, got {args.seeds} and {args.first_seed}")
     app_args = app_arguments(parser, args.budget, args.data_dir, app_args)
     out = os.path.abspath(args.out or tempfile.mkdtemp(prefix="time_to_accuracy-"))
     os.makedirs(out, exist_ok=True)
-    taken = [name for name in os.listdir(out) if name.startswith("seed")]
+    taken = [name for name in os.listdir(out) if name.startswith(("seed", "curves"))]
     if taken:
         parser.error(f"--out '{out}' already holds runs ({', '.join(sorted(taken))}); choose another folder")
     cli = shlex.split(args.cli) if args.cli else default_cli()
-    rows, seeds = [], range(args.first_seed, args.first_seed + args.seeds)
+    rows, curves, seeds = [], [], range(args.first_seed, args.first_seed + args.seeds)
     for seed in seeds:
         try:
             record = run_once(cli, app_args, os.path.join(out, f"seed{seed}"), seed,
@@ -191,10 +274,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(err, file=sys.stderr)
             if err.record is not None and err.record["eval"]:  # what it measured before failing, marked as such
                 row = summarize(err.record, targets)
+                write_curves(curves + curve_rows(err.record, seed), out, targets)
                 print(f"seed {seed} failed after fit() wrote its record; its figures (wall: to the failure):\n"
                       f"{table([row], targets, [seed]).splitlines()[-1]}", flush=True)
             return 1
         rows.append(summarize(record, targets))
+        curves += curve_rows(record, seed)
+        write_curves(curves, out, targets)  # after every run: a series cut off later keeps its finished runs' curves
         print(f"seed {seed}: final {rows[-1]['final']:.2%}, {rows[-1]['wall']:.1f} s from process start", flush=True)
         # each run's row as soon as it ends: the record lacks the process's start, so a series cut off later (a GPU
         # host taken back) keeps the rows of the runs that ended
@@ -204,6 +290,27 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"{record['schedule']['epochs']} epochs of batch {record['schedule']['batch_size']}, device {device}; "
           f"runs in {out}\n")
     print(table(rows, targets, seeds))
+    print(f"\ncurves: {os.path.join(out, 'curves.csv')}, {os.path.join(out, 'curves.png')}")
+    return 0
+
+
+def plot_only(parser: argparse.ArgumentParser, args: argparse.Namespace, app_args: List[str],
+              targets: Sequence[float]) -> int:
+    """--plot FOLDER ... --png FILE: one picture of several series, training nothing."""
+    if not args.plot or not args.png:
+        parser.error("--plot and --png go together: --plot FOLDER [FOLDER ...] --png FILE")
+    if app_args:
+        parser.error(f"--plot trains nothing, so it takes no app options; got {' '.join(app_args)}")
+    if os.path.exists(args.png):
+        parser.error(f"--png '{args.png}' already exists; choose another file (nothing is overwritten)")
+    try:
+        rows = read_curves(args.plot)
+    except FileNotFoundError as err:
+        parser.error(str(err))
+    if not rows:
+        parser.error(f"no evals in the curves.csv of {', '.join(args.plot)}")
+    plot_curves(rows, args.png, targets)
+    print(f"{len(rows)} evals of {len({(r['series'], r['seed']) for r in rows})} runs drawn in {args.png}")
     return 0
 
 

@@ -1,5 +1,6 @@
 """Smoke tests of the benchmark scripts on CPU with tiny configurations (their figures come from real runs
 elsewhere)."""
+import csv
 import re
 import shlex
 import sys
@@ -203,6 +204,38 @@ def test_time_to_accuracy_reads_each_target_from_the_runs_records(tmp_path, caps
         last = record["eval"][-1]["metrics"]
         assert "| final, no TTA | final, flip only |" in text
         assert cells[11:13] == [f"{last['accuracy_no_tta']:.2%}", f"{last['accuracy_flip']:.2%}"]
+    # the curves: every eval of both runs, on the table's clock (the 0% target is the first eval), and their picture
+    with open(out / "curves.csv", newline="") as f:
+        curves = list(csv.DictReader(f))
+    assert [(c["seed"], c["epoch"]) for c in curves] == [("1", "1"), ("1", "2"), ("2", "1"), ("2", "2")]
+    assert {c["series"] for c in curves} == {  # the recipe and the options the app was given, but --epochs
+        "vit --augment apphub --batch_size 16 --em_dim 16 --ff_dim 32 --num_heads 2 --num_layers 1 --patch_size 8 "
+        "--teacher_epochs 1"}
+    for seed, row in zip((1, 2), rows):
+        record = json.loads((out / f"seed{seed}" / "run_record.json").read_text())
+        mine = [c for c in curves if c["seed"] == str(seed)]
+        assert [float(c["test_accuracy"]) for c in mine] == [e["metrics"]["accuracy"] for e in record["eval"]]
+        assert float(mine[0]["seconds_from_process_start"]) == pytest.approx(float(row.split("|")[2]), abs=0.06)
+        assert float(mine[1]["seconds_from_process_start"]) - float(mine[0]["seconds_from_process_start"]) == \
+            pytest.approx(record["eval"][1]["time"] - record["eval"][0]["time"], abs=0.002)
+    assert (out / "curves.png").stat().st_size > 10_000
+    # a series of another folder beside it in one picture; nothing overwritten, nothing trained
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "curves.csv").write_text("series,seed,epoch,seconds_from_process_start,test_accuracy\n"
+                                      "apphub,0,1,3.5,0.25\napphub,0,2,4.5,0.5\n")
+    png = tmp_path / "both.png"
+    assert time_to_accuracy.main(["--plot", str(out), str(other), "--png", str(png)]) == 0
+    assert "6 evals of 3 runs drawn in" in capsys.readouterr().out and png.stat().st_size > 10_000
+    for argv, message in ((["--plot", str(out), "--png", str(png)], "already exists"),
+                          (["--plot", str(tmp_path / "none"), "--png", str(tmp_path / "x.png")], "does not exist"),
+                          (["--plot", str(out)], "go together"),
+                          (["--plot", str(out), "--png", str(tmp_path / "x.png"), "--epochs", "3"], "takes no app"),
+                          (["--budget", "tiny", "--out", str(other)], "already holds runs")):  # its curves
+        with pytest.raises(SystemExit):
+            time_to_accuracy.main(argv)
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
 
 
 @pytest.mark.parametrize("after_fit", [True, False])
@@ -224,6 +257,7 @@ def test_time_to_accuracy_stops_at_a_failed_run_and_shows_what_it_measured(after
         record = json.loads((tmp_path / "t" / "seed0" / "run_record.json").read_text())
         cells = [c.strip() for c in rows[0].strip("|").split("|")]
         assert cells[5] == f"{record['final_accuracy']:.2%}"  # after the four targets: the accuracy it reached
+        assert (tmp_path / "t" / "curves.csv").read_text().count("\n") == 1 + len(record["eval"])  # its curve too
     else:
         assert not rows and "failed after fit()" not in captured.out
 

@@ -44,7 +44,7 @@ TTA = ("none", "flip", "flip_translate")
 SCHEDULES = ("constant", "warmup_cosine")  # after the linear warmup: hold the lr, or a cosine decay per step to min_lr
 # the ViTConfig fields a recipe or a user may set (image size and channels belong to the data set)
 MODEL_FIELDS = ("num_layers", "em_dim", "num_heads", "ff_dim", "patch_size", "norm_first", "pool", "drop",
-                "drop_path", "spt", "lsa", "stem", "drloc")
+                "drop_path", "spt", "lsa", "stem", "drloc", "distill_head")
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,9 @@ class Recipe:
     label_smoothing: float
     augment: str  # the app's `RecipeBook.augments`
     mix_prob: float = 0.0  # share of training batches mixed by MixUp or CutMix (pipelines.batched.MixUpCutMix)
-    distill: float = 0.0  # weight of a CNN teacher's hard label in the target (DeiT: 0.5; 0: no teacher)
+    # weight of a CNN teacher's hard label in the target (DeiT: 0.5; 0: no teacher); with the model's `distill_head`,
+    # the weight of that head's loss against the teacher's label (the class head's, against the true label: the rest)
+    distill: float = 0.0
     # the teacher's training (apphub_vit/teacher.py), when distill > 0: 12 epochs taught as well as 24 or 48 did
     teacher_epochs: int = 12
     ema: float = 0.0  # decay per step of an average of the weights that eval uses (apphub_vit/ema.py; 0: none)
@@ -109,7 +111,7 @@ CHECKS: Dict[str, Callable[[str, Any], Any]] = {
     "ema": lambda n, v: options.number(n, v, 0.0, 1.0, high_open=True),
     "tta": lambda n, v: options.choice(n, _tta_name(v), TTA),
     **{name: options.positive_int for name in ("num_layers", "em_dim", "num_heads", "ff_dim", "patch_size")},
-    **{name: options.boolean for name in ("norm_first", "spt", "lsa")},
+    **{name: options.boolean for name in ("norm_first", "spt", "lsa", "distill_head")},
     "pool": lambda n, v: options.choice(n, v, ("cls", "mean")),
     "stem": lambda n, v: options.choice(n, v, STEMS),
     "drop": _rate,
@@ -141,6 +143,9 @@ class RecipeBook:
         if "batch_size" in training and "lr" not in training:
             training["lr"] = recipe.lr * training["batch_size"] / recipe.batch_size
         recipe = replace(recipe, model=model, **training)
+        if recipe.model.distill_head and not recipe.distill:
+            raise options.OptionError("distill_head=True trains its head on a CNN teacher's labels, but distill is 0 "
+                                      "(no teacher): set distill > 0 (DeiT's 0.5) with it, or distill_head=False")
         if recipe.mix_prob and recipe.augment in ("apphub", "none"):
             raise options.OptionError(f"mix_prob={recipe.mix_prob} mixes strongly augmented batches, but augment is "
                                       f"{recipe.augment!r}: use augment='autoaugment' or 'trivialaugment', or "

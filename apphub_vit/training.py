@@ -165,12 +165,26 @@ class AddLoss(TensorOp):
         return main + auxiliary
 
 
+class MixLosses(TensorOp):
+    """(loss a, loss b) -> (1 - weight) * a + weight * b: DeiT's objective with a distillation head, the class head's
+    cross-entropy against the true labels and the distillation head's against the teacher's (weight 1/2 in DeiT)."""
+    def __init__(self, inputs, outputs: str, weight: float, mode: str = "train") -> None:
+        super().__init__(inputs=inputs, outputs=outputs, mode=mode)
+        self.weight = weight
+
+    def forward(self, data: List[torch.Tensor], state: Dict[str, Any]) -> torch.Tensor:
+        a, b = data
+        return a * (1 - self.weight) + b * self.weight
+
+
 def classifier_network(model: torch.nn.Module, augment_ops: List[TensorOp], num_classes: int, recipe: Recipe,
                        hw: Hardware, train_label: str = "y", teacher: Optional[torch.nn.Module] = None,
                        average: Optional[WeightAverage] = None) -> fe.Network:
     """The classifier's network: `augment_ops`, the model, cross-entropy against `train_label` in training (smoothed
     targets when the recipe smooths labels and nothing wrote soft labels yet; with a `teacher`, mixed with its hard
-    labels on the same images by `recipe.distill`, `apphub_vit.teacher.DistillTargets`) and against the true labels
+    labels on the same images by `recipe.distill`, `apphub_vit.teacher.DistillTargets`; with the model's
+    `distill_head`, the class head against the true labels and the distillation head against the teacher's, the two
+    cross-entropies weighted by `1 - recipe.distill` and `recipe.distill`, as DeiT) and against the true labels
     otherwise (with `recipe.tta`, in the last epoch's eval and in test: on the mean logits of its views, `TTAViews`:
     `y_pred`, beside the image's own logits, `y_pred_no_tta`, and with the shifted views the flip-only logits,
     `y_pred_flip`; the evals before it predict on single images), the update and, with an
@@ -182,16 +196,23 @@ def classifier_network(model: torch.nn.Module, augment_ops: List[TensorOp], num_
     if train_label == "y" and (recipe.label_smoothing or teacher is not None):
         ops.append(SmoothLabels("y", "y_soft", num_classes, recipe.label_smoothing))
         train_label = "y_soft"
+    head = recipe.model.distill_head  # the teacher's labels go to a head of their own (DeiT), not into the target
     if teacher is not None:
         ops += [ModelOp(model=teacher, inputs="x", outputs="y_teacher", trainable=False, mode="train"),
-                DistillTargets(inputs=(train_label, "y_teacher"), outputs="y_distill", weight=recipe.distill,
-                               smoothing=recipe.label_smoothing)]
-        train_label = "y_distill"
-    if recipe.model.drloc:  # the model also returns its weighted auxiliary loss in training (networks/drloc.py)
-        forward = [ModelOp(model=model, inputs="x", outputs=("y_pred", "drloc"), mode="train")]
-        objective = [AddLoss(inputs=("ce", "drloc"), outputs="ce", mode="train")]
-    else:
-        forward, objective = [ModelOp(model=model, inputs="x", outputs="y_pred", mode="train")], []
+                # with the head: the teacher's labels alone (smoothed as the true ones), weight 1
+                DistillTargets(inputs=(train_label, "y_teacher"), outputs="y_distill",
+                               weight=1.0 if head else recipe.distill, smoothing=recipe.label_smoothing)]
+        train_label = train_label if head else "y_distill"
+    # in training the model returns a tuple where it has more heads than the classifier (networks/vit.py)
+    outputs = ("y_pred", ) + (("y_pred_distill", ) if head else ()) + (("drloc", ) if recipe.model.drloc else ())
+    forward = [ModelOp(model=model, inputs="x", outputs=outputs if len(outputs) > 1 else "y_pred", mode="train")]
+    objective = []
+    if head and teacher is not None:  # (a saved model only evaluated has no teacher; its train ops never run)
+        objective += [CrossEntropy(inputs=("y_pred_distill", "y_distill"), outputs="ce_distill", from_logits=True,
+                                   mode="train"),
+                      MixLosses(inputs=("ce", "ce_distill"), outputs="ce", weight=recipe.distill, mode="train")]
+    if recipe.model.drloc:  # the model's weighted auxiliary loss (networks/drloc.py) on top
+        objective.append(AddLoss(inputs=("ce", "drloc"), outputs="ce", mode="train"))
     single = ModelOp(model=model, inputs="x", outputs="y_pred", mode="!train")
     if recipe.tta != "none":
         # The last epoch's eval (the run's final accuracy) and `fastestimator test` predict on the mean logits of the
@@ -209,7 +230,7 @@ def classifier_network(model: torch.nn.Module, augment_ops: List[TensorOp], num_
     return DeviceNetwork(ops=ops + forward + [
         CrossEntropy(inputs=("y_pred", train_label), outputs="ce", from_logits=True, mode="train"),
         CrossEntropy(inputs=("y_pred", "y"), outputs="ce", from_logits=True, mode="!train"),
-        *objective,  # in training "ce" is then the objective: the cross-entropy plus the weighted auxiliary loss
+        *objective,  # in training "ce" is then the objective: the cross-entropies mixed, plus the auxiliary loss
         DistributedUpdateOp(model=model, loss_name="ce"),  # UpdateOp, its gradients averaged over torchrun's ranks
     ] + ([EMAUpdate(average)] if average is not None else []),
         autocast_dtype=torch.bfloat16 if hw.precision == "bf16" else None, cuda_graph=hw.cuda_graph)

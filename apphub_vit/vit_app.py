@@ -99,10 +99,11 @@ def build_vit_estimator(*, app: str, num_classes: int, dataset: str, data_dir: O
     if recipe.batch_size % ranks.size:
         raise options.OptionError(f"batch_size={recipe.batch_size} is the global batch, split evenly over torchrun's "
                                   f"{ranks.size} processes: pass a multiple of {ranks.size}")
-    if init_model is not None and recipe.distill and "distill" not in overrides:
+    if init_model is not None and recipe.distill and not {"distill", "distill_head"} & set(overrides):
         # The recipe's teacher is for a ViT that learns from random weights, where it measured best; a pretrained
-        # encoder finetunes without one (its 12 epochs would outlast a short finetuning), unless `distill` is given.
-        recipe = replace(recipe, distill=0.0)
+        # encoder finetunes without one (its 12 epochs would outlast a short finetuning), unless `distill` (or the
+        # distillation head, which needs the teacher) is given.
+        recipe = replace(recipe, distill=0.0, model=replace(recipe.model, distill_head=False))
     distill = recipe.distill > 0 and weights_path is None  # a saved model only evaluated needs no teacher
     if recipe.ema and ranks.size > 1:
         raise options.OptionError(f"ema={recipe.ema} keeps its average in one process's checkpoint: run it in one "

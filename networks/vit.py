@@ -24,6 +24,11 @@ invisible to checkpoints:
 * `drloc` > 0 adds Liu et al. 2021's dense relative localization (networks/drloc.py): in training the model also
   returns that weight times the auxiliary loss, `(logits, loss)`, as timm's distilled ViT returns two heads' outputs
   in training only; eval and inference return the logits alone;
+* `distill_head=True` adds DeiT's distillation head (Touvron et al. 2021; timm's `VisionTransformerDistilled`): a
+  second linear head, for a teacher's labels, on a token of its own. With `pool="mean"` the CLS token is that token:
+  the class head reads the mean of the patch tokens, so the CLS token's output is free for the second head, and no
+  token is added. In training the model returns both heads' logits, `(logits, distill_logits)`; eval and inference
+  return their mean, as DeiT and timm do;
 * invalid configurations raise `ValueError` instead of an `assert`.
 
 Layout (timm `vision_transformer.py`): `ViTEmbeddings` -> `ViTEncoder.forward` (the pooled, layer-normalised
@@ -59,6 +64,7 @@ class ViTConfig:
     spt: bool = False  # Shifted Patch Tokenization (Lee et al. 2021): diagonal half-patch shifts as extra channels
     stem: str = "patch"  # the tokens: one Conv2d of kernel = stride = patch ("patch") or CCT's 3x3 Conv2d ("conv")
     drloc: float = 0.0  # weight of the dense relative localization loss in training (Liu et al. 2021; 0: no head)
+    distill_head: bool = False  # DeiT's distillation head on the CLS token's output (needs pool="mean")
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "image_size", "patch_size", "num_channels", "em_dim", "num_heads", "ff_dim"):
@@ -97,6 +103,12 @@ class ViTConfig:
         if isinstance(self.drloc, bool) or not isinstance(self.drloc, (int, float)) or not self.drloc >= 0:
             raise ValueError(f"ViT drloc is the weight of the dense relative localization loss: a number >= 0 (0: "
                              f"off), got {self.drloc!r}")
+        if not isinstance(self.distill_head, bool):
+            raise ValueError(f"ViT distill_head must be True or False (DeiT's distillation head on or off), got "
+                             f"{self.distill_head!r}")
+        if self.distill_head and self.pool != "mean":
+            raise ValueError("ViT distill_head=True reads the CLS token's output, which pool='cls' gives to the class "
+                             "head: use pool='mean' with it, or distill_head=False")
 
     @property
     def num_patches(self) -> int:
@@ -104,9 +116,10 @@ class ViTConfig:
 
     def encoder_signature(self) -> Dict[str, Any]:
         """The fields that define the encoder's function (what must match to transfer an encoder): everything but the
-        regularisation rates, `pool` (how the head reads the tokens: a finetuning choice) and `drloc` (an auxiliary
-        head beside the classifier's). `norm_first` changes no weight shape but changes what the weights compute."""
-        return {k: v for k, v in asdict(self).items() if k not in ("drop", "drop_path", "pool", "drloc")}
+        regularisation rates, `pool` (how the head reads the tokens: a finetuning choice), `drloc` and `distill_head`
+        (heads beside the classifier's). `norm_first` changes no weight shape but changes what the weights compute."""
+        return {k: v for k, v in asdict(self).items() if k not in ("drop", "drop_path", "pool", "drloc",
+                                                                   "distill_head")}
 
 
 def conv_stem(num_channels: int, em_dim: int, patch_size: int) -> nn.Sequential:
@@ -300,7 +313,7 @@ class ViTModel(nn.Module):
     def __init__(self, num_classes: int, num_layers: int = 12, image_size: int = 224, patch_size: int = 16,
                  num_channels: int = 3, em_dim: int = 768, drop: float = 0.1, num_heads: int = 12, ff_dim: int = 3072,
                  norm_first: bool = False, drop_path: float = 0.0, pool: str = "cls", lsa: bool = False,
-                 spt: bool = False, stem: str = "patch", drloc: float = 0.0) -> None:
+                 spt: bool = False, stem: str = "patch", drloc: float = 0.0, distill_head: bool = False) -> None:
         super().__init__()
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
             raise ValueError(f"ViTModel num_classes must be a positive integer, got {num_classes!r}")
@@ -309,8 +322,10 @@ class ViTModel(nn.Module):
                                       ff_dim=ff_dim, norm_first=norm_first, drop_path=drop_path, pool=pool, lsa=lsa,
                                       spt=spt, stem=stem)
         self.linear_classifier = nn.Linear(em_dim, num_classes)
-        self._config = replace(self.vit_encoder.config, drloc=drloc)  # the encoder's fields and this model's own
+        # the encoder's fields and this model's own (checked there)
+        self._config = replace(self.vit_encoder.config, drloc=drloc, distill_head=distill_head)
         self.relative_loc = DenseRelativeLoc(em_dim, image_size // patch_size) if self._config.drloc > 0 else None
+        self.distill_classifier = nn.Linear(em_dim, num_classes) if distill_head else None
 
     @classmethod
     def from_config(cls, num_classes: int, cfg: ViTConfig) -> "ViTModel":
@@ -334,10 +349,17 @@ class ViTModel(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.vit_encoder(x)
 
-    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-        """[B, C, H, W] -> [B, num_classes] logits; in training with `drloc`, (logits, drloc * its loss)."""
+    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
+        """[B, C, H, W] -> [B, num_classes] logits. In training, with `distill_head` and / or `drloc`, a tuple:
+        (logits, the distillation head's logits, drloc * its loss), each where the model has it."""
         tokens = self.vit_encoder.forward_tokens(x)  # [B, num_patches + 1, em_dim]
         logits = self.linear_classifier(self.vit_encoder.pool(tokens))  # [B, num_classes]
-        if self.relative_loc is None or not self.training:
-            return logits
-        return logits, self._config.drloc * self.relative_loc(tokens[:, 1:])
+        outputs = [logits]
+        if self.distill_classifier is not None:
+            distill = self.distill_classifier(self.vit_encoder.layernorm(tokens[:, 0]))  # [B, num_classes], CLS token
+            if not self.training:
+                return (logits + distill) / 2  # DeiT's prediction: the mean of the two heads
+            outputs.append(distill)
+        if self.relative_loc is not None and self.training:
+            outputs.append(self._config.drloc * self.relative_loc(tokens[:, 1:]))
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)

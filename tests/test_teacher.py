@@ -96,6 +96,51 @@ def test_the_students_loss_takes_the_teachers_labels_by_the_distill_weight(disti
     torch.testing.assert_close(teacher.logits, before)  # the teacher is never updated
 
 
+@pytest.mark.parametrize("distill", [0.5, 0.8])
+def test_with_a_distillation_head_each_head_learns_its_own_labels_weighted_by_distill(distill):
+    """DeiT's objective: (1 - distill) * CE(class head, true label) + distill * CE(distillation head, teacher's)."""
+    base = VIT_RECIPES["vit"]
+    recipe = replace(base, model=replace(base.model, **TINY_SHAPE, lsa=False, distill_head=True), distill=distill,
+                     label_smoothing=0.1, lr=0.0)
+    hw = resolve_hardware(recipe)
+    student = build_vit("student", 10, recipe, hw)
+    teacher = fe.build(model_fn=lambda: ConstantTeacher(7, 10).requires_grad_(False), optimizer_fn=None,
+                       model_name="teacher")
+    network = classifier_network(student, [], 10, recipe, hw, teacher=teacher)
+    x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % 3  # true labels 0..2, the teacher says 7
+    batch = network.transform({"x": x, "y": y}, mode="train")
+
+    def ce(logits, labels):  # against labels smoothed by 0.1, as the recipe smooths both
+        target = F.one_hot(labels, 10).float() * 0.9 + 0.01
+        return -(target * logits.float().log_softmax(dim=1)).sum(dim=1).mean()
+
+    heads = ce(batch["y_pred"], y) * (1 - distill) + ce(batch["y_pred_distill"], torch.full((8, ), 7)) * distill
+    assert float(batch["ce"]) == pytest.approx(float(heads + batch["drloc"]), rel=1e-5)
+    assert not torch.equal(batch["y_pred"], batch["y_pred_distill"])  # two heads
+    evaluated = network.transform({"x": x, "y": y}, mode="eval")  # eval: one prediction, the mean of the two heads
+    student.eval()
+    with torch.no_grad():
+        tokens = student.vit_encoder.forward_tokens(x)
+        mean = (student.linear_classifier(student.vit_encoder.pool(tokens))
+                + student.distill_classifier(student.vit_encoder.layernorm(tokens[:, 0]))) / 2
+    torch.testing.assert_close(evaluated["y_pred"].float(), mean, rtol=1e-4, atol=1e-5)
+
+
+def test_a_distillation_head_needs_a_teacher_and_mean_pooling_and_trains_through_the_app(tmp_path):
+    with pytest.raises(ValueError, match="distill_head=True trains its head on a CNN teacher's labels"):
+        finetune_app.get_estimator(from_scratch=True, dataset="synthetic", save_dir=str(tmp_path / "a"),
+                                   **{**TINY_RUN, **TINY_VIT, "distill_head": True, "distill": 0.0})
+    with pytest.raises(ValueError, match="pool='mean'"):
+        finetune_app.get_estimator(from_scratch=True, dataset="synthetic", save_dir=str(tmp_path / "b"),
+                                   **{**TINY_RUN, **TINY_VIT, "distill_head": True, "distill": 0.5, "pool": "cls"})
+    model = finetune_app.finetune(None, from_scratch=True, dataset="synthetic", save_dir=str(tmp_path / "c"),
+                                  teacher_epochs=1, **{**TINY_RUN, **TINY_VIT, "distill_head": True, "distill": 0.5})
+    record = json.loads((tmp_path / "c" / RECORD_FILE).read_text())
+    assert record["hparams"]["recipe"]["model"]["distill_head"] and record["hparams"]["teacher"]["epochs"] == 1
+    assert model.config.distill_head and model.distill_classifier is not None
+    assert np.isfinite(record["final_loss"]) and 0.0 <= record["final_accuracy"] <= 1.0
+
+
 def _arrays(n: int, seed: int):
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 2, n)

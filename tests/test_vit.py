@@ -338,3 +338,36 @@ def test_relative_localization_adds_a_training_loss_and_leaves_eval_and_the_enco
     big = ViTModel.from_config(10, ViTConfig(num_layers=6, em_dim=256, num_heads=8, ff_dim=512, patch_size=4,
                                              stem="conv", lsa=True, norm_first=True, pool="mean", drloc=0.1))
     assert sum(p.numel() for p in big.parameters()) <= 3_500_000
+
+
+def test_distillation_head_reads_the_cls_token_trains_apart_and_predicts_with_the_mean_of_both_heads():
+    torch.manual_seed(0)
+    plain = ViTModel(num_classes=10, pool="mean", **TINY)
+    both = ViTModel(num_classes=10, pool="mean", distill_head=True, drloc=0.5, **TINY)
+    assert plain.distill_classifier is None and both.config.distill_head
+    assert plain.config.encoder_signature() == both.config.encoder_signature()  # the encoder is the same
+    assert both.state_dict().keys() - plain.state_dict().keys() == {
+        "distill_classifier.weight", "distill_classifier.bias", *(k for k in both.state_dict() if "relative_loc" in k)}
+    x = torch.randn(3, 3, 32, 32)
+    logits, distill, loss = both.train()(x)  # training: both heads apart, then the auxiliary loss
+    assert logits.shape == distill.shape == (3, 10) and loss.shape == ()
+    distill.sum().backward()  # the distillation head's loss reaches the encoder, but not the class head
+    assert all(p.grad is None for p in both.linear_classifier.parameters())
+    assert both.vit_encoder.embedding.cls_token.grad.abs().sum() > 0
+    both.zero_grad(set_to_none=True)
+    logits, distill, loss = both(x)
+    (logits.sum() + distill.sum() + loss).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in both.parameters())
+    both.eval()
+    with torch.no_grad():  # eval: the mean of the class head (mean of the patch tokens) and the CLS token's head
+        tokens = both.vit_encoder.forward_tokens(x)
+        enc = both.vit_encoder
+        want = (both.linear_classifier(enc.layernorm(tokens[:, 1:].mean(1)))
+                + both.distill_classifier(enc.layernorm(tokens[:, 0]))) / 2
+        torch.testing.assert_close(both(x), want)
+    only = ViTModel(num_classes=10, pool="mean", distill_head=True, **TINY).train()
+    assert len(only(x)) == 2  # without drloc: (logits, distill logits)
+    with pytest.raises(ValueError, match="distill_head=True reads the CLS token"):
+        ViTModel(num_classes=10, pool="cls", distill_head=True, **TINY)
+    with pytest.raises(ValueError, match="distill_head must be True or False"):
+        ViTConfig(pool="mean", distill_head=1)

@@ -49,7 +49,9 @@ def _torchrun(args, cwd, as_users_launch_it=False):
     else:
         out = _launch(args, cwd)
         out.wait(300)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    # each rank's traceback (torch prefixes its lines "[rankN]:"), which the output's tail may have scrolled past
+    ranks = "\n".join(line for line in out.stderr.splitlines() if line.startswith("[rank"))[-6000:]
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:] + "\nthe ranks' own lines:\n" + ranks
     return out.stdout
 
 

@@ -99,7 +99,8 @@ def build_vit_estimator(*, app: str, num_classes: int, dataset: str, data_dir: O
     if recipe.batch_size % ranks.size:
         raise options.OptionError(f"batch_size={recipe.batch_size} is the global batch, split evenly over torchrun's "
                                   f"{ranks.size} processes: pass a multiple of {ranks.size}")
-    if init_model is not None and recipe.distill and not {"distill", "distill_head"} & set(overrides):
+    asked = "distill" in overrides or ("distill_head" in overrides and recipe.model.distill_head)  # for a teacher
+    if init_model is not None and recipe.distill and not asked:
         # The recipe's teacher is for a ViT that learns from random weights, where it measured best; a pretrained
         # encoder finetunes without one (its 12 epochs would outlast a short finetuning), unless `distill` (or the
         # distillation head, which needs the teacher) is given.

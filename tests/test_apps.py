@@ -229,12 +229,6 @@ def test_the_defaults_are_the_best_measured_recipe(tmp_path):
     # DeiT's hard-label distillation from a ResNet-9 teacher, weight 0.5, the teacher trained 12 epochs
     assert est.config["recipe"]["distill"] == 0.5 and VIT_RECIPES["vit"].teacher_epochs == 12
     assert [op.weight for op in est.network.ops if isinstance(op, DistillTargets)] == [0.5]
-    # the distillation head asks for the teacher too (the recipe's weight); turning it off does not
-    est = finetune_app.get_estimator(save_dir=str(tmp_path / "head"), distill_head=True, teacher_epochs=1, **run)
-    assert est.config["recipe"]["distill"] == 0.5 and est.config["recipe"]["model"]["distill_head"]
-    assert est.config["teacher"]["epochs"] == 1
-    est = finetune_app.get_estimator(save_dir=str(tmp_path / "off"), distill_head=False, **run)
-    assert est.config["recipe"]["distill"] == 0.0 and est.config["teacher"] is None
     assert est.config["teacher"]["epochs"] == 1 and (tmp_path / TEACHER_FILE).is_file()
     assert (VIT_RECIPES["vit"].ema, VIT_RECIPES["vit"].mix_prob) == (0.0, 0.0)  # both measured, neither won
     assert est.config["recipe"]["tta"] == "flip_translate" and [

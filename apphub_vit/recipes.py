@@ -15,19 +15,21 @@ The CIFAR recipes (`VIT_RECIPES`):
   CLS token, dropout 0.1, the plain Conv2d patch embedding whose state_dict loads the apphub's checkpoints), SGD lr
   0.01 momentum 0.9 weight decay 1e-4 on every parameter, batch 128, constant learning rate, the six pipeline ops.
 * ``vit`` (default): the best configuration measured here (docs/results-cifar10.md), after DeiT (Touvron et al. 2021),
-  "Vision Transformer for Small-Size Datasets" (Lee et al. 2021) and Compact Convolutional Transformers (Hassani et
-  al. 2021): the same size with pre-norm blocks, no dropout, a head on the mean of the tokens, CCT's convolutional
-  tokenizer as the stem (two 3x3 Conv2d + max-pool stages: the same 8x8 tokens as patch 4) and Lee et al.'s Locality
+  "Vision Transformer for Small-Size Datasets" (Lee et al. 2021) and Compact Convolutional Transformers (Hassani et al.
+  2021): the same size with pre-norm blocks, no dropout, a head on the mean of the tokens, CCT's convolutional tokenizer
+  as the stem (two 3x3 Conv2d + max-pool stages: the same 8x8 tokens as patch 4) and Lee et al.'s Locality
   Self-Attention, with Liu et al. 2021's dense relative localization loss (weight 0.5) beside the classifier in
-  training; AdamW lr 2e-3 at batch 256, weight decay 0.2 on the weight matrices only (timm's and DeiT's
-  split), 10 warmup epochs then a cosine decay per step, label smoothing 0.1, AutoAugment's CIFAR-10 policy before
-  the six ops, and DeiT's hard-label distillation (weight 0.5) from a ResNet-9 teacher trained first for 12 epochs on
-  the same images; the last epoch's eval and test predict with airbench's test-time augmentation (the mean logits of
-  each image and its mirror image, averaged with those of the two shifted by one pixel; `accuracy_no_tta` and
-  `accuracy_flip`, the same model on single images and on flips alone, are recorded beside), the evals before it on
-  single images. The teacher is for a ViT that learns from random
-  weights: a pretrained encoder finetunes without one unless `distill` is given. Lee et al.'s Shifted Patch
-  Tokenization (`spt`, with `stem="patch"`) was the stem before the conv stem won; encoders trained with it still load.
+  training; AdamW lr 2e-3 at batch 256, weight decay 0.2 on the weight matrices only (timm's and DeiT's split), 10
+  warmup epochs then a cosine decay per step, label smoothing 0.1, AutoAugment's CIFAR-10 policy before the six ops, and
+  DeiT's hard-label distillation from a ResNet-9 teacher trained first for 12 epochs on the same images, with DeiT's
+  distillation head (a second linear head, on the CLS token's output, learns the teacher's labels at weight 0.5 while
+  the class head learns the true ones; eval predicts with the mean of the two); the last epoch's eval and test predict
+  with airbench's test-time augmentation (the mean logits of each image and its mirror image, averaged with those of the
+  two shifted by one pixel; `accuracy_no_tta` and `accuracy_flip`, the same model on single images and on flips alone,
+  are recorded beside), the evals before it on single images. The teacher is for a ViT that learns from random weights:
+  a pretrained encoder finetunes without one (nor the head) unless `distill` is given; `distill=0` or `pool="cls"` also
+  leave the head out. Lee et al.'s Shifted Patch Tokenization (`spt`, with `stem="patch"`) was the stem before the conv
+  stem won; encoders trained with it still load.
 
 The MNIST recipes (`MNIST_RECIPES`, `apphub_vit/mnist.py`) use the same class.
 """
@@ -138,7 +140,14 @@ class RecipeBook:
         options.unknown(overrides, allowed, f"{self.app} (recipe {name!r})")
         checked = {key: options.choice(key, value, self.augments) if key == "augment" else CHECKS[key](key, value)
                    for key, value in overrides.items()}
-        model = replace(recipe.model, **{k: v for k, v in checked.items() if k in MODEL_FIELDS})  # checks shapes
+        model_fields = {k: v for k, v in checked.items() if k in MODEL_FIELDS}
+        if recipe.model.distill_head and "distill_head" not in checked and (
+                not checked.get("distill", recipe.distill) or checked.get("pool", recipe.model.pool) != "mean"):
+            # the recipe's distillation head learns the teacher's labels from the CLS token's output: a user who turns
+            # off the teacher or that token's freedom gets the recipe without the head, not an error about a field
+            # they never set (given explicitly, the pair is refused below)
+            model_fields["distill_head"] = False
+        model = replace(recipe.model, **model_fields)  # checks shapes
         training = {k: v for k, v in checked.items() if k not in MODEL_FIELDS}
         if "batch_size" in training and "lr" not in training:
             training["lr"] = recipe.lr * training["batch_size"] / recipe.batch_size
@@ -157,7 +166,8 @@ VIT_RECIPES = {
     "apphub": Recipe("apphub", model=ViTConfig(), epochs=100, batch_size=128, optimizer="sgd", lr=0.01,
                      weight_decay=1e-4, decay="all", schedule="constant", warmup_epochs=0.0, min_lr=0.0,
                      label_smoothing=0.0, augment="apphub"),
-    "vit": Recipe("vit", model=ViTConfig(norm_first=True, drop=0.0, pool="mean", stem="conv", lsa=True, drloc=0.5),
+    "vit": Recipe("vit", model=ViTConfig(norm_first=True, drop=0.0, pool="mean", stem="conv", lsa=True, drloc=0.5,
+                                         distill_head=True),
                   epochs=100, batch_size=256, optimizer="adamw", lr=2e-3, weight_decay=0.2, decay="matrices",
                   schedule="warmup_cosine", warmup_epochs=10.0, min_lr=0.0, label_smoothing=0.1,
                   augment="autoaugment", distill=0.5, tta="flip_translate"),

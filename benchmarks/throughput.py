@@ -47,6 +47,7 @@ from fastestimator.trace import Trace  # noqa: E402
 
 from apphub_vit import pretrain  # noqa: E402
 from apphub_vit.recipes import VIT_RECIPES  # noqa: E402
+from apphub_vit.vit_app import vit_book  # noqa: E402
 from networks.vit import ViTModel  # noqa: E402
 
 SIZES = {"full": dict(num_layers=6, em_dim=256, num_heads=8, ff_dim=512, patch_size=4),
@@ -139,27 +140,28 @@ def model_step_alone(kwargs: Dict, batch_size: int, steps: int, skip: int) -> fl
 def train_flops_per_image(model: torch.nn.Module, batch: int = 2, backward: bool = True) -> float:
     """FLOPs of one image's forward (and backward) pass through `model`, counted by FlopCounterMode (matmuls,
     convolutions) on the CPU with attention run as plain matmuls (the counter has no formula for the CPU's fused
-    attention kernel); a model that also returns an auxiliary loss in training (recipe `vit`'s relative-localization
-    head) has that loss's head counted too. The model is left as it was."""
+    attention kernel); a model that returns more than its logits in training (recipe `vit`'s distillation head's
+    logits, its relative-localization loss) has those heads counted too. The model is left as it was."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
     model = model.cpu().train()
     x = torch.randn(batch, 3, 32, 32)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         out = model(x)
-        logits, auxiliary = out if isinstance(out, tuple) else (out, 0.0)  # (logits, its weighted loss) with drloc
-        if backward:
-            (logits.float().logsumexp(dim=1).sum() + auxiliary).backward()
+        outputs = out if isinstance(out, tuple) else (out, )  # (logits[, distillation logits][, drloc's loss])
+        if backward:  # a loss that reaches every head: the logits' log-sum-exp, the auxiliary loss as it is
+            sum(o.float().logsumexp(dim=1).sum() if o.dim() == 2 else o for o in outputs).backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / batch
 
 
 def vit_flops(kwargs: Dict) -> float:
-    """`train_flops_per_image` of the ViT an end-to-end row trains (the recipe's model with the row's overrides)."""
-    from dataclasses import replace
-    recipe = VIT_RECIPES[kwargs.get("recipe", "vit")]
-    fields = {k: v for k, v in kwargs.items() if k in recipe.model.__dataclass_fields__}
-    return train_flops_per_image(ViTModel.from_config(100, replace(recipe.model, **fields)))
+    """`train_flops_per_image` of the ViT an end-to-end row trains: the recipe's model with the row's overrides,
+    resolved as the app resolves them (`distill=0` also drops the recipe's distillation head)."""
+    book, name = vit_book("pretrain"), kwargs.get("recipe", "vit")
+    fields = book.recipes[name].field_values()
+    recipe, _ = book.resolve(name, {k: v for k, v in kwargs.items() if k in fields})
+    return train_flops_per_image(ViTModel.from_config(100, recipe.model))
 
 
 def timm_vit(arch: Dict):

@@ -15,7 +15,7 @@ from apphub_vit.prediction_grid import GRID_FILE
 from apphub_vit.recipes import VIT_RECIPES
 from apphub_vit.records import RECORD_FILE, read_record
 from apphub_vit.teacher import TEACHER_FILE, DistillTargets
-from apphub_vit.training import SmoothLabels
+from apphub_vit.training import MixLosses, SmoothLabels
 from networks.vit import ViTConfig, ViTModel
 from tests.conftest import REPO, TINY_RUN, TINY_VIT, cli, cli_env, fastestimator_cmd, shared_path
 
@@ -228,7 +228,10 @@ def test_the_defaults_are_the_best_measured_recipe(tmp_path):
     assert est.config["recipe"]["lr"] == 2e-3 and est.config["recipe"]["batch_size"] == 256
     # DeiT's hard-label distillation from a ResNet-9 teacher, weight 0.5, the teacher trained 12 epochs
     assert est.config["recipe"]["distill"] == 0.5 and VIT_RECIPES["vit"].teacher_epochs == 12
-    assert [op.weight for op in est.network.ops if isinstance(op, DistillTargets)] == [0.5]
+    # with DeiT's distillation head: the teacher's labels (unmixed) go to a head of their own, its loss weighted 0.5
+    assert cfg.distill_head and est.model.distill_classifier is not None
+    assert [op.weight for op in est.network.ops if isinstance(op, DistillTargets)] == [1.0]
+    assert [op.weight for op in est.network.ops if isinstance(op, MixLosses)] == [0.5]
     assert est.config["teacher"]["epochs"] == 1 and (tmp_path / TEACHER_FILE).is_file()
     assert (VIT_RECIPES["vit"].ema, VIT_RECIPES["vit"].mix_prob) == (0.0, 0.0)  # both measured, neither won
     assert est.config["recipe"]["tta"] == "flip_translate" and [
@@ -245,7 +248,11 @@ def test_a_pretrained_encoder_finetunes_without_the_recipes_teacher_unless_disti
     assert not (tmp_path / "plain" / TEACHER_FILE).exists()
     est = finetune_app.get_estimator(save_dir=str(tmp_path / "taught"), distill=0.5, teacher_epochs=1, **run)
     assert est.config["recipe"]["distill"] == 0.5 and est.config["teacher"]["epochs"] == 1
-    assert [op.weight for op in est.network.ops if isinstance(op, DistillTargets)] == [0.5]
+    assert [op.weight for op in est.network.ops if isinstance(op, MixLosses)] == [0.5]  # the recipe's head with it
+    est = finetune_app.get_estimator(save_dir=str(tmp_path / "one"), distill=0.5, distill_head=False, teacher_epochs=1,
+                                     **run)
+    assert [op.weight for op in est.network.ops if isinstance(op, DistillTargets)] == [0.5]  # one head, mixed target
+    assert not any(isinstance(op, MixLosses) for op in est.network.ops)
     # the distillation head asks for the teacher too (the recipe's weight); turning it off does not
     est = finetune_app.get_estimator(save_dir=str(tmp_path / "head"), distill_head=True, teacher_epochs=1, **run)
     assert est.config["recipe"]["distill"] == 0.5 and est.config["recipe"]["model"]["distill_head"]

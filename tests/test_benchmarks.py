@@ -4,6 +4,7 @@ import csv
 import re
 import shlex
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -162,6 +163,14 @@ def test_flop_count_of_a_vit_matches_its_matmuls_by_hand():
     # backward: twice the forward, less the gradient of the images, which nothing needs (the patch embedding's input)
     backward = 2 * forward - 2 * patches * (3 * 8 * 8) * dim
     assert throughput.train_flops_per_image(model, batch=3) == pytest.approx(forward + backward, rel=0.01)
+    # DeiT's distillation head (recipe vit's): one more dim x 10 matmul, forward and backward (its gradient reaches the
+    # CLS token's output, so the whole backward is counted as above)
+    head = ViTModel.from_config(10, replace(config, distill_head=True))
+    assert throughput.train_flops_per_image(head, batch=3) == pytest.approx(forward + backward + 3 * 2 * dim * 10,
+                                                                            rel=0.01)
+    # a row's model as the app resolves it: distill=0 drops the recipe's head, which the default counts
+    default, untaught = (throughput.vit_flops(dict(throughput.SIZES["tiny"], **kw)) for kw in ({}, {"distill": 0}))
+    assert default - untaught == pytest.approx(3 * 2 * throughput.SIZES["tiny"]["em_dim"] * 100, rel=0.01)
 
 
 def _forked_cli(monkeypatch):

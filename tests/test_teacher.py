@@ -18,6 +18,7 @@ from apphub_vit.recipes import VIT_RECIPES
 from apphub_vit.records import RECORD_FILE
 from apphub_vit.teacher import TEACHER_FILE, DistillTargets, teacher_lr, train_teacher
 from apphub_vit.training import build_vit, classifier_network
+from apphub_vit.vit_app import vit_book
 from networks.resnet9 import ResNet9
 from pipelines.cifar import CIFAR_MEAN, CIFAR_STD
 from tests.conftest import REPO, TINY_RUN, TINY_SHAPE, TINY_VIT
@@ -79,8 +80,9 @@ class ConstantTeacher(torch.nn.Module):
 @pytest.mark.parametrize("distill", [0.0, 0.5, 1.0])
 def test_the_students_loss_takes_the_teachers_labels_by_the_distill_weight(distill):
     base = VIT_RECIPES["vit"]
-    recipe = replace(base, model=replace(base.model, **TINY_SHAPE, spt=False, lsa=False, drloc=0.0), distill=distill,
-                     label_smoothing=0.0, lr=0.0)
+    # one head, with the teacher's label mixed into its target
+    model = replace(base.model, **TINY_SHAPE, spt=False, lsa=False, drloc=0.0, distill_head=False)
+    recipe = replace(base, model=model, distill=distill, label_smoothing=0.0, lr=0.0)
     hw = resolve_hardware(recipe)
     student = build_vit("student", 10, recipe, hw)
     teacher = fe.build(model_fn=lambda: ConstantTeacher(7, 10).requires_grad_(False), optimizer_fn=None,
@@ -124,6 +126,20 @@ def test_with_a_distillation_head_each_head_learns_its_own_labels_weighted_by_di
         mean = (student.linear_classifier(student.vit_encoder.pool(tokens))
                 + student.distill_classifier(student.vit_encoder.layernorm(tokens[:, 0]))) / 2
     torch.testing.assert_close(evaluated["y_pred"].float(), mean, rtol=1e-4, atol=1e-5)
+
+
+def test_the_recipes_distillation_head_goes_when_the_teacher_or_mean_pooling_does_unless_asked_for():
+    book = vit_book("finetune")
+    assert book.resolve("vit", {})[0].model.distill_head  # the default recipe has it
+    for overrides in ({"distill": 0}, {"pool": "cls"}, {"distill": 0, "pool": "cls"}):
+        recipe, applied = book.resolve("vit", overrides)
+        assert not recipe.model.distill_head and applied == overrides  # the record shows what the user gave
+    kept = book.resolve("vit", {"distill": 0.8, "lr": 1e-3})[0]
+    assert kept.model.distill_head and kept.distill == 0.8
+    for overrides, match in (({"distill": 0, "distill_head": True}, "CNN teacher's labels"),
+                             ({"pool": "cls", "distill_head": True}, "pool='mean'")):
+        with pytest.raises(ValueError, match=match):
+            book.resolve("vit", overrides)
 
 
 def test_a_distillation_head_needs_a_teacher_and_mean_pooling_and_trains_through_the_app(tmp_path):

@@ -123,8 +123,13 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
                  **{k: v for k, v in state.items() if not is_optional(k) or k in own}}
     problems = state_dict_mismatches(target.state_dict(), state) if isinstance(state, dict) else ["not a state_dict"]
     if problems:
+        heads = [] if not isinstance(state, dict) else [  # the file has a head this model lacks, or the other way
+            f"{field}={has}" for prefix, field in getattr(target, "optional_heads", {}).items()
+            for has in [any(isinstance(k, str) and k.startswith(prefix) for k in state)]
+            if has != any(k.startswith(prefix) for k in target.state_dict())]
         raise ValueError(f"weights_path '{path}' does not fit this model: {'; '.join(problems)}. Pass the architecture "
-                         f"it was trained with (its run_record.json's hparams.recipe.model).")
+                         f"it was trained with (its run_record.json's hparams.recipe.model" +
+                         (f"; this file was saved with {', '.join(heads)})." if heads else ")."))
     target.load_state_dict(state)
 
 

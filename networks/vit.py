@@ -309,6 +309,9 @@ class ViTModel(nn.Module):
     # state_dict prefixes of what only training uses (the relative-localization head): a saved model loads for eval
     # and further training whether it has them or not (apphub_vit.common.load_weights)
     training_only: Tuple[str, ...] = ("relative_loc.", )
+    # state_dict prefixes of optional heads that eval uses, and the field that adds each: a file that does not fit
+    # because it was saved with or without one is told which value of that field it needs
+    optional_heads: Dict[str, str] = {"distill_classifier.": "distill_head"}
 
     def __init__(self, num_classes: int, num_layers: int = 12, image_size: int = 224, patch_size: int = 16,
                  num_channels: int = 3, em_dim: int = 768, drop: float = 0.1, num_heads: int = 12, ff_dim: int = 3072,

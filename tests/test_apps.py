@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from apphub_vit.records import RECORD_FILE, read_record
 from apphub_vit.teacher import TEACHER_FILE, DistillTargets
 from apphub_vit.training import MixLosses, SmoothLabels
 from networks.vit import ViTConfig, ViTModel
-from tests.conftest import REPO, TINY_RUN, TINY_VIT, cli, cli_env, fastestimator_cmd, shared_path
+from tests.conftest import REPO, TINY_RUN, TINY_SHAPE, TINY_VIT, cli, cli_env, fastestimator_cmd, shared_path
 
 CLI_TINY = ["--epochs", "1", "--batch_size", "16", "--train_steps_per_epoch", "3", "--eval_steps_per_epoch", "2",
             "--num_process", "0", "--synthetic_size", "[256,64]", "--num_layers", "2", "--em_dim", "32", "--num_heads",
@@ -489,6 +490,14 @@ def test_a_saved_model_loads_with_or_without_the_training_only_head(tmp_path):
     assert back.relative_loc is None and all(torch.equal(v, kept[k]) for k, v in back.state_dict().items())
     with pytest.raises(ValueError, match="does not fit this model: .*attn_scale"):
         build("d", weights_path=str(tmp_path / "head.pt"), lsa=False)
+    # the distillation head is used in eval, so a file must match it; the error says which value the file needs
+    with pytest.raises(ValueError, match=r"missing \['distill_classifier.*saved with distill_head=False\)"):
+        finetune_app.get_estimator(dataset="synthetic", save_dir=str(tmp_path / "e"), weights_path=str(
+            tmp_path / "plain.pt"), **TINY_RUN, **TINY_SHAPE)  # the recipe's distillation, so its head
+    taught = ViTModel.from_config(plain.linear_classifier.out_features, replace(plain.config, distill_head=True))
+    torch.save(taught.state_dict(), tmp_path / "taught.pt")
+    with pytest.raises(ValueError, match=r"unexpected \['distill_classifier.*saved with distill_head=True\)"):
+        build("f", weights_path=str(tmp_path / "taught.pt"))
 
 
 def test_weight_decay_spares_biases_norms_and_embeddings_unless_decay_all(tmp_path):

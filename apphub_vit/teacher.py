@@ -3,9 +3,10 @@
 Follows "Training data-efficient image transformers & distillation through attention" (Touvron et al. 2021, DeiT):
 a convnet teacher's argmax on each (augmented) training image becomes a second target of the student, next to the
 true label: the student learns from the teacher's inductive bias (locality), which a patch-4 ViT trained on 50,000
-images lacks. DeiT adds a distillation token with a head of its own; here the one head takes the mixed target
-`(1 - distill) * y + distill * onehot(argmax teacher(x))`, which for cross-entropy is the same loss as DeiT's
-`(1 - distill) * CE(z, y) + distill * CE(z, y_teacher)` on a single head (DeiT's class-token-only variant).
+images lacks. DeiT gives the teacher's label a head of its own (`TeacherLabels` makes that head's target; the model's
+`distill_head`, recipe `vit`'s default, is the head). Without it one head takes the mixed target
+`(1 - distill) * y + distill * onehot(argmax teacher(x))` (`DistillTargets`), which for cross-entropy is the same loss
+as DeiT's `(1 - distill) * CE(z, y) + distill * CE(z, y_teacher)` on a single head (DeiT's class-token-only variant).
 
 The teacher is `networks.resnet9.ResNet9` on David Page's recipe ("How to train your ResNet", 2018; as
 `benchmarks/resnet9_reference.py`): batch 512, SGD with Nesterov momentum 0.9, weight decay 5e-4, the learning rate
@@ -99,6 +100,17 @@ def train_teacher(train: Dict[str, np.ndarray], eval_data: Dict[str, np.ndarray]
     print(f"apphub_vit: teacher accuracy {accuracy:.4f} on the eval images ({seconds:.1f} s)", flush=True)
     return {"model": teacher, "accuracy": accuracy, "seconds": seconds, "epochs": epochs, "reused": reused,
             "cuda_graph": network.graph_captures > 0}
+
+
+class TeacherLabels(TensorOp):
+    """teacher logits [B, C] -> `smooth(onehot(argmax))` [B, C], float32: the target of DeiT's distillation head, the
+    teacher's label smoothed as the true one (`smoothing`)."""
+    def __init__(self, inputs: str, outputs: str, smoothing: float, mode: str = "train") -> None:
+        super().__init__(inputs=inputs, outputs=outputs, mode=mode)
+        self.smoothing = smoothing
+
+    def forward(self, data: torch.Tensor, state: Dict[str, Any]) -> torch.Tensor:
+        return smooth_one_hot(data.argmax(dim=1), data.shape[1], self.smoothing, torch.float32)
 
 
 class DistillTargets(TensorOp):

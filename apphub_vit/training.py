@@ -16,7 +16,7 @@ from apphub_vit.distributed import DistributedUpdateOp, broadcast_from_main, sin
 from apphub_vit.ema import EMAUpdate, WeightAverage
 from apphub_vit.hardware import Hardware, channels_last
 from apphub_vit.recipes import Recipe
-from apphub_vit.teacher import DistillTargets
+from apphub_vit.teacher import DistillTargets, TeacherLabels
 from networks.vit import ViTModel
 from pipelines.batched import smooth_one_hot
 
@@ -182,12 +182,12 @@ def classifier_network(model: torch.nn.Module, augment_ops: List[TensorOp], num_
                        average: Optional[WeightAverage] = None) -> fe.Network:
     """The classifier's network: `augment_ops`, the model, cross-entropy against `train_label` in training (smoothed
     targets when the recipe smooths labels and nothing wrote soft labels yet; with a `teacher`, mixed with its hard
-    labels on the same images by `recipe.distill`, `apphub_vit.teacher.DistillTargets`; with the model's
-    `distill_head`, the class head against the true labels and the distillation head against the teacher's, the two
-    cross-entropies weighted by `1 - recipe.distill` and `recipe.distill`, as DeiT) and against the true labels
-    otherwise (with `recipe.tta`, in the last epoch's eval and in test: on the mean logits of its views, `TTAViews`:
-    `y_pred`, beside the image's own logits, `y_pred_no_tta`, and with the shifted views the flip-only logits,
-    `y_pred_flip`; the evals before it predict on single images), the update and, with an
+    labels on the same images by `recipe.distill`, `apphub_vit.teacher.DistillTargets`; with the model's `distill_head`,
+    the class head against the true labels and the distillation head against the teacher's
+    (`apphub_vit.teacher.TeacherLabels`), the two cross-entropies weighted by `1 - recipe.distill` and `recipe.distill`,
+    as DeiT) and against the true labels otherwise (with `recipe.tta`, in the last epoch's eval and in test: on the mean
+    logits of its views, `TTAViews`: `y_pred`, beside the image's own logits, `y_pred_no_tta`, and with the shifted
+    views the flip-only logits, `y_pred_flip`; the evals before it predict on single images), the update and, with an
     `average`, the update of the weights' moving average.
     `DeviceNetwork`: FastEstimator's TorchNetwork on a CPU in fp32; on a GPU it drops the per-step syncs, runs bf16
     autocast and replays the train step (the teacher's forward pass and the average's update included) as a CUDA
@@ -198,11 +198,13 @@ def classifier_network(model: torch.nn.Module, augment_ops: List[TensorOp], num_
         train_label = "y_soft"
     head = recipe.model.distill_head  # the teacher's labels go to a head of their own (DeiT), not into the target
     if teacher is not None:
-        ops += [ModelOp(model=teacher, inputs="x", outputs="y_teacher", trainable=False, mode="train"),
-                # with the head: the teacher's labels alone (smoothed as the true ones), weight 1
-                DistillTargets(inputs=(train_label, "y_teacher"), outputs="y_distill",
-                               weight=1.0 if head else recipe.distill, smoothing=recipe.label_smoothing)]
-        train_label = train_label if head else "y_distill"
+        ops.append(ModelOp(model=teacher, inputs="x", outputs="y_teacher", trainable=False, mode="train"))
+        if head:  # the teacher's labels (smoothed as the true ones) for the distillation head
+            ops.append(TeacherLabels(inputs="y_teacher", outputs="y_distill", smoothing=recipe.label_smoothing))
+        else:  # mixed into the one head's target
+            ops.append(DistillTargets(inputs=(train_label, "y_teacher"), outputs="y_distill", weight=recipe.distill,
+                                      smoothing=recipe.label_smoothing))
+            train_label = "y_distill"
     # in training the model returns a tuple where it has more heads than the classifier (networks/vit.py)
     outputs = ("y_pred", ) + (("y_pred_distill", ) if head else ()) + (("drloc", ) if recipe.model.drloc else ())
     forward = [ModelOp(model=model, inputs="x", outputs=outputs if len(outputs) > 1 else "y_pred", mode="train")]

@@ -15,7 +15,7 @@ from apphub_vit.encoder_io import ENCODER_FILE, EncoderMismatchError, load_encod
 from apphub_vit.prediction_grid import GRID_FILE
 from apphub_vit.recipes import VIT_RECIPES
 from apphub_vit.records import RECORD_FILE, read_record
-from apphub_vit.teacher import TEACHER_FILE, DistillTargets
+from apphub_vit.teacher import TEACHER_FILE, DistillTargets, TeacherLabels
 from apphub_vit.training import MixLosses, SmoothLabels
 from networks.vit import ViTConfig, ViTModel
 from tests.conftest import REPO, TINY_RUN, TINY_SHAPE, TINY_VIT, cli, cli_env, fastestimator_cmd, shared_path
@@ -231,7 +231,8 @@ def test_the_defaults_are_the_best_measured_recipe(tmp_path):
     assert est.config["recipe"]["distill"] == 0.5 and VIT_RECIPES["vit"].teacher_epochs == 12
     # with DeiT's distillation head: the teacher's labels (unmixed) go to a head of their own, its loss weighted 0.5
     assert cfg.distill_head and est.model.distill_classifier is not None
-    assert [op.weight for op in est.network.ops if isinstance(op, DistillTargets)] == [1.0]
+    assert [op.smoothing for op in est.network.ops if isinstance(op, TeacherLabels)] == [0.1]
+    assert not any(isinstance(op, DistillTargets) for op in est.network.ops)
     assert [op.weight for op in est.network.ops if isinstance(op, MixLosses)] == [0.5]
     assert est.config["teacher"]["epochs"] == 1 and (tmp_path / TEACHER_FILE).is_file()
     assert (VIT_RECIPES["vit"].ema, VIT_RECIPES["vit"].mix_prob) == (0.0, 0.0)  # both measured, neither won

@@ -16,7 +16,7 @@ from apphub_vit import teacher as teacher_module
 from apphub_vit.hardware import resolve_hardware
 from apphub_vit.recipes import VIT_RECIPES
 from apphub_vit.records import RECORD_FILE
-from apphub_vit.teacher import TEACHER_FILE, DistillTargets, teacher_lr, train_teacher
+from apphub_vit.teacher import TEACHER_FILE, DistillTargets, TeacherLabels, teacher_lr, train_teacher
 from apphub_vit.training import build_vit, classifier_network
 from apphub_vit.vit_app import vit_book
 from networks.resnet9 import ResNet9
@@ -51,7 +51,7 @@ def test_resnet9_trains_every_parameter():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
-def test_distill_targets_mix_the_teachers_smoothed_hard_label_in():
+def test_distill_targets_mix_the_teachers_smoothed_hard_label_in_and_teacher_labels_give_it_alone():
     targets = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     teacher = torch.tensor([[5.0, 0.0, 1.0], [0.0, 0.0, 3.0]])  # argmax 0, 2
     out = DistillTargets(("t", "z"), "d", weight=0.25, smoothing=0.3).forward([targets, teacher], {})
@@ -59,6 +59,10 @@ def test_distill_targets_mix_the_teachers_smoothed_hard_label_in():
     torch.testing.assert_close(out, torch.stack([0.75 * targets[0] + 0.25 * smooth(0),
                                                  0.75 * targets[1] + 0.25 * smooth(2)]))
     torch.testing.assert_close(out.sum(dim=1), torch.ones(2))
+    # the distillation head's target: the teacher's label alone, smoothed the same way, in float32 under autocast too
+    labels = TeacherLabels("z", "d", smoothing=0.3).forward(teacher.bfloat16(), {})
+    assert labels.dtype == torch.float32
+    torch.testing.assert_close(labels, torch.stack([smooth(0), smooth(2)]))
 
 
 def test_teacher_schedule_is_pages_triangle():

@@ -46,7 +46,7 @@ TTA = ("none", "flip", "flip_translate")
 SCHEDULES = ("constant", "warmup_cosine")  # after the linear warmup: hold the lr, or a cosine decay per step to min_lr
 # the ViTConfig fields a recipe or a user may set (image size and channels belong to the data set)
 MODEL_FIELDS = ("num_layers", "em_dim", "num_heads", "ff_dim", "patch_size", "norm_first", "pool", "drop",
-                "drop_path", "spt", "lsa", "stem", "drloc", "distill_head")
+                "drop_path", "spt", "lsa", "stem", "drloc", "distill_head", "guide")
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,7 @@ CHECKS: Dict[str, Callable[[str, Any], Any]] = {
     "drop": _rate,
     "drop_path": _rate,
     "drloc": options.number,
+    "guide": options.number,
 }
 
 
@@ -141,12 +142,15 @@ class RecipeBook:
         checked = {key: options.choice(key, value, self.augments) if key == "augment" else CHECKS[key](key, value)
                    for key, value in overrides.items()}
         model_fields = {k: v for k, v in checked.items() if k in MODEL_FIELDS}
+        teacher = checked.get("distill", recipe.distill) > 0
         if recipe.model.distill_head and "distill_head" not in checked and (
-                not checked.get("distill", recipe.distill) or checked.get("pool", recipe.model.pool) != "mean"):
+                not teacher or checked.get("pool", recipe.model.pool) != "mean"):
             # the recipe's distillation head learns the teacher's labels from the CLS token's output: a user who turns
             # off the teacher or that token's freedom gets the recipe without the head, not an error about a field
             # they never set (given explicitly, the pair is refused below)
             model_fields["distill_head"] = False
+        if recipe.model.guide and "guide" not in checked and not teacher:
+            model_fields["guide"] = 0.0  # locality guidance imitates the teacher's map: no teacher, no guidance
         model = replace(recipe.model, **model_fields)  # checks shapes
         training = {k: v for k, v in checked.items() if k not in MODEL_FIELDS}
         if "batch_size" in training and "lr" not in training:
@@ -155,6 +159,10 @@ class RecipeBook:
         if recipe.model.distill_head and not recipe.distill:
             raise options.OptionError("distill_head=True trains its head on a CNN teacher's labels, but distill is 0 "
                                       "(no teacher): set distill > 0 (DeiT's 0.5) with it, or distill_head=False")
+        if recipe.model.guide and not recipe.distill:
+            raise options.OptionError(f"guide={recipe.model.guide} has the ViT imitate a CNN teacher's feature map, "
+                                      f"but distill is 0 (no teacher): set distill > 0 (DeiT's 0.5) with it, or "
+                                      f"guide=0")
         if recipe.mix_prob and recipe.augment in ("apphub", "none"):
             raise options.OptionError(f"mix_prob={recipe.mix_prob} mixes strongly augmented batches, but augment is "
                                       f"{recipe.augment!r}: use augment='autoaugment' or 'trivialaugment', or "

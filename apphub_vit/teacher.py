@@ -8,6 +8,12 @@ images lacks. DeiT gives the teacher's label a head of its own (`TeacherLabels` 
 `(1 - distill) * y + distill * onehot(argmax teacher(x))` (`DistillTargets`), which for cross-entropy is the same loss
 as DeiT's `(1 - distill) * CE(z, y) + distill * CE(z, y_teacher)` on a single head (DeiT's class-token-only variant).
 
+With the model's `guide` (locality guidance, Li et al. 2022, "Locality Guidance for Improving Vision Transformers on
+Tiny Datasets") the teacher's map after its third stage, on CIFAR the 8x8 grid of the ViT's tokens, is a second
+target: the ViT's middle block imitates it (`LocalityGuidance`), as FitNets' hints (Romero et al. 2015) have a student
+layer imitate a teacher's. The target is the map of the same augmented image, each position layer-normalised over its
+channels (Wei et al. 2022's whitened feature targets), so that its scale is the student's, whatever the teacher's.
+
 The teacher is `networks.resnet9.ResNet9` on David Page's recipe ("How to train your ResNet", 2018; as
 `benchmarks/resnet9_reference.py`): batch 512, SGD with Nesterov momentum 0.9, weight decay 5e-4, the learning rate
 linear from 0 to 0.4 over the first 5/24 of the run and back to 0, the six apphub ops (pad, crop, flip, cutout) batched
@@ -22,6 +28,7 @@ from typing import Any, Dict, Optional, Sequence
 import fastestimator as fe
 import numpy as np
 import torch
+import torch.nn.functional as F
 from fastestimator.op.tensorop import TensorOp
 from fastestimator.op.tensorop.loss import CrossEntropy
 from fastestimator.op.tensorop.model import ModelOp, UpdateOp
@@ -32,7 +39,7 @@ from apphub_vit.device_network import DeviceNetwork
 from apphub_vit.distributed import single_device
 from apphub_vit.hardware import Hardware, channels_last
 from apphub_vit.runs import atomic_path
-from networks.resnet9 import ResNet9
+from networks.resnet9 import ResNet9, WithFeatureMap
 from pipelines.batched import batched_cifar_ops, smooth_one_hot
 from pipelines.loader import BatchLoader
 
@@ -51,12 +58,14 @@ def teacher_lr(steps_per_epoch: int, epochs: int):
 
 def train_teacher(train: Dict[str, np.ndarray], eval_data: Dict[str, np.ndarray], num_classes: int, epochs: int,
                   hw: Hardware, mean: Sequence[float], std: Sequence[float], path: Optional[str] = None,
-                  reuse: bool = False, train_steps_per_epoch: Optional[int] = None) -> Dict[str, Any]:
+                  reuse: bool = False, train_steps_per_epoch: Optional[int] = None,
+                  feature_map: bool = False) -> Dict[str, Any]:
     """Train a ResNet-9 on `train` ({"x": uint8 [N, 32, 32, 3], "y": [N]}) for `epochs`, measure it on `eval_data`,
     save it to `path` (if given) and return {"model": the frozen teacher (an `fe.build` model without optimiser, for a
     `ModelOp`), "accuracy", "seconds", "epochs", "reused", "cuda_graph" (whether its train step ran as a CUDA graph)}.
     reuse: load the teacher already at `path` (a resumed run's) instead of training one. Its train step is a CUDA graph
-    where the student's may be one (`hw.cuda_graph`): its SGD is the fused one, which a graph can replay."""
+    where the student's may be one (`hw.cuda_graph`): its SGD is the fused one, which a graph can replay.
+    feature_map: the returned teacher also gives its map for locality guidance, (logits, map) (`WithFeatureMap`)."""
     start = time.perf_counter()
     model = single_device(fe.build(model_fn=lambda: channels_last(ResNet9(num_classes), hw.gpu),
                                    optimizer_fn=lambda p: torch.optim.SGD(p, lr=TEACHER_LR, momentum=0.9,
@@ -94,8 +103,9 @@ def train_teacher(train: Dict[str, np.ndarray], eval_data: Dict[str, np.ndarray]
             torch.save(model.state_dict(), tmp)
     # single_device as the model above: on a host with several GPUs fe.build would wrap the frozen teacher in a
     # DataParallel, whose scatter to every GPU the student's captured step cannot hold
-    teacher = single_device(fe.build(model_fn=lambda: model.requires_grad_(False), optimizer_fn=None,
-                                     model_name="teacher"))
+    frozen = model.requires_grad_(False)
+    teacher = single_device(fe.build(model_fn=lambda: WithFeatureMap(frozen) if feature_map else frozen,
+                                     optimizer_fn=None, model_name="teacher"))
     seconds = time.perf_counter() - start
     print(f"apphub_vit: teacher accuracy {accuracy:.4f} on the eval images ({seconds:.1f} s)", flush=True)
     return {"model": teacher, "accuracy": accuracy, "seconds": seconds, "epochs": epochs, "reused": reused,
@@ -124,3 +134,27 @@ class DistillTargets(TensorOp):
         targets, teacher_logits = data
         hard = smooth_one_hot(teacher_logits.argmax(dim=1), targets.shape[1], self.smoothing, targets.dtype)
         return targets * (1 - self.weight) + hard * self.weight
+
+
+class LocalityGuidance(TensorOp):
+    """(the ViT's guided tokens [B, N, C], the teacher's map [B, C, h, w]) -> `weight` * the mean squared error between
+    the tokens and the map at the tokens' grid (sqrt(N) x sqrt(N), row-major), each position layer-normalised over its
+    C channels. The map is resized to the grid where they differ (a patch-2 ViT's 16x16 tokens, say): averaged down,
+    or bilinear up."""
+    def __init__(self, inputs, outputs: str, weight: float, mode: str = "train") -> None:
+        super().__init__(inputs=inputs, outputs=outputs, mode=mode)
+        self.weight = weight
+
+    def forward(self, data, state: Dict[str, Any]) -> torch.Tensor:
+        tokens, feature_map = data
+        side = round(tokens.shape[1]**0.5)
+        if side * side != tokens.shape[1] or tokens.shape[-1] != feature_map.shape[1]:
+            raise ValueError(f"LocalityGuidance needs a square grid of tokens with the map's {feature_map.shape[1]} "
+                             f"channels, got tokens of shape {tuple(tokens.shape)}")
+        feature_map = feature_map.float()
+        if feature_map.shape[-2:] != (side, side):
+            feature_map = (F.adaptive_avg_pool2d(feature_map, side) if feature_map.shape[-1] > side else
+                           F.interpolate(feature_map, size=(side, side), mode="bilinear", align_corners=False))
+        target = feature_map.flatten(2).transpose(1, 2)  # [B, C, side, side] -> [B, N, C], row-major as the tokens
+        target = F.layer_norm(target, target.shape[-1:])  # each position: mean 0, variance 1 over the channels
+        return self.weight * F.mse_loss(tokens.float(), target)

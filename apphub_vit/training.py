@@ -16,7 +16,7 @@ from apphub_vit.distributed import DistributedUpdateOp, broadcast_from_main, sin
 from apphub_vit.ema import EMAUpdate, WeightAverage
 from apphub_vit.hardware import Hardware, channels_last
 from apphub_vit.recipes import Recipe
-from apphub_vit.teacher import DistillTargets, TeacherLabels
+from apphub_vit.teacher import DistillTargets, LocalityGuidance, TeacherLabels
 from networks.vit import ViTModel
 from pipelines.batched import smooth_one_hot
 
@@ -185,10 +185,11 @@ def classifier_network(model: torch.nn.Module, augment_ops: List[TensorOp], num_
     labels on the same images by `recipe.distill`, `apphub_vit.teacher.DistillTargets`; with the model's `distill_head`,
     the class head against the true labels and the distillation head against the teacher's
     (`apphub_vit.teacher.TeacherLabels`), the two cross-entropies weighted by `1 - recipe.distill` and `recipe.distill`,
-    as DeiT) and against the true labels otherwise (with `recipe.tta`, in the last epoch's eval and in test: on the mean
-    logits of its views, `TTAViews`: `y_pred`, beside the image's own logits, `y_pred_no_tta`, and with the shifted
-    views the flip-only logits, `y_pred_flip`; the evals before it predict on single images), the update and, with an
-    `average`, the update of the weights' moving average.
+    as DeiT; with the model's `guide`, plus its middle block's imitation of the teacher's map,
+    `apphub_vit.teacher.LocalityGuidance`) and against the true labels otherwise (with `recipe.tta`, in the last
+    epoch's eval and in test: on the mean logits of its views, `TTAViews`: `y_pred`, beside the image's own logits,
+    `y_pred_no_tta`, and with the shifted views the flip-only logits, `y_pred_flip`; the evals before it predict on
+    single images), the update and, with an `average`, the update of the weights' moving average.
     `DeviceNetwork`: FastEstimator's TorchNetwork on a CPU in fp32; on a GPU it drops the per-step syncs, runs bf16
     autocast and replays the train step (the teacher's forward pass and the average's update included) as a CUDA
     graph."""
@@ -197,8 +198,10 @@ def classifier_network(model: torch.nn.Module, augment_ops: List[TensorOp], num_
         ops.append(SmoothLabels("y", "y_soft", num_classes, recipe.label_smoothing))
         train_label = "y_soft"
     head = recipe.model.distill_head  # the teacher's labels go to a head of their own (DeiT), not into the target
+    guide = recipe.model.guide > 0  # the teacher's map too, for locality guidance (its model returns both)
     if teacher is not None:
-        ops.append(ModelOp(model=teacher, inputs="x", outputs="y_teacher", trainable=False, mode="train"))
+        ops.append(ModelOp(model=teacher, inputs="x", outputs=("y_teacher", "teacher_map") if guide else "y_teacher",
+                           trainable=False, mode="train"))
         if head:  # the teacher's labels (smoothed as the true ones) for the distillation head
             ops.append(TeacherLabels(inputs="y_teacher", outputs="y_distill", smoothing=recipe.label_smoothing))
         else:  # mixed into the one head's target
@@ -206,7 +209,8 @@ def classifier_network(model: torch.nn.Module, augment_ops: List[TensorOp], num_
                                       smoothing=recipe.label_smoothing))
             train_label = "y_distill"
     # in training the model returns a tuple where it has more heads than the classifier (networks/vit.py)
-    outputs = ("y_pred", ) + (("y_pred_distill", ) if head else ()) + (("drloc", ) if recipe.model.drloc else ())
+    outputs = ("y_pred", ) + (("y_pred_distill", ) if head else ()) + (("drloc", ) if recipe.model.drloc else ()) + \
+        (("y_guide", ) if guide else ())
     forward = [ModelOp(model=model, inputs="x", outputs=outputs if len(outputs) > 1 else "y_pred", mode="train")]
     objective = []
     if head and teacher is not None:  # (a saved model only evaluated has no teacher; its train ops never run)
@@ -215,6 +219,10 @@ def classifier_network(model: torch.nn.Module, augment_ops: List[TensorOp], num_
                       MixLosses(inputs=("ce", "ce_distill"), outputs="ce", weight=recipe.distill, mode="train")]
     if recipe.model.drloc:  # the model's weighted auxiliary loss (networks/drloc.py) on top
         objective.append(AddLoss(inputs=("ce", "drloc"), outputs="ce", mode="train"))
+    if guide and teacher is not None:  # the middle block's tokens against the teacher's map
+        objective += [LocalityGuidance(inputs=("y_guide", "teacher_map"), outputs="guide", weight=recipe.model.guide,
+                                       mode="train"),
+                      AddLoss(inputs=("ce", "guide"), outputs="ce", mode="train")]
     single = ModelOp(model=model, inputs="x", outputs="y_pred", mode="!train")
     if recipe.tta != "none":
         # The last epoch's eval (the run's final accuracy) and `fastestimator test` predict on the mean logits of the

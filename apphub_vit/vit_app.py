@@ -99,12 +99,13 @@ def build_vit_estimator(*, app: str, num_classes: int, dataset: str, data_dir: O
     if recipe.batch_size % ranks.size:
         raise options.OptionError(f"batch_size={recipe.batch_size} is the global batch, split evenly over torchrun's "
                                   f"{ranks.size} processes: pass a multiple of {ranks.size}")
-    asked = "distill" in overrides or ("distill_head" in overrides and recipe.model.distill_head)  # for a teacher
+    asked = "distill" in overrides or any(k in overrides and getattr(recipe.model, k)
+                                          for k in ("distill_head", "guide"))  # for a teacher
     if init_model is not None and recipe.distill and not asked:
         # The recipe's teacher is for a ViT that learns from random weights, where it measured best; a pretrained
         # encoder finetunes without one (its 12 epochs would outlast a short finetuning), unless `distill` (or the
-        # distillation head, which needs the teacher) is given.
-        recipe = replace(recipe, distill=0.0, model=replace(recipe.model, distill_head=False))
+        # distillation head or locality guidance, which need the teacher) is given.
+        recipe = replace(recipe, distill=0.0, model=replace(recipe.model, distill_head=False, guide=0.0))
     distill = recipe.distill > 0 and weights_path is None  # a saved model only evaluated needs no teacher
     if recipe.ema and ranks.size > 1:
         raise options.OptionError(f"ema={recipe.ema} keeps its average in one process's checkpoint: run it in one "
@@ -154,7 +155,8 @@ def build_vit_estimator(*, app: str, num_classes: int, dataset: str, data_dir: O
         def teach(reuse: bool) -> Dict[str, Any]:
             return train_teacher(train_arrays, eval_arrays, num_classes, recipe.teacher_epochs, hw, CIFAR_MEAN,
                                  CIFAR_STD, path=os.path.join(save_dir, TEACHER_FILE), reuse=reuse,
-                                 train_steps_per_epoch=run["train_steps_per_epoch"])
+                                 train_steps_per_epoch=run["train_steps_per_epoch"],
+                                 feature_map=recipe.model.guide > 0)
 
         if ranks.size == 1:
             teacher = teach(folder.resume)

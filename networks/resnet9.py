@@ -35,9 +35,14 @@ class Scale(nn.Module):
         return x * self.weight
 
 
+WIDTH = 64  # Page's
+MAP_LAYERS = 6  # the layers up to the third conv_bn's max-pool: a [B, 4 * width, H/4, W/4] map (8x8 on CIFAR)
+MAP_CHANNELS = 4 * WIDTH  # that map's channels at Page's width
+
+
 class ResNet9(nn.Sequential):
     """[B, 3, H, W] -> [B, num_classes] logits; `width` 64 is Page's (channels 64, 128, 256, 512)."""
-    def __init__(self, num_classes: int = 10, width: int = 64) -> None:
+    def __init__(self, num_classes: int = 10, width: int = WIDTH) -> None:
         c = [width, 2 * width, 4 * width, 8 * width]
         super().__init__(
             conv_bn(3, c[0]),
@@ -46,3 +51,20 @@ class ResNet9(nn.Sequential):
             conv_bn(c[2], c[3]), nn.MaxPool2d(2), Residual(c[3]),  # [B, c3, H/8, W/8]
             nn.AdaptiveMaxPool2d(1), nn.Flatten(),  # [B, c3]: Page's MaxPool2d(4) on a 32x32 image's 4x4 map
             nn.Linear(c[3], num_classes, bias=False), Scale(0.125))
+
+
+class WithFeatureMap(nn.Module):
+    """A `ResNet9` that also returns its map after `MAP_LAYERS` layers: [B, 3, H, W] -> (logits [B, num_classes],
+    map [B, 4 * width, H/4, W/4]). On a 32x32 image the map is 8x8, the grid of a patch-4 ViT's tokens: the target of
+    the ViT's locality guidance (apphub_vit/teacher.py, `LocalityGuidance`). Holds the same parameters (as `net`)."""
+    def __init__(self, net: ResNet9) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> tuple:
+        feature_map = x
+        for i, layer in enumerate(self.net):  # (a slice of this Sequential subclass would build a new ResNet9)
+            x = layer(x)
+            if i + 1 == MAP_LAYERS:
+                feature_map = x  # [B, 4 * width, H/4, W/4]
+        return x, feature_map

@@ -24,6 +24,11 @@ invisible to checkpoints:
 * `drloc` > 0 adds Liu et al. 2021's dense relative localization (networks/drloc.py): in training the model also
   returns that weight times the auxiliary loss, `(logits, loss)`, as timm's distilled ViT returns two heads' outputs
   in training only; eval and inference return the logits alone;
+* `guide` > 0 adds locality guidance (Li et al. 2022, "Locality Guidance for Improving Vision Transformers on Tiny
+  Datasets"; lkhl/tiny-transformers), a FitNets-style hint (Romero et al. 2015): in training the middle block's patch
+  tokens, through a LayerNorm and a linear map to a CNN teacher's channels, are also returned, for a loss that has
+  them imitate the teacher's feature map at the same grid (apphub_vit/teacher.py, `LocalityGuidance`, weight `guide`);
+  a CNN's local-to-global features for the layers that on small data learn locality slowest;
 * `distill_head=True` adds DeiT's distillation head (Touvron et al. 2021; timm's `VisionTransformerDistilled`): a
   second linear head, for a teacher's labels, on a token of its own. With `pool="mean"` the CLS token is that token:
   the class head reads the mean of the patch tokens, so the CLS token's output is free for the second head, and no
@@ -35,13 +40,14 @@ Layout (timm `vision_transformer.py`): `ViTEmbeddings` -> `ViTEncoder.forward` (
 embedding) -> `linear_classifier`.
 """
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Dict, Set, Tuple, Union
+from typing import Any, Dict, Optional, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from networks.drloc import DenseRelativeLoc
+from networks.resnet9 import MAP_CHANNELS
 
 STEMS = ("patch", "conv")  # how the image becomes tokens (ViTEmbeddings)
 
@@ -65,6 +71,7 @@ class ViTConfig:
     stem: str = "patch"  # the tokens: one Conv2d of kernel = stride = patch ("patch") or CCT's 3x3 Conv2d ("conv")
     drloc: float = 0.0  # weight of the dense relative localization loss in training (Liu et al. 2021; 0: no head)
     distill_head: bool = False  # DeiT's distillation head on the CLS token's output (needs pool="mean")
+    guide: float = 0.0  # weight of locality guidance in training: the middle block imitates a CNN's map (0: no head)
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "image_size", "patch_size", "num_channels", "em_dim", "num_heads", "ff_dim"):
@@ -103,6 +110,9 @@ class ViTConfig:
         if isinstance(self.drloc, bool) or not isinstance(self.drloc, (int, float)) or not self.drloc >= 0:
             raise ValueError(f"ViT drloc is the weight of the dense relative localization loss: a number >= 0 (0: "
                              f"off), got {self.drloc!r}")
+        if isinstance(self.guide, bool) or not isinstance(self.guide, (int, float)) or not self.guide >= 0:
+            raise ValueError(f"ViT guide is the weight of the locality guidance loss: a number >= 0 (0: off), got "
+                             f"{self.guide!r}")
         if not isinstance(self.distill_head, bool):
             raise ValueError(f"ViT distill_head must be True or False (DeiT's distillation head on or off), got "
                              f"{self.distill_head!r}")
@@ -114,12 +124,18 @@ class ViTConfig:
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size)**2
 
+    @property
+    def guide_layer(self) -> int:
+        """How many blocks the guided tokens have passed: half of them (the teacher's map is a middle layer's too)."""
+        return max(self.num_layers // 2, 1)
+
     def encoder_signature(self) -> Dict[str, Any]:
         """The fields that define the encoder's function (what must match to transfer an encoder): everything but the
-        regularisation rates, `pool` (how the head reads the tokens: a finetuning choice), `drloc` and `distill_head`
-        (heads beside the classifier's). `norm_first` changes no weight shape but changes what the weights compute."""
+        regularisation rates, `pool` (how the head reads the tokens: a finetuning choice), `drloc`, `distill_head`
+        and `guide` (heads beside the classifier's). `norm_first` changes no weight shape but changes what the weights
+        compute."""
         return {k: v for k, v in asdict(self).items() if k not in ("drop", "drop_path", "pool", "drloc",
-                                                                   "distill_head")}
+                                                                   "distill_head", "guide")}
 
 
 def conv_stem(num_channels: int, em_dim: int, patch_size: int) -> nn.Sequential:
@@ -273,10 +289,15 @@ class TransformerStack(nn.Module):
             for rate in rates
         ])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
+    def forward(self, x: torch.Tensor, tap: Optional[int] = None) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
+        """[B, L, em_dim] -> the last block's output [B, L, em_dim]; with `tap`, also the output of the first `tap`
+        blocks, (last, tapped)."""
+        tapped = x
+        for i, layer in enumerate(self.layers):
             x = layer(x)
-        return x
+            if i + 1 == tap:
+                tapped = x
+        return x if tap is None else (x, tapped)
 
 
 class ViTEncoder(nn.Module):
@@ -293,8 +314,11 @@ class ViTEncoder(nn.Module):
         self.encoder = TransformerStack(self.config)
         self.layernorm = nn.LayerNorm(em_dim, eps=1e-6)
 
-    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> [B, num_patches + 1, em_dim]
-        return self.encoder(self.embedding(x))  # the last layer's output, CLS first
+    def forward_tokens(self, x: torch.Tensor,
+                       tap: Optional[int] = None) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
+        """[B, C, H, W] -> the last layer's output [B, num_patches + 1, em_dim], CLS first; with `tap`, also the
+        output after `tap` blocks (TransformerStack.forward)."""
+        return self.encoder(self.embedding(x), tap)
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:  # [B, num_patches + 1, em_dim] -> [B, em_dim]
         # the CLS token, or the average of the patch tokens (the CLS token stays in the sequence either way)
@@ -308,7 +332,7 @@ class ViTModel(nn.Module):
     """`ViTEncoder` followed by a linear head. Arguments and defaults as the apphub's `ViTModel` (ViT-B/16 sizes)."""
     # state_dict prefixes of what only training uses (the relative-localization head): a saved model loads for eval
     # and further training whether it has them or not (apphub_vit.common.load_weights)
-    training_only: Tuple[str, ...] = ("relative_loc.", )
+    training_only: Tuple[str, ...] = ("relative_loc.", "guide_head.")
     # state_dict prefixes of optional heads that eval uses, and the field that adds each: a file that does not fit
     # because it was saved with or without one is told which value of that field it needs
     optional_heads: Dict[str, str] = {"distill_classifier.": "distill_head"}
@@ -316,7 +340,8 @@ class ViTModel(nn.Module):
     def __init__(self, num_classes: int, num_layers: int = 12, image_size: int = 224, patch_size: int = 16,
                  num_channels: int = 3, em_dim: int = 768, drop: float = 0.1, num_heads: int = 12, ff_dim: int = 3072,
                  norm_first: bool = False, drop_path: float = 0.0, pool: str = "cls", lsa: bool = False,
-                 spt: bool = False, stem: str = "patch", drloc: float = 0.0, distill_head: bool = False) -> None:
+                 spt: bool = False, stem: str = "patch", drloc: float = 0.0, distill_head: bool = False,
+                 guide: float = 0.0) -> None:
         super().__init__()
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
             raise ValueError(f"ViTModel num_classes must be a positive integer, got {num_classes!r}")
@@ -326,9 +351,12 @@ class ViTModel(nn.Module):
                                       spt=spt, stem=stem)
         self.linear_classifier = nn.Linear(em_dim, num_classes)
         # the encoder's fields and this model's own (checked there)
-        self._config = replace(self.vit_encoder.config, drloc=drloc, distill_head=distill_head)
+        self._config = replace(self.vit_encoder.config, drloc=drloc, distill_head=distill_head, guide=guide)
         self.relative_loc = DenseRelativeLoc(em_dim, image_size // patch_size) if self._config.drloc > 0 else None
         self.distill_classifier = nn.Linear(em_dim, num_classes) if distill_head else None
+        # locality guidance: the middle block's tokens in the teacher's channels (its own norm: pre-norm blocks leave
+        # the residual stream unnormalised)
+        self.guide_head = nn.Sequential(nn.LayerNorm(em_dim), nn.Linear(em_dim, MAP_CHANNELS)) if guide > 0 else None
 
     @classmethod
     def from_config(cls, num_classes: int, cfg: ViTConfig) -> "ViTModel":
@@ -353,9 +381,15 @@ class ViTModel(nn.Module):
         return self.vit_encoder(x)
 
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
-        """[B, C, H, W] -> [B, num_classes] logits. In training, with `distill_head` and / or `drloc`, a tuple:
-        (logits, the distillation head's logits, drloc * its loss), each where the model has it."""
-        tokens = self.vit_encoder.forward_tokens(x)  # [B, num_patches + 1, em_dim]
+        """[B, C, H, W] -> [B, num_classes] logits. In training, with `distill_head`, `drloc` and / or `guide`, a
+        tuple: (logits, the distillation head's logits, drloc * its loss, the guided tokens [B, num_patches,
+        MAP_CHANNELS]), each where the model has it."""
+        guided = None
+        if self.guide_head is not None and self.training:
+            tokens, middle = self.vit_encoder.forward_tokens(x, self._config.guide_layer)  # 2 x [B, N + 1, em_dim]
+            guided = self.guide_head(middle[:, 1:])  # [B, num_patches, MAP_CHANNELS], row-major grid
+        else:
+            tokens = self.vit_encoder.forward_tokens(x)  # [B, num_patches + 1, em_dim]
         logits = self.linear_classifier(self.vit_encoder.pool(tokens))  # [B, num_classes]
         outputs = [logits]
         if self.distill_classifier is not None:
@@ -365,4 +399,6 @@ class ViTModel(nn.Module):
             outputs.append(distill)
         if self.relative_loc is not None and self.training:
             outputs.append(self._config.drloc * self.relative_loc(tokens[:, 1:]))
+        if guided is not None:
+            outputs.append(guided)
         return outputs[0] if len(outputs) == 1 else tuple(outputs)

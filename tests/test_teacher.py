@@ -16,10 +16,11 @@ from apphub_vit import teacher as teacher_module
 from apphub_vit.hardware import resolve_hardware
 from apphub_vit.recipes import VIT_RECIPES
 from apphub_vit.records import RECORD_FILE
-from apphub_vit.teacher import TEACHER_FILE, DistillTargets, TeacherLabels, teacher_lr, train_teacher
+from apphub_vit.recipes import RecipeBook
+from apphub_vit.teacher import TEACHER_FILE, DistillTargets, LocalityGuidance, TeacherLabels, teacher_lr, train_teacher
 from apphub_vit.training import build_vit, classifier_network
 from apphub_vit.vit_app import vit_book
-from networks.resnet9 import ResNet9
+from networks.resnet9 import MAP_CHANNELS, MAP_LAYERS, ResNet9, WithFeatureMap
 from pipelines.cifar import CIFAR_MEAN, CIFAR_STD
 from tests.conftest import REPO, TINY_RUN, TINY_SHAPE, TINY_VIT
 
@@ -158,6 +159,104 @@ def test_a_distillation_head_needs_a_teacher_and_mean_pooling_and_trains_through
     record = json.loads((tmp_path / "c" / RECORD_FILE).read_text())
     assert record["hparams"]["recipe"]["model"]["distill_head"] and record["hparams"]["teacher"]["epochs"] == 1
     assert model.config.distill_head and model.distill_classifier is not None
+    assert np.isfinite(record["final_loss"]) and 0.0 <= record["final_accuracy"] <= 1.0
+
+
+def test_the_teachers_feature_map_is_its_third_stage_at_a_quarter_of_the_resolution():
+    net = ResNet9(num_classes=10, width=8).eval()
+    logits, feature_map = WithFeatureMap(net)(torch.randn(3, 3, 32, 32))
+    assert feature_map.shape == (3, 32, 8, 8)  # 4 x width channels on the 8x8 grid of a patch-4 ViT's tokens
+    x = torch.randn(3, 3, 32, 32)
+    logits, feature_map = WithFeatureMap(net)(x)
+    torch.testing.assert_close(logits, net(x))
+    torch.testing.assert_close(feature_map, torch.nn.Sequential(*list(net)[:MAP_LAYERS])(x))
+    assert isinstance(net[MAP_LAYERS - 1], torch.nn.MaxPool2d) and MAP_CHANNELS == 4 * 64
+
+
+def test_locality_guidance_is_the_mse_to_the_layer_normalised_map_at_the_tokens_grid():
+    torch.manual_seed(0)
+    feature_map = torch.rand(2, 4, 8, 8) * 5  # non-negative, as after a ReLU and a max-pool
+    op = LocalityGuidance(("t", "m"), "g", weight=2.0)
+
+    def expected(tokens, grid):
+        target = grid.flatten(2).transpose(1, 2)  # [B, N, C], row-major
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, unbiased=False, keepdim=True) + 1e-5)**0.5
+        return 2.0 * ((tokens - target)**2).mean()
+
+    tokens = torch.randn(2, 64, 4)  # the same 8x8 grid
+    torch.testing.assert_close(op.forward([tokens, feature_map], {}), expected(tokens, feature_map))
+    # a coarser grid of tokens (a patch-8 ViT's 4x4): the map averaged over 2x2 blocks
+    tokens = torch.randn(2, 16, 4)
+    pooled = feature_map.view(2, 4, 4, 2, 4, 2).mean((3, 5))
+    torch.testing.assert_close(op.forward([tokens, feature_map], {}), expected(tokens, pooled))
+    assert op.forward([tokens, feature_map.bfloat16()], {}).dtype == torch.float32
+    tokens = torch.randn(2, 256, 4)  # a finer one (16x16): bilinear
+    up = F.interpolate(feature_map, size=(16, 16), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(op.forward([tokens, feature_map], {}), expected(tokens, up))
+    with pytest.raises(ValueError, match="map's 4 channels"):
+        op.forward([torch.randn(2, 64, 5), feature_map], {})
+
+
+class MapTeacher(torch.nn.Module):
+    """(logits naming class `k`, a fixed feature map) whatever the image: a `WithFeatureMap` stand-in."""
+    def __init__(self, k: int, num_classes: int, feature_map: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = torch.nn.Parameter(10 * F.one_hot(torch.tensor(k), num_classes).float())
+        self.feature_map = torch.nn.Parameter(feature_map)
+
+    def forward(self, x: torch.Tensor):
+        return self.logits.expand(len(x), -1), self.feature_map.expand(len(x), -1, -1, -1)
+
+
+def test_with_locality_guidance_the_middle_blocks_tokens_learn_the_teachers_map_by_the_guide_weight():
+    base = VIT_RECIPES["vit"]
+    shape = {**TINY_SHAPE, "num_layers": 4, "patch_size": 4}  # 8x8 tokens, the map's grid; guided after 2 blocks
+    recipe = replace(base, model=replace(base.model, **shape, lsa=False, guide=0.7), label_smoothing=0.1, lr=0.0)
+    hw = resolve_hardware(recipe)
+    student = build_vit("student", 10, recipe, hw)
+    torch.manual_seed(1)
+    feature_map = torch.rand(1, MAP_CHANNELS, 8, 8)
+    teacher = fe.build(model_fn=lambda: MapTeacher(7, 10, feature_map).requires_grad_(False), optimizer_fn=None,
+                       model_name="teacher")
+    network = classifier_network(student, [], 10, recipe, hw, teacher=teacher)
+    x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % 3
+    batch = network.transform({"x": x, "y": y}, mode="train")
+    assert batch["y_guide"].shape == (8, 64, MAP_CHANNELS)
+    guide = LocalityGuidance(("t", "m"), "g", weight=0.7).forward([batch["y_guide"], batch["teacher_map"]], {})
+    assert float(batch["guide"]) == pytest.approx(float(guide)) and float(guide) > 0
+
+    def ce(logits, labels):
+        target = F.one_hot(labels, 10).float() * 0.9 + 0.01
+        return -(target * logits.float().log_softmax(dim=1)).sum(dim=1).mean()
+
+    heads = ce(batch["y_pred"], y) * 0.5 + ce(batch["y_pred_distill"], torch.full((8, ), 7)) * 0.5
+    assert float(batch["ce"]) == pytest.approx(float(heads + batch["drloc"] + guide), rel=1e-5)
+    # the guided tokens are the second block's: their loss reaches the blocks up to it and the guide's head, no further
+    student.zero_grad()
+    student.train()
+    _, _, _, guided = student(x)
+    guided.square().mean().backward()
+    grads = {n: p.grad is not None and bool(p.grad.abs().sum() > 0) for n, p in student.named_parameters()}
+    assert grads["guide_head.1.weight"] and grads["vit_encoder.encoder.layers.1.linear2.weight"]
+    assert grads["vit_encoder.embedding.position_embedding"]
+    assert not any(v for n, v in grads.items() if n.startswith(("vit_encoder.encoder.layers.2.",
+                                                                 "vit_encoder.encoder.layers.3.", "linear_classifier")))
+    student.eval()
+    assert student(x).shape == (8, 10)  # eval: the logits alone
+
+
+def test_locality_guidance_needs_the_teacher_and_goes_with_it_and_trains_through_the_app(tmp_path):
+    with pytest.raises(ValueError, match="guide=1.0 has the ViT imitate a CNN teacher's feature map"):
+        vit_book("finetune").resolve("vit", {"guide": 1.0, "distill": 0})
+    guided = replace(VIT_RECIPES["vit"], model=replace(VIT_RECIPES["vit"].model, guide=1.0))
+    book = RecipeBook("finetune", {"vit": guided}, ("autoaugment", ))
+    assert book.resolve("vit", {})[0].model.guide == 1.0
+    assert book.resolve("vit", {"distill": 0})[0].model.guide == 0.0  # a recipe's guidance goes with its teacher
+    model = finetune_app.finetune(None, from_scratch=True, dataset="synthetic", save_dir=str(tmp_path / "c"),
+                                  teacher_epochs=1, **{**TINY_RUN, **TINY_VIT, "guide": 1.0, "distill": 0.5})
+    record = json.loads((tmp_path / "c" / RECORD_FILE).read_text())
+    assert record["hparams"]["recipe"]["model"]["guide"] == 1.0 and record["hparams"]["teacher"]["epochs"] == 1
+    assert model.guide_head is not None and model.config.guide_layer == 1
     assert np.isfinite(record["final_loss"]) and 0.0 <= record["final_accuracy"] <= 1.0
 
 

@@ -41,7 +41,9 @@ from apphub_vit.training import build_vit, classifier_network, lr_schedule
 from pipelines.mnist import mnist_pipeline
 
 MODEL_NAME = "mnist_vit"
-BOOK = RecipeBook("mnist", MNIST_RECIPES, MNIST_AUGMENTS, fixed=("mix_prob", "distill", "teacher_epochs", "ema", "tta"))
+# what the CIFAR apps' teacher, batched augmentation and eval ops do: the MNIST app has none of them
+BOOK = RecipeBook("mnist", MNIST_RECIPES, MNIST_AUGMENTS,
+                  fixed=("mix_prob", "distill", "teacher_epochs", "distill_head", "guide", "ema", "tta"))
 
 
 def get_estimator(recipe: str = "small_data",

@@ -23,13 +23,14 @@ The CIFAR recipes (`VIT_RECIPES`):
   warmup epochs then a cosine decay per step, label smoothing 0.1, AutoAugment's CIFAR-10 policy before the six ops, and
   DeiT's hard-label distillation from a ResNet-9 teacher trained first for 12 epochs on the same images, with DeiT's
   distillation head (a second linear head, on the CLS token's output, learns the teacher's labels at weight 0.5 while
-  the class head learns the true ones; eval predicts with the mean of the two); the last epoch's eval and test predict
-  with airbench's test-time augmentation (the mean logits of each image and its mirror image, averaged with those of the
-  two shifted by one pixel; `accuracy_no_tta` and `accuracy_flip`, the same model on single images and on flips alone,
-  are recorded beside), the evals before it on single images. The teacher is for a ViT that learns from random weights:
-  a pretrained encoder finetunes without one (nor the head) unless `distill` is given; `distill=0` or `pool="cls"` also
-  leave the head out. Lee et al.'s Shifted Patch Tokenization (`spt`, with `stem="patch"`) was the stem before the conv
-  stem won; encoders trained with it still load.
+  the class head learns the true ones; eval predicts with the mean of the two) and Li et al. 2022's locality guidance
+  from the same teacher (the third block's tokens imitate its 8x8 feature map, weight 1); the last epoch's eval and
+  test predict with airbench's test-time augmentation (the mean logits of each image and its mirror image, averaged
+  with those of the two shifted by one pixel; `accuracy_no_tta` and `accuracy_flip`, the same model on single images
+  and on flips alone, are recorded beside), the evals before it on single images. The teacher is for a ViT that learns
+  from random weights: a pretrained encoder finetunes without one (nor the head, nor the guidance) unless `distill` is
+  given; `distill=0` also leaves both out, and `pool="cls"` the head. Lee et al.'s Shifted Patch Tokenization (`spt`,
+  with `stem="patch"`) was the stem before the conv stem won; encoders trained with it still load.
 
 The MNIST recipes (`MNIST_RECIPES`, `apphub_vit/mnist.py`) use the same class.
 """
@@ -175,7 +176,7 @@ VIT_RECIPES = {
                      weight_decay=1e-4, decay="all", schedule="constant", warmup_epochs=0.0, min_lr=0.0,
                      label_smoothing=0.0, augment="apphub"),
     "vit": Recipe("vit", model=ViTConfig(norm_first=True, drop=0.0, pool="mean", stem="conv", lsa=True, drloc=0.5,
-                                         distill_head=True),
+                                         distill_head=True, guide=1.0),
                   epochs=100, batch_size=256, optimizer="adamw", lr=2e-3, weight_decay=0.2, decay="matrices",
                   schedule="warmup_cosine", warmup_epochs=10.0, min_lr=0.0, label_smoothing=0.1,
                   augment="autoaugment", distill=0.5, tta="flip_translate"),

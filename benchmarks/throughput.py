@@ -141,23 +141,27 @@ def train_flops_per_image(model: torch.nn.Module, batch: int = 2, backward: bool
     """FLOPs of one image's forward (and backward) pass through `model`, counted by FlopCounterMode (matmuls,
     convolutions) on the CPU with attention run as plain matmuls (the counter has no formula for the CPU's fused
     attention kernel); a model that returns more than its logits in training (recipe `vit`'s distillation head's
-    logits, its relative-localization loss) has those heads counted too. The model is left as it was."""
+    logits, its relative-localization loss, its guided tokens) has those heads counted too. The model is left as it
+    was."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
     model = model.cpu().train()
     x = torch.randn(batch, 3, 32, 32)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         out = model(x)
-        outputs = out if isinstance(out, tuple) else (out, )  # (logits[, distillation logits][, drloc's loss])
-        if backward:  # a loss that reaches every head: the logits' log-sum-exp, the auxiliary loss as it is
-            sum(o.float().logsumexp(dim=1).sum() if o.dim() == 2 else o for o in outputs).backward()
+        # (logits[, distillation logits][, drloc's loss][, guided tokens])
+        outputs = out if isinstance(out, tuple) else (out, )
+        if backward:  # a loss that reaches every head: the logits' log-sum-exp, an auxiliary loss as it is, the guided
+            # tokens' mean square (as their loss against the teacher's map, which costs no matmul)
+            sum(o.float().logsumexp(dim=1).sum() if o.dim() == 2 else o.float().square().mean() if o.dim() == 3 else o
+                for o in outputs).backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / batch
 
 
 def vit_flops(kwargs: Dict) -> float:
     """`train_flops_per_image` of the ViT an end-to-end row trains: the recipe's model with the row's overrides,
-    resolved as the app resolves them (`distill=0` also drops the recipe's distillation head)."""
+    resolved as the app resolves them (`distill=0` also drops the recipe's distillation head and guidance)."""
     book, name = vit_book("pretrain"), kwargs.get("recipe", "vit")
     fields = book.recipes[name].field_values()
     recipe, _ = book.resolve(name, {k: v for k, v in kwargs.items() if k in fields})

@@ -15,7 +15,7 @@ from apphub_vit.encoder_io import ENCODER_FILE, EncoderMismatchError, load_encod
 from apphub_vit.prediction_grid import GRID_FILE
 from apphub_vit.recipes import VIT_RECIPES
 from apphub_vit.records import RECORD_FILE, read_record
-from apphub_vit.teacher import TEACHER_FILE, DistillTargets, TeacherLabels
+from apphub_vit.teacher import TEACHER_FILE, DistillTargets, LocalityGuidance, TeacherLabels
 from apphub_vit.training import MixLosses, SmoothLabels
 from networks.vit import ViTConfig, ViTModel
 from tests.conftest import REPO, TINY_RUN, TINY_SHAPE, TINY_VIT, cli, cli_env, fastestimator_cmd, shared_path
@@ -234,6 +234,9 @@ def test_the_defaults_are_the_best_measured_recipe(tmp_path):
     assert [op.smoothing for op in est.network.ops if isinstance(op, TeacherLabels)] == [0.1]
     assert not any(isinstance(op, DistillTargets) for op in est.network.ops)
     assert [op.weight for op in est.network.ops if isinstance(op, MixLosses)] == [0.5]
+    # and Li et al.'s locality guidance from the same teacher: the third block's tokens imitate its map, weight 1
+    assert cfg.guide == 1.0 and cfg.guide_layer == 3 and est.model.guide_head is not None
+    assert [op.weight for op in est.network.ops if isinstance(op, LocalityGuidance)] == [1.0]
     assert est.config["teacher"]["epochs"] == 1 and (tmp_path / TEACHER_FILE).is_file()
     assert (VIT_RECIPES["vit"].ema, VIT_RECIPES["vit"].mix_prob) == (0.0, 0.0)  # both measured, neither won
     assert est.config["recipe"]["tta"] == "flip_translate" and [
@@ -246,6 +249,7 @@ def test_a_pretrained_encoder_finetunes_without_the_recipes_teacher_unless_disti
     run = dict(TINY_RUN, encoder_weights=str(pre / ENCODER_FILE), dataset="synthetic")
     est = finetune_app.get_estimator(save_dir=str(tmp_path / "plain"), **run)
     assert est.config["recipe"]["distill"] == 0.0 and est.config["teacher"] is None
+    assert est.config["recipe"]["model"]["guide"] == 0.0 and est.model.guide_head is None  # no teacher, no guidance
     assert not any(isinstance(op, DistillTargets) for op in est.network.ops)
     assert not (tmp_path / "plain" / TEACHER_FILE).exists()
     est = finetune_app.get_estimator(save_dir=str(tmp_path / "taught"), distill=0.5, teacher_epochs=1, **run)
@@ -261,6 +265,10 @@ def test_a_pretrained_encoder_finetunes_without_the_recipes_teacher_unless_disti
     assert est.config["teacher"]["epochs"] == 1
     est = finetune_app.get_estimator(save_dir=str(tmp_path / "off"), distill_head=False, **run)
     assert est.config["recipe"]["distill"] == 0.0 and est.config["teacher"] is None
+    # so does locality guidance, which imitates the teacher's map
+    est = finetune_app.get_estimator(save_dir=str(tmp_path / "guided"), guide=1.0, teacher_epochs=1, **run)
+    assert est.config["recipe"]["distill"] == 0.5 and est.config["teacher"]["epochs"] == 1
+    assert [op.weight for op in est.network.ops if isinstance(op, LocalityGuidance)] == [1.0]
 
 
 def test_weight_decay_and_warmup_override_the_recipe_and_are_checked(tmp_path):

@@ -151,6 +151,7 @@ def test_resnet9_reference_augments_as_page_and_trains(tmp_path, capsys):
 
 
 def test_flop_count_of_a_vit_matches_its_matmuls_by_hand():
+    from networks.resnet9 import MAP_CHANNELS
     from networks.vit import ViTConfig, ViTModel
     config = ViTConfig(num_layers=1, em_dim=16, num_heads=2, ff_dim=32, patch_size=8, drop=0.0, pool="mean")
     patches, tokens, dim = 16, 17, 16  # (32 / 8)^2 patches, and the CLS token (kept with mean pooling)
@@ -168,9 +169,15 @@ def test_flop_count_of_a_vit_matches_its_matmuls_by_hand():
     head = ViTModel.from_config(10, replace(config, distill_head=True))
     assert throughput.train_flops_per_image(head, batch=3) == pytest.approx(forward + backward + 3 * 2 * dim * 10,
                                                                             rel=0.01)
-    # a row's model as the app resolves it: distill=0 drops the recipe's head, which the default counts
+    # locality guidance: one more patches x dim x 256 matmul (to the teacher's channels), forward and backward
+    guided = ViTModel.from_config(10, replace(config, guide=1.0))
+    assert throughput.train_flops_per_image(guided, batch=3) == pytest.approx(
+        forward + backward + 3 * 2 * patches * dim * MAP_CHANNELS, rel=0.01)
+    # a row's model as the app resolves it: distill=0 drops the recipe's head and guidance, which the default counts
     default, untaught = (throughput.vit_flops(dict(throughput.SIZES["tiny"], **kw)) for kw in ({}, {"distill": 0}))
-    assert default - untaught == pytest.approx(3 * 2 * throughput.SIZES["tiny"]["em_dim"] * 100, rel=0.01)
+    tiny = throughput.SIZES["tiny"]
+    grid = (32 // tiny["patch_size"])**2  # the guided tokens
+    assert default - untaught == pytest.approx(3 * 2 * tiny["em_dim"] * (100 + grid * MAP_CHANNELS), rel=0.01)
 
 
 def _forked_cli(monkeypatch):

@@ -16,7 +16,6 @@ from apphub_vit import teacher as teacher_module
 from apphub_vit.hardware import resolve_hardware
 from apphub_vit.recipes import VIT_RECIPES
 from apphub_vit.records import RECORD_FILE
-from apphub_vit.recipes import RecipeBook
 from apphub_vit.teacher import TEACHER_FILE, DistillTargets, LocalityGuidance, TeacherLabels, teacher_lr, train_teacher
 from apphub_vit.training import build_vit, classifier_network
 from apphub_vit.vit_app import vit_book
@@ -86,7 +85,7 @@ class ConstantTeacher(torch.nn.Module):
 def test_the_students_loss_takes_the_teachers_labels_by_the_distill_weight(distill):
     base = VIT_RECIPES["vit"]
     # one head, with the teacher's label mixed into its target
-    model = replace(base.model, **TINY_SHAPE, spt=False, lsa=False, drloc=0.0, distill_head=False)
+    model = replace(base.model, **TINY_SHAPE, spt=False, lsa=False, drloc=0.0, distill_head=False, guide=0.0)
     recipe = replace(base, model=model, distill=distill, label_smoothing=0.0, lr=0.0)
     hw = resolve_hardware(recipe)
     student = build_vit("student", 10, recipe, hw)
@@ -107,8 +106,9 @@ def test_the_students_loss_takes_the_teachers_labels_by_the_distill_weight(disti
 def test_with_a_distillation_head_each_head_learns_its_own_labels_weighted_by_distill(distill):
     """DeiT's objective: (1 - distill) * CE(class head, true label) + distill * CE(distillation head, teacher's)."""
     base = VIT_RECIPES["vit"]
-    recipe = replace(base, model=replace(base.model, **TINY_SHAPE, lsa=False, distill_head=True), distill=distill,
-                     label_smoothing=0.1, lr=0.0)
+    # (the recipe's locality guidance off: its loss is checked in the guidance test below)
+    recipe = replace(base, model=replace(base.model, **TINY_SHAPE, lsa=False, distill_head=True, guide=0.0),
+                     distill=distill, label_smoothing=0.1, lr=0.0)
     hw = resolve_hardware(recipe)
     student = build_vit("student", 10, recipe, hw)
     teacher = fe.build(model_fn=lambda: ConstantTeacher(7, 10).requires_grad_(False), optimizer_fn=None,
@@ -246,12 +246,13 @@ def test_with_locality_guidance_the_middle_blocks_tokens_learn_the_teachers_map_
 
 
 def test_locality_guidance_needs_the_teacher_and_goes_with_it_and_trains_through_the_app(tmp_path):
-    with pytest.raises(ValueError, match="guide=1.0 has the ViT imitate a CNN teacher's feature map"):
-        vit_book("finetune").resolve("vit", {"guide": 1.0, "distill": 0})
-    guided = replace(VIT_RECIPES["vit"], model=replace(VIT_RECIPES["vit"].model, guide=1.0))
-    book = RecipeBook("finetune", {"vit": guided}, ("autoaugment", ))
-    assert book.resolve("vit", {})[0].model.guide == 1.0
-    assert book.resolve("vit", {"distill": 0})[0].model.guide == 0.0  # a recipe's guidance goes with its teacher
+    book = vit_book("finetune")
+    with pytest.raises(ValueError, match="guide=0.5 has the ViT imitate a CNN teacher's feature map"):
+        book.resolve("vit", {"guide": 0.5, "distill": 0})
+    assert book.resolve("vit", {})[0].model.guide == 1.0  # the default recipe's
+    recipe, applied = book.resolve("vit", {"distill": 0})
+    assert recipe.model.guide == 0.0 and applied == {"distill": 0}  # a recipe's guidance goes with its teacher
+    assert book.resolve("vit", {"pool": "cls"})[0].model.guide == 1.0  # (the head goes with mean pooling, not it)
     model = finetune_app.finetune(None, from_scratch=True, dataset="synthetic", save_dir=str(tmp_path / "c"),
                                   teacher_epochs=1, **{**TINY_RUN, **TINY_VIT, "guide": 1.0, "distill": 0.5})
     record = json.loads((tmp_path / "c" / RECORD_FILE).read_text())

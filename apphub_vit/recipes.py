@@ -48,6 +48,8 @@ SCHEDULES = ("constant", "warmup_cosine")  # after the linear warmup: hold the l
 # the ViTConfig fields a recipe or a user may set (image size and channels belong to the data set)
 MODEL_FIELDS = ("num_layers", "em_dim", "num_heads", "ff_dim", "patch_size", "norm_first", "pool", "drop",
                 "drop_path", "spt", "lsa", "stem", "drloc", "distill_head", "guide")
+# the model fields that learn from the CNN teacher, each with the value that turns it off: no teacher, none of them
+TEACHER_FIELDS: Dict[str, Any] = {"distill_head": False, "guide": 0.0}
 
 
 @dataclass(frozen=True)
@@ -143,15 +145,16 @@ class RecipeBook:
         checked = {key: options.choice(key, value, self.augments) if key == "augment" else CHECKS[key](key, value)
                    for key, value in overrides.items()}
         model_fields = {k: v for k, v in checked.items() if k in MODEL_FIELDS}
-        teacher = checked.get("distill", recipe.distill) > 0
-        if recipe.model.distill_head and "distill_head" not in checked and (
-                not teacher or checked.get("pool", recipe.model.pool) != "mean"):
-            # the recipe's distillation head learns the teacher's labels from the CLS token's output: a user who turns
-            # off the teacher or that token's freedom gets the recipe without the head, not an error about a field
-            # they never set (given explicitly, the pair is refused below)
+        # A user who turns off the teacher gets the recipe without what learns from it (its distillation head, its
+        # locality guidance), and one who gives the CLS token's output to the class head gets it without the head,
+        # which reads that token: not an error about a field they never set (given explicitly, the pair is refused
+        # below).
+        if not checked.get("distill", recipe.distill) > 0:
+            model_fields.update({k: off for k, off in TEACHER_FIELDS.items()
+                                 if getattr(recipe.model, k) and k not in checked})
+        if recipe.model.distill_head and "distill_head" not in checked and \
+                checked.get("pool", recipe.model.pool) != "mean":
             model_fields["distill_head"] = False
-        if recipe.model.guide and "guide" not in checked and not teacher:
-            model_fields["guide"] = 0.0  # locality guidance imitates the teacher's map: no teacher, no guidance
         model = replace(recipe.model, **model_fields)  # checks shapes
         training = {k: v for k, v in checked.items() if k not in MODEL_FIELDS}
         if "batch_size" in training and "lr" not in training:

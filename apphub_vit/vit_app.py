@@ -22,7 +22,7 @@ from apphub_vit.ema import EvalWithAverage, WeightAverage
 from apphub_vit.encoder_io import ENCODER_FILE, EncoderMismatchError, EncoderSaver
 from apphub_vit.hardware import resolve_hardware
 from apphub_vit.prediction_grid import GRID_FILE, PredictionGrid
-from apphub_vit.recipes import CIFAR_AUGMENTS, MODEL_FIELDS, VIT_RECIPES, Recipe, RecipeBook
+from apphub_vit.recipes import CIFAR_AUGMENTS, MODEL_FIELDS, TEACHER_FIELDS, VIT_RECIPES, Recipe, RecipeBook
 from apphub_vit.records import RECORD_FILE
 from apphub_vit.teacher import TEACHER_FILE, train_teacher
 from apphub_vit.training import build_vit, classifier_network, last_epoch_only, lr_schedule
@@ -100,12 +100,12 @@ def build_vit_estimator(*, app: str, num_classes: int, dataset: str, data_dir: O
         raise options.OptionError(f"batch_size={recipe.batch_size} is the global batch, split evenly over torchrun's "
                                   f"{ranks.size} processes: pass a multiple of {ranks.size}")
     asked = "distill" in overrides or any(k in overrides and getattr(recipe.model, k)
-                                          for k in ("distill_head", "guide"))  # for a teacher
+                                          for k in TEACHER_FIELDS)  # for a teacher
     if init_model is not None and recipe.distill and not asked:
         # The recipe's teacher is for a ViT that learns from random weights, where it measured best; a pretrained
         # encoder finetunes without one (its 12 epochs would outlast a short finetuning), unless `distill` (or the
         # distillation head or locality guidance, which need the teacher) is given.
-        recipe = replace(recipe, distill=0.0, model=replace(recipe.model, distill_head=False, guide=0.0))
+        recipe = replace(recipe, distill=0.0, model=replace(recipe.model, **TEACHER_FIELDS))
     distill = recipe.distill > 0 and weights_path is None  # a saved model only evaluated needs no teacher
     if recipe.ema and ranks.size > 1:
         raise options.OptionError(f"ema={recipe.ema} keeps its average in one process's checkpoint: run it in one "

@@ -330,8 +330,8 @@ class ViTEncoder(nn.Module):
 
 class ViTModel(nn.Module):
     """`ViTEncoder` followed by a linear head. Arguments and defaults as the apphub's `ViTModel` (ViT-B/16 sizes)."""
-    # state_dict prefixes of what only training uses (the relative-localization head): a saved model loads for eval
-    # and further training whether it has them or not (apphub_vit.common.load_weights)
+    # state_dict prefixes of what only training uses (the relative-localization head, the guidance's map): a saved model
+    # loads for eval and further training whether it has them or not (apphub_vit.common.load_weights)
     training_only: Tuple[str, ...] = ("relative_loc.", "guide_head.")
     # state_dict prefixes of optional heads that eval uses, and the field that adds each: a file that does not fit
     # because it was saved with or without one is told which value of that field it needs

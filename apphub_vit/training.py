@@ -61,7 +61,10 @@ def build_vit(model_name: str, num_classes: int, recipe: Recipe, hw: Hardware,
             # weight gradients out so on a GPU, and the fused AdamW needs each gradient laid out as its parameter
             model = channels_last(model, hw.gpu)
         if hw.compile:
-            model.compile()  # in place: state_dict keys stay those of the plain model
+            # In place: state_dict keys stay those of the plain model. dynamic=False: the train batch and the eval
+            # batch (GPU_EVAL_BATCH) each get a graph for their own shape. Left to torch's automatic dynamic shapes,
+            # the eval graph, the second shape the model saw, was compiled for any batch size: longer to compile.
+            model.compile(dynamic=False)
         return model
 
     model = single_device(fe.build(model_fn=model_fn, optimizer_fn=make_optimizer(recipe, hw.cuda_graph, no_decay),
@@ -125,7 +128,12 @@ class TTAViews(TensorOp):
             padded = F.pad(data, (1, 1, 1, 1), mode="reflect")  # [B, C, H + 2, W + 2]
             for shifted in (padded[..., :height, :width], padded[..., 2:, 2:]):  # content 1 px down-right / up-left
                 views += [shifted, shifted.flip(-1)]
-        return torch.cat(views)
+        # In the images' own memory layout (channels_last where ChannelTranspose's permute made it so): each view of B
+        # images then has the strides of the single-image eval's input, and the graph torch.compile made for that
+        # serves the views. A contiguous stack made the compiled model compile its eval graph a second time.
+        layout = torch.channels_last if data.dim() == 4 and data.is_contiguous(memory_format=torch.channels_last) \
+            else torch.contiguous_format
+        return torch.cat(views).contiguous(memory_format=layout)
 
 
 class ModelOnViews(ModelOp):

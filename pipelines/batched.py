@@ -29,7 +29,7 @@ For how these choices compare, see docs/results-cifar10.md. `pipelines.loader.Ba
 batches kept on the device.
 """
 import math
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -55,12 +55,17 @@ class Normalize(TensorOp):
         self.mean, self.std = tuple(mean), tuple(std)
         self._cache: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def prepare(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The mean and 1 / std on `device` ([1, C, 1, 1], on the 0..255 scale), made once per device, not every
+        step (`FusedImageOps` calls this before its compiled chain runs)."""
+        if device not in self._cache:
+            mean = torch.tensor(self.mean, device=device).view(1, -1, 1, 1) * 255
+            std = torch.tensor(self.std, device=device).view(1, -1, 1, 1) * 255
+            self._cache[device] = (mean, 1 / std)
+        return self._cache[device]
+
     def forward(self, data: torch.Tensor, state: Dict[str, Any]) -> torch.Tensor:
-        if data.device not in self._cache:  # made once per device, not every step
-            mean = torch.tensor(self.mean, device=data.device).view(1, -1, 1, 1) * 255
-            std = torch.tensor(self.std, device=data.device).view(1, -1, 1, 1) * 255
-            self._cache[data.device] = (mean, 1 / std)
-        mean, inv_std = self._cache[data.device]
+        mean, inv_std = self.prepare(data.device)
         return (data.float() - mean) * inv_std
 
 
@@ -232,6 +237,10 @@ class AutoAugment(TensorOp):
                                     torch.tensor(levels, device=device))
         return self._tables[device]
 
+    def prepare(self, device: torch.device) -> None:
+        """Make the tables for `device` now (`FusedImageOps` calls this before its compiled chain runs)."""
+        self.tables(device)
+
     def forward(self, data: torch.Tensor, state: Dict[str, Any]) -> torch.Tensor:
         x = data.float()
         b, dev = x.shape[0], x.device
@@ -374,6 +383,7 @@ class FusedImageOps(TensorOp):
                  mode: Mode = None) -> None:
         super().__init__(inputs=inputs, outputs=outputs, mode=mode)
         self.ops = list(ops)
+        self._prepared: Set[torch.device] = set()
         # dynamic=False: the batch shape is fixed (full batches only in training), one graph is enough
         self._run = torch.compile(self._chain, dynamic=False) if compile else self._chain
 
@@ -383,6 +393,14 @@ class FusedImageOps(TensorOp):
         return data
 
     def forward(self, data: torch.Tensor, state: Dict[str, Any]) -> torch.Tensor:
+        if data.device not in self._prepared:
+            # Ops that keep per-device state (AutoAugment's tables) make it here, outside the compiled function: made
+            # inside it, on the first call, the state changes what torch.compile guarded on, and the whole chain
+            # compiled a second time on the second call.
+            for op in self.ops:
+                if hasattr(op, "prepare"):
+                    op.prepare(data.device)
+            self._prepared.add(data.device)
         return self._run(data)
 
 

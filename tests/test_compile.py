@@ -1,0 +1,99 @@
+"""What torch.compile compiles in the apps, and how often. Each graph costs start-up: on a fresh machine (an empty
+compile cache) tens of seconds of a GPU run's first minute go to compiling. A graph compiled twice, or for any batch
+size where one shape is all it sees, is start-up a user pays for nothing. Run on CPU with a recording backend (no
+inductor), so the tests see what dynamo hands over, not how fast it compiles."""
+from dataclasses import replace
+from typing import List
+
+import pytest
+import torch
+
+import apphub_vit  # noqa: F401  (FastEstimator compatibility fix)
+from apphub_vit.hardware import resolve_hardware
+from apphub_vit.recipes import VIT_RECIPES
+from apphub_vit import training
+from apphub_vit.training import TTAViews, build_vit
+from pipelines.batched import batched_cifar_ops
+from pipelines.cifar import CIFAR_MEAN, CIFAR_STD
+
+
+@pytest.fixture
+def graphs(monkeypatch) -> List[bool]:
+    """torch.compile with a backend that runs each graph as traced and records it: one entry per graph compiled,
+    True where any of its inputs has a symbolic (dynamic) shape."""
+    seen: List[bool] = []
+
+    def symbolic(value) -> bool:
+        return isinstance(value, torch.SymInt) or (isinstance(value, torch.Tensor) and
+                                                   any(isinstance(size, torch.SymInt) for size in value.shape))
+
+    def record(gm: torch.fx.GraphModule, example_inputs):
+        seen.append(any(symbolic(node.meta.get("example_value")) for node in gm.graph.nodes if node.op == "placeholder"))
+        return gm.forward
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn=None, **kwargs: real(fn, **{**kwargs, "backend": record}))
+    torch._dynamo.reset()
+    yield seen
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("policy", ["autoaugment", "trivialaugment"])
+def test_the_augmentation_chain_compiles_once(graphs, policy):
+    """The fused train-mode chain with the recipe's strong policy: one graph for every step. AutoAugment's tables and
+    Normalize's constants, once made inside the compiled function on its first call, changed what it was guarded on,
+    and the whole chain compiled again on the second call."""
+    fused = batched_cifar_ops(CIFAR_MEAN, CIFAR_STD, strong=True, num_classes=10, fuse=True, compile=True,
+                              policy=policy)[0]
+    x = torch.randint(0, 256, (16, 32, 32, 3), dtype=torch.uint8)
+    outputs = [fused.forward(x, {}) for _ in range(3)]
+    assert len(graphs) == 1 and graphs == [False]
+    assert all(out.shape == (16, 3, 32, 32) and torch.isfinite(out).all() for out in outputs)
+    assert not torch.equal(outputs[0], outputs[1])  # fresh draws each step, from the one graph
+
+
+def _tiny_vit():
+    """The recipe's ViT, shrunk, as the apps build it with compile on (fp32, CPU)."""
+    vit = VIT_RECIPES["vit"]
+    recipe = replace(vit, model=replace(vit.model, num_layers=1, em_dim=32, num_heads=2, ff_dim=64))
+    hw = replace(resolve_hardware(recipe, precision="fp32", compile=False), compile=True)
+    return build_vit("vit", 10, recipe, hw)
+
+
+def test_the_model_compiles_one_static_graph_per_shape(graphs):
+    """The recipe's ViT as the apps build it compiled: a train graph and an eval graph, each for its own batch size.
+    Under torch's automatic dynamic shapes the eval graph, the second batch size the model saw, was compiled for any
+    batch, which compiles for longer."""
+    model = _tiny_vit()
+    model.train()
+    model(torch.randn(8, 3, 32, 32))[0].sum().backward()  # the train step's shape
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(20, 3, 32, 32))  # the eval batch's
+        model(torch.randn(20, 3, 32, 32))
+    assert graphs == [False, False]
+
+
+@pytest.mark.parametrize("padded", ["as on a CPU", "contiguous"])
+def test_the_test_time_views_run_on_the_single_image_evals_graph(graphs, monkeypatch, padded):
+    """The last epoch's eval: each view of the eval batch (`TTAViews`, fed to the model one view at a time by
+    `ModelOnViews`) runs on the graph compiled for the single-image evals. The eval ops hand the model channels_last
+    strides (ChannelTranspose's permute of the NHWC batch). On an H100 the stack of views came back contiguous, failed
+    the compiled graph's stride guard ("stride mismatch at index 1, expected 1, actual 1024"), and the eval graph
+    compiled a second time, in FastEstimator's warm-up. A CPU's ops keep the layout, so the second case makes the
+    shifted views contiguous, as a GPU's reflection padding may."""
+    if padded == "contiguous":
+        real_pad = training.F.pad
+        monkeypatch.setattr(training.F, "pad", lambda *args, **kwargs: real_pad(*args, **kwargs).contiguous())
+    model = _tiny_vit().eval()
+    eval_ops = batched_cifar_ops(CIFAR_MEAN, CIFAR_STD, fuse=True)[1:]  # ChannelTranspose, Normalize (eval mode)
+    assert [type(op).__name__ for op in eval_ops] == ["ChannelTranspose", "Normalize"]
+    x = torch.randint(0, 256, (12, 32, 32, 3), dtype=torch.uint8)
+    for op in eval_ops:
+        x = op.forward(x, {})
+    views = TTAViews("x", "x", views="flip_translate").forward(x, {})
+    with torch.no_grad():
+        single = model(x)
+        per_view = [model(view) for view in views.chunk(6)]
+    assert graphs == [False]
+    torch.testing.assert_close(per_view[0], single)  # the first view is the image itself

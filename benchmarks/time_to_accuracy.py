@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from typing import Dict, List, Optional, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -136,18 +137,24 @@ def write_curves(rows: List[Dict], out: str, targets: Sequence[float] = TARGETS)
 
 
 def read_curves(folders: Sequence[str]) -> List[Dict]:
-    """The rows of each folder's curves.csv (a series written by this script), numbers as numbers."""
-    rows = []
+    """The rows of each folder's curves.csv (a series written by this script), numbers as numbers. A series found in
+    more than one folder (the same recipe run by two versions of the code, or on two machines) is named after each
+    folder too ("FOLDER: series"), so that the picture keeps them apart."""
+    per_folder = []
     for folder in folders:
         path = os.path.join(folder, "curves.csv")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} does not exist: --plot takes folders this script wrote with --out")
         with open(path, newline="") as f:
-            for row in csv.DictReader(f):
-                rows.append(dict(row, seed=int(row["seed"]), epoch=int(row["epoch"]),
-                                 seconds_from_process_start=float(row["seconds_from_process_start"]),
-                                 test_accuracy=float(row["test_accuracy"])))
-    return rows
+            per_folder.append([dict(row, seed=int(row["seed"]), epoch=int(row["epoch"]),
+                                    seconds_from_process_start=float(row["seconds_from_process_start"]),
+                                    test_accuracy=float(row["test_accuracy"])) for row in csv.DictReader(f)])
+    found = Counter(series for rows in per_folder for series in {row["series"] for row in rows})
+    for folder, rows in zip(folders, per_folder):
+        for row in rows:
+            if found[row["series"]] > 1:
+                row["series"] = f"{os.path.basename(os.path.normpath(folder))}: {row['series']}"
+    return [row for rows in per_folder for row in rows]
 
 
 def plot_curves(rows: List[Dict], png: str, targets: Sequence[float] = TARGETS) -> None:

@@ -243,6 +243,15 @@ def test_time_to_accuracy_reads_each_target_from_the_runs_records(tmp_path, caps
     png = tmp_path / "both.png"
     assert time_to_accuracy.main(["--plot", str(out), str(other), "--png", str(png)]) == 0
     assert "6 evals of 3 runs drawn in" in capsys.readouterr().out and png.stat().st_size > 10_000
+    # the same series in two folders (one recipe, two versions of the code): kept apart, named after their folders
+    again = tmp_path / "again"
+    again.mkdir()
+    (again / "curves.csv").write_text((other / "curves.csv").read_text())
+    rows = time_to_accuracy.read_curves([str(out), str(other), str(again)])
+    # a series found in one folder keeps its own name
+    assert {r["series"] for r in rows} == {curves[0]["series"], "other: apphub", "again: apphub"}
+    assert time_to_accuracy.main(["--plot", str(other), str(again), "--png", str(tmp_path / "same.png")]) == 0
+    assert "4 evals of 2 runs drawn in" in capsys.readouterr().out
     for argv, message in ((["--plot", str(out), "--png", str(png)], "already exists"),
                           (["--plot", str(tmp_path / "none"), "--png", str(tmp_path / "x.png")], "does not exist"),
                           (["--plot", str(out)], "go together"),

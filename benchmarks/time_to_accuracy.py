@@ -4,6 +4,7 @@ the CIFAR-10 test set, over several seeds, each run alone.
     python ../shared/data/cifar10/to_batches.py /tmp/c10                    # once: the real images as pickles
     python benchmarks/time_to_accuracy.py --data_dir /tmp/c10               # recipe "vit", no flags, 3 seeds
     python benchmarks/time_to_accuracy.py --data_dir /tmp/c10 --recipe apphub --epochs 15    # any app option
+    python benchmarks/time_to_accuracy.py --data_dir /tmp/c10 --fresh_cache # as on a fresh machine, on any
     python benchmarks/time_to_accuracy.py --budget tiny                     # CPU smoke test on generated data
 
 Each run is a new process of FastEstimator's command line (`fastestimator train apphub_vit/finetune.py
@@ -13,6 +14,13 @@ CUDA-graph capture) and every eval. The app evaluates on the test images after e
 holds the time at the end of each eval; the first eval at or above a target is the time to that target. Every option
 this script does not know goes to the app as it is (`--epochs 50 --lr 3e-3`), so the app checks it; without
 --epochs, the recipe's epochs (100 for "vit"; finetune.py alone trains one epoch, as the apphub finetunes).
+
+Compilation: torch.compile keeps what it compiled in caches on disk, so a machine's first run compiles (a minute and
+more on a GPU) and later runs mostly load. By default the runs use the machine's caches, as a user's runs do: the first
+run of a series on a fresh machine is the cold one, the others warm. --fresh_cache gives each run empty caches of its
+own (torch's inductor cache, which holds the compiled graphs, and Triton's kernel cache, in a new folder removed after
+the run): every run then takes what a user's first run on a fresh machine takes, on any machine, side by side with
+warm runs of the same host.
 
 Printed: per seed (each row also as soon as its run ends) and as mean / sample standard deviation, the wall time
 (from process start) at which each target was first reached (or "-" if never), the final test accuracy, and the run's
@@ -61,14 +69,22 @@ def default_cli() -> List[str]:
                                     "import sys; from fastestimator.cli.main import run_main; run_main(sys.argv[1:])"]
 
 
-def run_once(cli: Sequence[str], app_args: Sequence[str], save_dir: str, seed: int, log: str) -> Dict:
-    """One training process; returns its record with `wall` (seconds from the start to the exit) and `t0`."""
+def run_once(cli: Sequence[str], app_args: Sequence[str], save_dir: str, seed: int, log: str,
+             fresh_cache: bool = False) -> Dict:
+    """One training process; returns its record with `wall` (seconds from the start to the exit) and `t0`.
+    fresh_cache: the process gets empty compile caches of its own (`compile_cache_env`), removed when it ends."""
     command = [*cli, "train", APP, "--from_scratch", "True", "--seed", str(seed), "--save_dir", save_dir, *app_args]
-    print(f"seed {seed}: {shlex.join(command)}", flush=True)
+    print(f"seed {seed}: {shlex.join(command)}" + (" (empty compile caches)" if fresh_cache else ""), flush=True)
+    cache = tempfile.mkdtemp(prefix=f"compile-cache-seed{seed}-") if fresh_cache else None
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+               **(compile_cache_env(cache) if cache else {}))
     t0 = time.time()
-    with open(log, "w") as out:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-        code = subprocess.call(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)  # this checkout
+    try:
+        with open(log, "w") as out:
+            code = subprocess.call(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)  # this checkout
+    finally:
+        if cache:
+            shutil.rmtree(cache, ignore_errors=True)
     wall = time.time() - t0
     path = os.path.join(save_dir, "run_record.json")
     record = None
@@ -81,6 +97,13 @@ def run_once(cli: Sequence[str], app_args: Sequence[str], save_dir: str, seed: i
             tail = "".join(f.readlines()[-20:])
         raise RunFailed(f"seed {seed}: the run exited with {code} (log {log}):\n{tail}", record)
     return record
+
+
+def compile_cache_env(folder: str) -> Dict[str, str]:
+    """The environment that points torch.compile's caches into `folder`: inductor's (the compiled graphs, and the
+    AOTAutograd and FX graph caches within it) and Triton's (the compiled kernels)."""
+    return {"TORCHINDUCTOR_CACHE_DIR": os.path.join(folder, "inductor"),
+            "TRITON_CACHE_DIR": os.path.join(folder, "triton")}
 
 
 class RunFailed(RuntimeError):
@@ -251,6 +274,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="full: the app as asked on --data_dir; tiny: generated data, a 1-layer ViT (smoke test)")
     parser.add_argument("--out", default=None, help="folder for the runs (default: a new temporary folder); must not "
                                                     "hold earlier runs")
+    parser.add_argument("--fresh_cache", action="store_true",
+                        help="give each run empty compile caches of its own (removed after it): the time of a first "
+                             "run on a fresh machine, on any machine")
     parser.add_argument("--cli", default=None, help="the command that runs FastEstimator's command line (default: "
                                                     "`fastestimator`)")
     parser.add_argument("--plot", nargs="+", default=None, metavar="FOLDER",
@@ -276,7 +302,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for seed in seeds:
         try:
             record = run_once(cli, app_args, os.path.join(out, f"seed{seed}"), seed,
-                              os.path.join(out, f"seed{seed}.log"))
+                              os.path.join(out, f"seed{seed}.log"), fresh_cache=args.fresh_cache)
         except RunFailed as err:
             print(err, file=sys.stderr)
             if err.record is not None and err.record["eval"]:  # what it measured before failing, marked as such
@@ -295,6 +321,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     device = record["device"].get("name", "?") if isinstance(record.get("device"), dict) else record.get("device")
     print(f"\ntime to test accuracy, seconds from process start; {record['app']}, {record['dataset']}, "
           f"{record['schedule']['epochs']} epochs of batch {record['schedule']['batch_size']}, device {device}; "
+          f"{'each with empty compile caches' if args.fresh_cache else 'compile caches of the machine'}; "
           f"runs in {out}\n")
     print(table(rows, targets, seeds))
     print(f"\ncurves: {os.path.join(out, 'curves.csv')}, {os.path.join(out, 'curves.png')}")

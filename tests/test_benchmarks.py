@@ -1,6 +1,7 @@
 """Smoke tests of the benchmark scripts on CPU with tiny configurations (their figures come from real runs
 elsewhere)."""
 import csv
+import os
 import re
 import shlex
 import sys
@@ -192,8 +193,10 @@ def test_time_to_accuracy_reads_each_target_from_the_runs_records(tmp_path, caps
     import time_to_accuracy
     out = tmp_path / "tta"
     assert time_to_accuracy.main(["--budget", "tiny", "--seeds", "2", "--first_seed", "1", "--targets", "0.0,1.01",
-                                  "--out", str(out), "--epochs", "2", "--cli", _forked_cli(monkeypatch)]) == 0
+                                  "--out", str(out), "--epochs", "2", "--cli", _forked_cli(monkeypatch),
+                                  "--fresh_cache"]) == 0
     text = capsys.readouterr().out
+    assert text.count("(empty compile caches)") == 2 and "; each with empty compile caches; runs in" in text
     rows = [line for line in text.splitlines() if line.startswith("| seed")]
     assert len(rows) == 4 and "| mean |" in text and "| std |" in text, text[-2000:]
     assert rows[:2] == rows[2:]  # each seed's row as its run ended, then the same rows in the final table
@@ -430,3 +433,30 @@ def test_sweep_refuses_what_cannot_be_a_variant(variant, message, tmp_path, caps
         sweep.main(["--budget", "tiny", "--out", str(tmp_path), "--variant", variant])
     assert message in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # refused before any run started
+
+
+def test_time_to_accuracy_fresh_cache_gives_each_run_empty_compile_caches(tmp_path, monkeypatch):
+    """--fresh_cache: each run's process finds torch.compile's caches (inductor's, Triton's) in an empty folder of its
+    own, which is gone after the run, failed or not; without it the process keeps the machine's caches."""
+    import time_to_accuracy
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    seen = []
+
+    def call(command, env, **kwargs):  # the training process, failing at once
+        folders = (env.get("TORCHINDUCTOR_CACHE_DIR"), env.get("TRITON_CACHE_DIR"))
+        parent = os.path.dirname(folders[0]) if folders[0] else None
+        seen.append((folders, parent, parent is not None and os.path.isdir(parent) and not os.listdir(parent)))
+        return 3
+
+    monkeypatch.setattr(time_to_accuracy.subprocess, "call", call)
+    for seed, fresh in ((0, True), (1, True), (2, False)):
+        with pytest.raises(time_to_accuracy.RunFailed, match="exited with 3"):
+            time_to_accuracy.run_once(["fastestimator"], [], str(tmp_path / f"seed{seed}"), seed,
+                                      str(tmp_path / f"seed{seed}.log"), fresh_cache=fresh)
+    (first, first_parent, first_empty), (second, second_parent, second_empty), (plain, _, _) = seen
+    assert first_empty and second_empty and first_parent != second_parent  # empty, and one per run
+    assert all(os.path.dirname(f) == parent for fs, parent in ((first, first_parent), (second, second_parent))
+               for f in fs) and len(set(first)) == 2  # inductor's and Triton's, apart
+    assert not os.path.exists(first_parent) and not os.path.exists(second_parent)  # removed after each run
+    assert plain == (None, None)

@@ -29,7 +29,7 @@ For how these choices compare, see docs/results-cifar10.md. `pipelines.loader.Ba
 batches kept on the device.
 """
 import math
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -383,7 +383,6 @@ class FusedImageOps(TensorOp):
                  mode: Mode = None) -> None:
         super().__init__(inputs=inputs, outputs=outputs, mode=mode)
         self.ops = list(ops)
-        self._prepared: Set[torch.device] = set()
         # dynamic=False: the batch shape is fixed (full batches only in training), one graph is enough
         self._run = torch.compile(self._chain, dynamic=False) if compile else self._chain
 
@@ -393,14 +392,12 @@ class FusedImageOps(TensorOp):
         return data
 
     def forward(self, data: torch.Tensor, state: Dict[str, Any]) -> torch.Tensor:
-        if data.device not in self._prepared:
-            # Ops that keep per-device state (AutoAugment's tables) make it here, outside the compiled function: made
-            # inside it, on the first call, the state changes what torch.compile guarded on, and the whole chain
-            # compiled a second time on the second call.
-            for op in self.ops:
-                if hasattr(op, "prepare"):
-                    op.prepare(data.device)
-            self._prepared.add(data.device)
+        # Ops that keep per-device state (AutoAugment's tables, Normalize's constants) make it here, outside the
+        # compiled function (after the first call, a lookup): made inside it, on the first call, the state changed
+        # what torch.compile guarded on, and the whole chain compiled a second time on the second call.
+        for op in self.ops:
+            if hasattr(op, "prepare"):
+                op.prepare(data.device)
         return self._run(data)
 
 

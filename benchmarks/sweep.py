@@ -19,7 +19,8 @@ of its last-epoch validation accuracy beats the control's mean by at least `--ma
 the one with the highest mean is picked, else the recipe stays as it is.
 
 Written to OUT: `sweep.md` (the command, per run the last and best validation accuracy, per variant the mean, its lead
-over the control and the verdict), `sweep.csv` (every eval: variant, seed, epoch, accuracy), and `comparison.md` /
+over the control and the verdict, and per run the first epoch at `--target` validation accuracy, 90%: the measure of
+a lever on time to a good model, or of a shorter `--epochs` budget), `sweep.csv` (every eval: variant, seed, epoch, accuracy), and `comparison.md` /
 `comparison.png` (`apphub_vit.compare`: the curves). A run whose folder already holds a finished `run_record.json` made
 with the same command is reused, so a sweep cut off can be started again with the same command; any other run folder
 in the way stops it before anything starts. Exits 1 if a run fails (the others go on).
@@ -138,20 +139,33 @@ def run_all(commands: Dict[str, List[str]], out: str, parallel: int) -> Tuple[Di
     return records, failed
 
 
+def first_epoch(record: Dict, target: float) -> Optional[int]:
+    """The first epoch whose eval reached `target` validation accuracy (a fraction), or None if none did."""
+    return next((entry["epoch"] for entry in record["eval"]
+                 if entry.get("metrics", {}).get("accuracy", -1.0) >= target), None)
+
+
 def report(variants: Dict[str, List[str]], seeds: Sequence[int], records: Dict[str, Dict], margin: float,
-           command: str) -> Tuple[str, Optional[str]]:
-    """sweep.md's text and the pick; a variant missing a seed's run is shown without a mean or a verdict."""
+           command: str, target: float = 0.9) -> Tuple[str, Optional[str]]:
+    """sweep.md's text and the pick; a variant missing a seed's run is shown without a mean or a verdict. Beside
+    the accuracies, the epoch at which each run first reached `target`: a lever can win on time to a good model
+    (fewer epochs to it) rather than on the last epoch's accuracy, and the rule above says nothing about that."""
     last = {name: [records[f"{name}-s{seed}"]["final_accuracy"] for seed in seeds] for name in variants
             if all(f"{name}-s{seed}" in records for seed in seeds)}
     leads, pick = verdict(last, margin) if CONTROL in last else ({}, None)
     lines = [f"`{command}`", "", "| variant | flags | " + " | ".join(f"seed {s}, last (best)" for s in seeds)
-             + " | mean, last | vs control (points) |", "| --- | --- |" + " ---: |" * (len(seeds) + 2)]
+             + f" | mean, last | vs control (points) | first epoch at {target:.0%} |",
+             "| --- | --- |" + " ---: |" * (len(seeds) + 3)]
     for name, flags in variants.items():
         cells = [f"{r['final_accuracy']:.2%} ({r['best_accuracy']:.2%})" if r is not None else "failed"
                  for r in (records.get(f"{name}-s{seed}") for seed in seeds)]
         mean = f"{statistics.mean(last[name]):.2%}" if name in last else "-"
         lead = f"{leads[name]:+.2f}" if name in leads else "-"
-        lines.append(f"| {name} | {shlex.join(flags) or '(none)'} | {' | '.join(cells)} | {mean} | {lead} |")
+        reached = [first_epoch(r, target) if r is not None else None
+                   for r in (records.get(f"{name}-s{seed}") for seed in seeds)]
+        epochs = ", ".join("-" if e is None else str(e) for e in reached)
+        lines.append(f"| {name} | {shlex.join(flags) or '(none)'} | {' | '.join(cells)} | {mean} | {lead} | "
+                     f"{epochs} |")
     if CONTROL not in last:
         return "\n".join(lines) + "\n\nNo verdict: the control did not finish every seed.\n", None
     rule = (f"The rule, fixed before the runs: a variant wins if its mean last-epoch validation accuracy over seed"
@@ -182,6 +196,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--validation", type=int, default=None,
                         help="held-out training images the runs evaluate on, the last ones (default 5000; 16 with "
                              "--budget tiny)")
+    parser.add_argument("--target", type=float, default=0.9,
+                        help="the validation accuracy (a fraction) whose first epoch the report gives per run (0.9)")
     parser.add_argument("--margin", type=float, default=0.3,
                         help="points a variant's mean must beat the control's by to win (default 0.3)")
     parser.add_argument("--budget", choices=("full", "tiny"), default="full",
@@ -198,6 +214,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"--seeds, --parallel and --validation must be at least 1, got {args.seeds}, {args.parallel} "
                      f"and {args.validation} (hyperparameters are chosen on held-out training images, never on the "
                      f"test set)")
+    if not 0.0 < args.target <= 1.0:
+        parser.error(f"--target is a validation accuracy as a fraction (0.9 for 90%), got {args.target:g}")
     variants: Dict[str, List[str]] = {CONTROL: []}
     for text in args.variant:
         try:
@@ -227,7 +245,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except FileExistsError as err:
         parser.error(str(err))
     command = shlex.join(["python", "benchmarks/sweep.py", *(argv if argv is not None else sys.argv[1:])])
-    text, _ = report(variants, range(args.seeds), records, args.margin, command)
+    text, _ = report(variants, range(args.seeds), records, args.margin, command, args.target)
     print("\n" + text)
     for path in reports:  # this sweep's own report, written again with every run it has now
         if os.path.exists(path):

@@ -424,6 +424,32 @@ def test_sweep_verdict_picks_the_best_variant_that_beats_the_control_by_the_marg
     assert sweep.verdict({"control": [0.9], "a": [0.903]}, margin=0.3)[1] == "a"  # exactly the margin wins
 
 
+def test_sweep_report_gives_each_runs_first_epoch_at_the_target():
+    import sweep
+
+    def record(*accuracies):
+        return {"final_accuracy": accuracies[-1], "best_accuracy": max(accuracies),
+                "eval": [{"epoch": e, "metrics": {"accuracy": a}} for e, a in enumerate(accuracies, 1)]
+                + [{"epoch": len(accuracies), "metrics": {}}]}  # an eval without accuracy (a trace's) is skipped
+
+    records = {"control-s0": record(0.5, 0.9, 0.89), "control-s1": record(0.5, 0.8, 0.85),
+               "short-s0": record(0.7, 0.91), "short-s1": record(0.92, 0.95)}
+    text, _ = sweep.report({"control": [], "short": ["--epochs", "2"]}, [0, 1], records, 0.3, "cmd")
+    assert "| first epoch at 90% |" in text
+    assert text.splitlines()[4].endswith("| 2, - |") and text.splitlines()[5].endswith("| 2, 1 |")
+    text, _ = sweep.report({"control": []}, [0, 1], records, 0.3, "cmd", target=0.85)
+    assert "| first epoch at 85% |" in text and text.splitlines()[4].endswith("| 2, 3 |")
+
+
+def test_sweep_refuses_a_target_that_is_not_a_fraction(tmp_path, capsys):
+    import sweep
+    with pytest.raises(SystemExit):
+        sweep.main(["--budget", "tiny", "--out", str(tmp_path / "s"), "--variant", "wd=--weight_decay 0.1",
+                    "--target", "90"])
+    assert "--target is a validation accuracy as a fraction (0.9 for 90%), got 90" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()  # refused before anything ran
+
+
 @pytest.mark.parametrize("variant, message", [("lr", "write NAME=FLAGS"), ("control=--lr 1", "write NAME=FLAGS"),
                                               ("a b=--lr 1", "write NAME=FLAGS"), ("lr=", "no app flags"),
                                               ("s=--seed 3", "sets --seed"), ("v=--validation 0", "sets --validation")])

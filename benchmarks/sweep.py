@@ -20,10 +20,11 @@ the one with the highest mean is picked, else the recipe stays as it is.
 
 Written to OUT: `sweep.md` (the command, per run the last and best validation accuracy, per variant the mean, its lead
 over the control and the verdict, and per run the first epoch at `--target` validation accuracy, 90%: the measure of
-a lever on time to a good model, or of a shorter `--epochs` budget), `sweep.csv` (every eval: variant, seed, epoch, accuracy), and `comparison.md` /
-`comparison.png` (`apphub_vit.compare`: the curves). A run whose folder already holds a finished `run_record.json` made
-with the same command is reused, so a sweep cut off can be started again with the same command; any other run folder
-in the way stops it before anything starts. Exits 1 if a run fails (the others go on).
+a lever on time to a good model, or of a shorter `--epochs` budget), `sweep.csv` (every eval: variant, seed, epoch,
+accuracy), and `comparison.md` / `comparison.png` (`apphub_vit.compare`: the curves). A run whose folder already
+holds a finished `run_record.json` made with the same command is reused, so a sweep cut off can be started again with
+the same command; any other run folder in the way stops it before anything starts. Exits 1 if a run fails (the
+others go on).
 """
 import argparse
 import csv
@@ -42,7 +43,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from apphub_vit import compare  # noqa: E402
 from apphub_vit.records import read_record  # noqa: E402
-from time_to_accuracy import APP, app_arguments, default_cli  # noqa: E402
+from time_to_accuracy import APP, app_arguments, default_cli, first_eval  # noqa: E402
 
 CONTROL = "control"
 PLAN = "sweep.json"  # each run's command, to tell a finished run of this sweep from another one
@@ -139,12 +140,6 @@ def run_all(commands: Dict[str, List[str]], out: str, parallel: int) -> Tuple[Di
     return records, failed
 
 
-def first_epoch(record: Dict, target: float) -> Optional[int]:
-    """The first epoch whose eval reached `target` validation accuracy (a fraction), or None if none did."""
-    return next((entry["epoch"] for entry in record["eval"]
-                 if entry.get("metrics", {}).get("accuracy", -1.0) >= target), None)
-
-
 def report(variants: Dict[str, List[str]], seeds: Sequence[int], records: Dict[str, Dict], margin: float,
            command: str, target: float = 0.9) -> Tuple[str, Optional[str]]:
     """sweep.md's text and the pick; a variant missing a seed's run is shown without a mean or a verdict. Beside
@@ -157,13 +152,12 @@ def report(variants: Dict[str, List[str]], seeds: Sequence[int], records: Dict[s
              + f" | mean, last | vs control (points) | first epoch at {target:.0%} |",
              "| --- | --- |" + " ---: |" * (len(seeds) + 3)]
     for name, flags in variants.items():
-        cells = [f"{r['final_accuracy']:.2%} ({r['best_accuracy']:.2%})" if r is not None else "failed"
-                 for r in (records.get(f"{name}-s{seed}") for seed in seeds)]
+        runs = [records.get(f"{name}-s{seed}") for seed in seeds]
+        cells = [f"{r['final_accuracy']:.2%} ({r['best_accuracy']:.2%})" if r is not None else "failed" for r in runs]
         mean = f"{statistics.mean(last[name]):.2%}" if name in last else "-"
         lead = f"{leads[name]:+.2f}" if name in leads else "-"
-        reached = [first_epoch(r, target) if r is not None else None
-                   for r in (records.get(f"{name}-s{seed}") for seed in seeds)]
-        epochs = ", ".join("-" if e is None else str(e) for e in reached)
+        reached = [first_eval(r, target) if r is not None else None for r in runs]
+        epochs = ", ".join("-" if e is None else str(e["epoch"]) for e in reached)
         lines.append(f"| {name} | {shlex.join(flags) or '(none)'} | {' | '.join(cells)} | {mean} | {lead} | "
                      f"{epochs} |")
     if CONTROL not in last:

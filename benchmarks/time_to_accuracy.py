@@ -114,13 +114,19 @@ class RunFailed(RuntimeError):
         self.record = record
 
 
+def first_eval(record: Dict, target: float) -> Optional[Dict]:
+    """A run record's first eval entry whose accuracy reached `target` (a fraction), or None if none did."""
+    key = record["metrics"]["accuracy_key"] or "accuracy"
+    return next((e for e in record["eval"] if e["metrics"].get(key, -1.0) >= target), None)
+
+
 def summarize(record: Dict, targets: Sequence[float]) -> Dict[str, Optional[float]]:
     """Seconds from process start to each target (None if never reached), final accuracy, and the run's split."""
     key = record["metrics"]["accuracy_key"] or "accuracy"
     evals = [e for e in record["eval"] if key in e["metrics"]]
     out: Dict[str, Optional[float]] = {}
     for target in targets:
-        first = next((e for e in evals if e["metrics"][key] >= target), None)
+        first = first_eval(record, target)
         out[f"{target:.0%}"] = None if first is None else first["time"] - record["t0"]
     timing = record["timing"]
     teacher = (record["hparams"].get("teacher") or {}).get("seconds")  # a distilling recipe's teacher, before fit()

@@ -428,7 +428,7 @@ def test_sweep_report_gives_each_runs_first_epoch_at_the_target():
     import sweep
 
     def record(*accuracies):
-        return {"final_accuracy": accuracies[-1], "best_accuracy": max(accuracies),
+        return {"final_accuracy": accuracies[-1], "best_accuracy": max(accuracies), "metrics": {"accuracy_key": None},
                 "eval": [{"epoch": e, "metrics": {"accuracy": a}} for e, a in enumerate(accuracies, 1)]
                 + [{"epoch": len(accuracies), "metrics": {}}]}  # an eval without accuracy (a trace's) is skipped
 

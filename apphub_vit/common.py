@@ -115,14 +115,12 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
     target = unwrap(model)
     optional = tuple(getattr(target, "training_only", ()))
     if isinstance(state, dict) and optional:
-        # parts only training uses may be in the file or not: the file's are dropped where this model has none or
-        # has them in another shape (the guidance head of another teacher width), and this model keeps its own
-        # (fresh) ones where the file has none
+        # parts only training uses may be in the file or not: the file's are dropped where this model has none, and
+        # this model keeps its own (fresh) ones where the file has none
         own = target.state_dict()
         is_optional = (lambda key: isinstance(key, str) and key.startswith(optional))
         state = {**{k: v for k, v in own.items() if is_optional(k)},
-                 **{k: v for k, v in state.items() if not is_optional(k) or (
-                     k in own and getattr(v, "shape", None) == own[k].shape)}}
+                 **{k: v for k, v in state.items() if not is_optional(k) or k in own}}
     problems = state_dict_mismatches(target.state_dict(), state) if isinstance(state, dict) else ["not a state_dict"]
     if problems:
         heads = [] if not isinstance(state, dict) else [  # the file has a head this model lacks, or the other way

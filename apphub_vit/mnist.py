@@ -43,8 +43,7 @@ from pipelines.mnist import mnist_pipeline
 MODEL_NAME = "mnist_vit"
 # what the CIFAR apps' teacher, batched augmentation and eval ops do: the MNIST app has none of them
 BOOK = RecipeBook("mnist", MNIST_RECIPES, MNIST_AUGMENTS,
-                  fixed=("mix_prob", "distill", "teacher_epochs", "teacher_width", "distill_head", "guide", "ema",
-                         "tta"))
+                  fixed=("mix_prob", "distill", "teacher_epochs", "distill_head", "guide", "ema", "tta"))
 
 
 def get_estimator(recipe: str = "small_data",

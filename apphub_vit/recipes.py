@@ -74,9 +74,6 @@ class Recipe:
     distill: float = 0.0
     # the teacher's training (apphub_vit/teacher.py), when distill > 0: 12 epochs taught as well as 24 or 48 did
     teacher_epochs: int = 12
-    # the teacher's width (networks.resnet9.ResNet9): Page's 64 (channels 64 to 512); 32 has a quarter of the FLOPs,
-    # in its own training and in the forward pass that gives the student its labels and map at every step
-    teacher_width: int = 64
     ema: float = 0.0  # decay per step of an average of the weights that eval uses (apphub_vit/ema.py; 0: none)
     # test-time augmentation (as airbench): the last epoch's eval and test predict on the mean logits of each image's
     # views (`TTA`; "none": the image alone), the evals before it on single images (a sixth of the forward work); with
@@ -116,7 +113,6 @@ CHECKS: Dict[str, Callable[[str, Any], Any]] = {
     "mix_prob": lambda n, v: options.number(n, v, 0.0, 1.0),
     "distill": lambda n, v: options.number(n, v, 0.0, 1.0),
     "teacher_epochs": options.positive_int,
-    "teacher_width": options.positive_int,
     "ema": lambda n, v: options.number(n, v, 0.0, 1.0, high_open=True),
     "tta": lambda n, v: options.choice(n, _tta_name(v), TTA),
     **{name: options.positive_int for name in ("num_layers", "em_dim", "num_heads", "ff_dim", "patch_size")},

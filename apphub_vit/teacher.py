@@ -39,8 +39,7 @@ from apphub_vit.device_network import DeviceNetwork
 from apphub_vit.distributed import single_device
 from apphub_vit.hardware import Hardware, channels_last
 from apphub_vit.runs import atomic_path
-from networks.resnet9 import WIDTH, ResNet9, WithFeatureMap
-from networks.util import state_dict_mismatches
+from networks.resnet9 import ResNet9, WithFeatureMap
 from pipelines.batched import batched_cifar_ops, smooth_one_hot
 from pipelines.loader import BatchLoader
 
@@ -60,16 +59,15 @@ def teacher_lr(steps_per_epoch: int, epochs: int):
 def train_teacher(train: Dict[str, np.ndarray], eval_data: Dict[str, np.ndarray], num_classes: int, epochs: int,
                   hw: Hardware, mean: Sequence[float], std: Sequence[float], path: Optional[str] = None,
                   reuse: bool = False, train_steps_per_epoch: Optional[int] = None,
-                  feature_map: bool = False, width: int = WIDTH) -> Dict[str, Any]:
+                  feature_map: bool = False) -> Dict[str, Any]:
     """Train a ResNet-9 on `train` ({"x": uint8 [N, 32, 32, 3], "y": [N]}) for `epochs`, measure it on `eval_data`,
     save it to `path` (if given) and return {"model": the frozen teacher (an `fe.build` model without optimiser, for a
     `ModelOp`), "accuracy", "seconds", "epochs", "reused", "cuda_graph" (whether its train step ran as a CUDA graph)}.
     reuse: load the teacher already at `path` (a resumed run's) instead of training one. Its train step is a CUDA graph
     where the student's may be one (`hw.cuda_graph`): its SGD is the fused one, which a graph can replay.
-    feature_map: the returned teacher also gives its map for locality guidance, (logits, map) (`WithFeatureMap`).
-    width: the ResNet-9's (Page's 64; its map has `networks.resnet9.map_channels(width)` channels)."""
+    feature_map: the returned teacher also gives its map for locality guidance, (logits, map) (`WithFeatureMap`)."""
     start = time.perf_counter()
-    model = single_device(fe.build(model_fn=lambda: channels_last(ResNet9(num_classes, width), hw.gpu),
+    model = single_device(fe.build(model_fn=lambda: channels_last(ResNet9(num_classes), hw.gpu),
                                    optimizer_fn=lambda p: torch.optim.SGD(p, lr=TEACHER_LR, momentum=0.9,
                                                                           nesterov=True,
                                                                           weight_decay=TEACHER_WEIGHT_DECAY,
@@ -77,14 +75,7 @@ def train_teacher(train: Dict[str, np.ndarray], eval_data: Dict[str, np.ndarray]
                                    model_name="teacher"))
     reused = bool(reuse and path and os.path.exists(path))
     if reused:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        problems = state_dict_mismatches(model.state_dict(), saved, loaded_name="file")
-        if problems:  # a teacher of another width (or classes) than this run's recipe asks for
-            raise ValueError(f"the teacher saved at '{path}' does not fit this run's ResNet-9 (width {width}, "
-                             f"{num_classes} classes): {'; '.join(problems)}. Resume with the options the run was "
-                             f"started with (its run_record.json's hparams.recipe.teacher_width), or start a new run "
-                             f"in another save_dir")
-        model.load_state_dict(saved)
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     batch = min(TEACHER_BATCH, len(train["y"]))
     steps = len(train["y"]) // batch
     steps = steps if train_steps_per_epoch is None else min(steps, train_steps_per_epoch)

@@ -17,7 +17,6 @@ from apphub_vit.ema import EMAUpdate, WeightAverage
 from apphub_vit.hardware import Hardware, channels_last
 from apphub_vit.recipes import Recipe
 from apphub_vit.teacher import DistillTargets, LocalityGuidance, TeacherLabels
-from networks.resnet9 import map_channels
 from networks.vit import ViTModel
 from pipelines.batched import smooth_one_hot
 
@@ -51,7 +50,7 @@ def build_vit(model_name: str, num_classes: int, recipe: Recipe, hw: Hardware,
     no_decay: Set[int] = set()
 
     def model_fn() -> ViTModel:
-        model = ViTModel.from_config(num_classes, recipe.model, guide_channels=map_channels(recipe.teacher_width))
+        model = ViTModel.from_config(num_classes, recipe.model)
         if recipe.decay == "matrices":
             names = model.no_weight_decay()
             no_decay.update(id(p) for n, p in model.named_parameters() if n in names)

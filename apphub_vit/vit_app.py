@@ -155,7 +155,6 @@ def build_vit_estimator(*, app: str, num_classes: int, dataset: str, data_dir: O
         def teach(reuse: bool) -> Dict[str, Any]:
             return train_teacher(train_arrays, eval_arrays, num_classes, recipe.teacher_epochs, hw, CIFAR_MEAN,
                                  CIFAR_STD, path=os.path.join(save_dir, TEACHER_FILE), reuse=reuse,
-                                 width=recipe.teacher_width,
                                  train_steps_per_epoch=run["train_steps_per_epoch"],
                                  feature_map=recipe.model.guide > 0)
 

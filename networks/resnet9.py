@@ -37,14 +37,7 @@ class Scale(nn.Module):
 
 WIDTH = 64  # Page's
 MAP_LAYERS = 6  # the layers up to the third conv_bn's max-pool: a [B, 4 * width, H/4, W/4] map (8x8 on CIFAR)
-
-
-def map_channels(width: int = WIDTH) -> int:
-    """The channels of `WithFeatureMap`'s map for a `ResNet9` of this width: its third stage's."""
-    return 4 * width
-
-
-MAP_CHANNELS = map_channels()  # that map's channels at Page's width
+MAP_CHANNELS = 4 * WIDTH  # that map's channels at Page's width
 
 
 class ResNet9(nn.Sequential):

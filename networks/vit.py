@@ -341,7 +341,7 @@ class ViTModel(nn.Module):
                  num_channels: int = 3, em_dim: int = 768, drop: float = 0.1, num_heads: int = 12, ff_dim: int = 3072,
                  norm_first: bool = False, drop_path: float = 0.0, pool: str = "cls", lsa: bool = False,
                  spt: bool = False, stem: str = "patch", drloc: float = 0.0, distill_head: bool = False,
-                 guide: float = 0.0, guide_channels: int = MAP_CHANNELS) -> None:
+                 guide: float = 0.0) -> None:
         super().__init__()
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
             raise ValueError(f"ViTModel num_classes must be a positive integer, got {num_classes!r}")
@@ -356,12 +356,11 @@ class ViTModel(nn.Module):
         self.distill_classifier = nn.Linear(em_dim, num_classes) if distill_head else None
         # locality guidance: the middle block's tokens in the teacher's channels (its own norm: pre-norm blocks leave
         # the residual stream unnormalised)
-        # (guide_channels: the teacher map's, `networks.resnet9.map_channels` of its width)
-        self.guide_head = nn.Sequential(nn.LayerNorm(em_dim), nn.Linear(em_dim, guide_channels)) if guide > 0 else None
+        self.guide_head = nn.Sequential(nn.LayerNorm(em_dim), nn.Linear(em_dim, MAP_CHANNELS)) if guide > 0 else None
 
     @classmethod
-    def from_config(cls, num_classes: int, cfg: ViTConfig, guide_channels: int = MAP_CHANNELS) -> "ViTModel":
-        return cls(num_classes, **asdict(cfg), guide_channels=guide_channels)
+    def from_config(cls, num_classes: int, cfg: ViTConfig) -> "ViTModel":
+        return cls(num_classes, **asdict(cfg))
 
     @property
     def config(self) -> ViTConfig:
@@ -384,11 +383,11 @@ class ViTModel(nn.Module):
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
         """[B, C, H, W] -> [B, num_classes] logits. In training, with `distill_head`, `drloc` and / or `guide`, a
         tuple: (logits, the distillation head's logits, drloc * its loss, the guided tokens [B, num_patches,
-        guide_channels]), each where the model has it."""
+        MAP_CHANNELS]), each where the model has it."""
         guided = None
         if self.guide_head is not None and self.training:
             tokens, middle = self.vit_encoder.forward_tokens(x, self._config.guide_layer)  # 2 x [B, N + 1, em_dim]
-            guided = self.guide_head(middle[:, 1:])  # [B, num_patches, guide_channels], row-major grid
+            guided = self.guide_head(middle[:, 1:])  # [B, num_patches, MAP_CHANNELS], row-major grid
         else:
             tokens = self.vit_encoder.forward_tokens(x)  # [B, num_patches + 1, em_dim]
         logits = self.linear_classifier(self.vit_encoder.pool(tokens))  # [B, num_classes]

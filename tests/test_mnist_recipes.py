@@ -76,7 +76,6 @@ def test_arguments_override_the_recipe(tmp_path):
                                            (dict(mix_prob=0.5), "has no option 'mix_prob'"),
                                            (dict(distill=0.5), "has no option 'distill'"),
                                            (dict(guide=1.0), "has no option 'guide'"),
-                                           (dict(teacher_width=32), "has no option 'teacher_width'"),
                                            (dict(ema=0.999), "has no option 'ema'")])
 def test_bad_recipe_arguments_fail_fast(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -72,7 +72,8 @@ class Recipe:
     # weight of a CNN teacher's hard label in the target (DeiT: 0.5; 0: no teacher); with the model's `distill_head`,
     # the weight of that head's loss against the teacher's label (the class head's, against the true label: the rest)
     distill: float = 0.0
-    # the teacher's training (apphub_vit/teacher.py), when distill > 0: 12 epochs taught as well as 24 or 48 did
+    # the teacher's training (apphub_vit/teacher.py), when distill > 0: 12 epochs taught as well as 24 or 48 did, and
+    # 6 (a teacher 3.5 points weaker) taught a student 1.75 points weaker (docs/results-cifar10.md)
     teacher_epochs: int = 12
     ema: float = 0.0  # decay per step of an average of the weights that eval uses (apphub_vit/ema.py; 0: none)
     # test-time augmentation (as airbench): the last epoch's eval and test predict on the mean logits of each image's

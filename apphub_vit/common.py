@@ -164,6 +164,7 @@ def finish_estimator(*, pipeline: fe.Pipeline, network: fe.Network, models: Sequ
                              train_steps_per_epoch=train_steps_per_epoch, eval_steps_per_epoch=eval_steps_per_epoch,
                              log_steps=log_steps if ranks.main else None)  # one log: rank 0's
     estimator.guard = guard
+    estimator.recorder = record
     estimator.model = models[0]
     estimator.config = hparams
     return estimator

@@ -15,8 +15,11 @@ The record is what `apphub_vit.compare` reads to put runs side by side. It holds
 * ``train_log``: the training values FastEstimator logged every `log_steps` steps (loss, steps/sec), with their step;
 * ``best_accuracy`` / ``best_accuracy_step`` / ``final_accuracy`` and ``best_loss`` / ``final_loss`` (None if absent);
 * ``timing``: train seconds (the train epochs only: eval epochs and the time between are excluded), eval seconds,
-  total seconds, the Unix time `fit()` began (``fit_started``: what came before it in the process is start-up), train
-  images seen and train images per second (both summed over torchrun's ranks);
+  total seconds, the Unix time `fit()` began (``fit_started``: what came before it in the process is start-up), the
+  seconds of FastEstimator's work in `fit()` before the first epoch (``warmup_seconds``: its warm-up step in each mode,
+  where torch.compile traces the model and compiles it or loads it from its cache; part of the start-up; None where the
+  estimator did not say when `fit()` was called, as `apphub_vit.runs.AppEstimator` does), train images seen and train
+  images per second (both summed over torchrun's ranks);
 * ``distributed``: ``world_size`` (1 in one process), ``backend`` (None, "gloo", "nccl"), ``global_batch_size`` and
   ``per_rank_batch_size`` (``schedule.batch_size`` is the global one), ``train_images_per_second_per_rank``;
 * ``device`` (cpu, or the CUDA device's name; GPU count, CPU count, torch threads) and ``versions`` (python, torch,
@@ -171,6 +174,8 @@ class RunRecorder(Trace):
         self.record: Optional[Dict[str, Any]] = None
         self.ended = "finished"  # or how the run stopped (e.g. a DivergenceGuard's message)
         self.resumed: List[int] = []  # epochs after which a killed run was resumed
+        # the Unix time the estimator's fit() was called, set by AppEstimator: from it to on_begin is the warm-up
+        self.fit_called: Optional[float] = None
         self._check_free()
 
     def add_note(self, note: str) -> None:
@@ -188,6 +193,7 @@ class RunRecorder(Trace):
         self._start = time.perf_counter()
         self._started_at = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
         self._fit_started = time.time()
+        self._warmup_seconds = None if self.fit_called is None else self._fit_started - self.fit_called
         self._epoch_start = 0.0
         self._eval_images = 0
         self._train_seconds = self._eval_seconds = 0.0
@@ -247,7 +253,7 @@ class RunRecorder(Trace):
     def state(self) -> Dict[str, Any]:
         """What a resumed run needs to continue this record (`apphub_vit.runs.Checkpoint`)."""
         return {"elapsed": time.perf_counter() - self._start, "started_at": self._started_at,
-                "fit_started": self._fit_started,
+                "fit_started": self._fit_started, "warmup_seconds": self._warmup_seconds,
                 "train_seconds": self._train_seconds, "eval_seconds": self._eval_seconds,
                 "train_images": self._train_images, "batch_size": self._batch_size,
                 "train_epochs": self._train_epochs, "eval": self._eval, "train_log": self._train_log,
@@ -257,6 +263,7 @@ class RunRecorder(Trace):
         self._start = time.perf_counter() - state["elapsed"]
         self._started_at = state["started_at"]
         self._fit_started = state.get("fit_started", self._fit_started)
+        self._warmup_seconds = state.get("warmup_seconds")  # the first process's, as fit_started (None: unknown)
         self._train_seconds, self._eval_seconds = state["train_seconds"], state["eval_seconds"]
         self._train_images, self._batch_size = state["train_images"], state["batch_size"]
         self._train_epochs, self._eval, self._train_log = state["train_epochs"], state["eval"], state["train_log"]
@@ -326,6 +333,7 @@ class RunRecorder(Trace):
                 "eval_seconds": round(self._eval_seconds, 3),
                 "total_seconds": round(time.perf_counter() - self._start, 3),
                 "fit_started": round(self._fit_started, 3),
+                "warmup_seconds": None if self._warmup_seconds is None else round(self._warmup_seconds, 3),
                 "train_images": images,
                 "train_images_per_second": round(images / train_seconds, 2) if train_seconds else None,
             },

@@ -22,6 +22,7 @@ import json
 import os
 import random
 import threading
+import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import fastestimator as fe
@@ -446,8 +447,11 @@ class AppEstimator(fe.Estimator):
     `DeviceNetwork` keeps the models on the GPU between epochs; `fit()` and `test()` end with its `unload()`, so the
     caller gets them on the CPU, as from FastEstimator's own network."""
     guard: Optional[DivergenceGuard] = None
+    recorder: Any = None  # the run's RunRecorder, told when fit() is called: the warm-up is timed apart in the record
 
     def fit(self, *args: Any, **kwargs: Any) -> Any:
+        if self.recorder is not None:
+            self.recorder.fit_called = time.time()
         gc.collect()  # what exists before fit() (the models, the data) lives through it: frozen from the start
         gc.freeze()
         try:

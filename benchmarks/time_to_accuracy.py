@@ -24,10 +24,12 @@ warm runs of the same host.
 
 Printed: per seed (each row also as soon as its run ends) and as mean / sample standard deviation, the wall time
 (from process start) at which each target was first reached (or "-" if never), the final test accuracy, and the run's
-split: start-up (process start to `fit()`, less the next), the distillation teacher's training (a column only where a
-recipe has one), train, eval (and the first eval epoch alone), and the rest (between epochs: traces, checkpoints) to
-the process's exit; with test-time augmentation (recipe "vit"'s `tta`), also the final accuracy of the same model
-on single images (`accuracy_no_tta`) and, with the shifted views, on flips alone (`accuracy_flip`).
+split: start-up (process start to the first epoch, less the next; of it, FastEstimator's warm-up in `fit()`, where
+torch.compile traces the graphs and compiles them or loads them from its cache), the distillation teacher's training
+(a column only where a recipe has one), train, eval (and the first eval epoch alone), and the rest (between epochs:
+traces, checkpoints) to the process's exit; with test-time augmentation (recipe "vit"'s `tta`), also the final
+accuracy of the same model on single images (`accuracy_no_tta`) and, with the shifted views, on flips alone
+(`accuracy_flip`).
 Exits 1 if a run fails, after the row of a failed run that got as far as writing its record.
 
 Curves: as each run ends, its test accuracy after every epoch, against seconds from its process's start, is added to
@@ -132,7 +134,9 @@ def summarize(record: Dict, targets: Sequence[float]) -> Dict[str, Optional[floa
     teacher = (record["hparams"].get("teacher") or {}).get("seconds")  # a distilling recipe's teacher, before fit()
     startup = timing["fit_started"] - record["t0"] - (teacher or 0.0)
     last = evals[-1]["metrics"] if evals else {}  # with TTA: the same model on single images, and on flips alone
-    out.update(final=record["final_accuracy"], wall=record["wall"], startup=startup, teacher=teacher,
+    # of the start-up, FastEstimator's warm-up in fit(): the graphs traced, compiled or loaded from the compile cache
+    out.update(final=record["final_accuracy"], wall=record["wall"], startup=startup,
+               warmup=timing.get("warmup_seconds"), teacher=teacher,
                train=timing["train_seconds"], eval=timing["eval_seconds"],
                # the first eval epoch alone: where a compile or a first allocation of the eval shapes would show
                **{"first eval": record["eval"][0].get("seconds") if record["eval"] else None},
@@ -227,10 +231,12 @@ def fmt(value: Optional[float], column: str) -> str:
 def table(rows: List[Dict[str, Optional[float]]], targets: Sequence[float],
           seeds: Optional[Sequence[int]] = None) -> str:
     teacher = ["teacher"] if any(row["teacher"] is not None for row in rows) else []  # only where one was trained
+    warmup = ["warmup"] if any(row.get("warmup") is not None for row in rows) else []  # records before it: none
     single = [c for c in ("final, no TTA", "final, flip only") if any(row.get(c) is not None for row in rows)]  # TTA
-    columns = [f"{t:.0%}" for t in targets] + ["final", "wall", "startup", *teacher, "train", "eval", "first eval",
-                                               "other", *single]
-    head = ["run"] + [f"to {c} (s)" if c.endswith("%") else (c if c.startswith("final") else f"{c} (s)")
+    columns = [f"{t:.0%}" for t in targets] + ["final", "wall", "startup", *warmup, *teacher, "train", "eval",
+                                               "first eval", "other", *single]
+    names = {"warmup": "of which warm-up"}
+    head = ["run"] + [f"to {c} (s)" if c.endswith("%") else (c if c.startswith("final") else f"{names.get(c, c)} (s)")
                       for c in columns]
     lines = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * len(columns)]
     for seed, row in zip(seeds or range(len(rows)), rows):

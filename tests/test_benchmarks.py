@@ -207,7 +207,11 @@ def test_time_to_accuracy_reads_each_target_from_the_runs_records(tmp_path, caps
         assert cells[0] == f"seed {seed}"
         record = json.loads((out / f"seed{seed}" / "run_record.json").read_text())
         first_eval = record["eval"][0]
-        startup, wall, teacher = float(cells[5]), float(cells[4]), float(cells[6])  # recipe vit's teacher, 1 epoch
+        startup, wall, teacher = float(cells[5]), float(cells[4]), float(cells[7])  # recipe vit's teacher, 1 epoch
+        # of the start-up, FastEstimator's warm-up (the app's AppEstimator tells the record when fit() was called)
+        assert "| startup (s) | of which warm-up (s) | teacher (s) |" in text
+        assert float(cells[6]) == pytest.approx(record["timing"]["warmup_seconds"], abs=0.06)
+        assert 0 < record["timing"]["warmup_seconds"] <= startup + 0.06
         assert "| teacher (s) |" in text and teacher == pytest.approx(record["hparams"]["teacher"]["seconds"], abs=0.06)
         # 0%: reached at the first eval, which ends after start-up and the teacher (strictly, in the record's own
         # times; the table's figures are rounded to 0.1 s, and a tiny run's first epoch can take less) and before the
@@ -217,12 +221,12 @@ def test_time_to_accuracy_reads_each_target_from_the_runs_records(tmp_path, caps
         assert abs(float(cells[1]) - (first_eval["time"] - record["timing"]["fit_started"]) - startup - teacher) < 0.2
         assert cells[2] == "-"  # 101% is never reached
         assert cells[3] == f"{record['final_accuracy']:.2%}"
-        assert float(cells[7]) == pytest.approx(record["timing"]["train_seconds"], abs=0.06)
-        assert float(cells[9]) == pytest.approx(first_eval["seconds"], abs=0.06)
+        assert float(cells[8]) == pytest.approx(record["timing"]["train_seconds"], abs=0.06)
+        assert float(cells[10]) == pytest.approx(first_eval["seconds"], abs=0.06)
         # recipe vit predicts with the shifted views: the same model on single images and on flips alone last
         last = record["eval"][-1]["metrics"]
         assert "| final, no TTA | final, flip only |" in text
-        assert cells[11:13] == [f"{last['accuracy_no_tta']:.2%}", f"{last['accuracy_flip']:.2%}"]
+        assert cells[12:14] == [f"{last['accuracy_no_tta']:.2%}", f"{last['accuracy_flip']:.2%}"]
     # the curves: every eval of both runs, on the table's clock (the 0% target is the first eval), and their picture
     with open(out / "curves.csv", newline="") as f:
         curves = list(csv.DictReader(f))
@@ -296,12 +300,19 @@ def test_time_to_accuracy_splits_a_teachers_training_out_of_start_up():
               "eval": [{"metrics": {"accuracy": 0.5}, "time": 1090.0}],
               "timing": {"fit_started": 1050.0, "train_seconds": 30.0, "eval_seconds": 5.0}}
     plain = time_to_accuracy.summarize({**record, "hparams": {"teacher": None}}, [0.5])
+    assert plain["warmup"] is None and "warm-up" not in time_to_accuracy.table([plain], [0.5])  # an older record
     assert plain["first eval"] is None  # a record from before eval entries had their own seconds
     assert plain["startup"] == 50.0 and plain["teacher"] is None and plain["other"] == 15.0
     assert "teacher" not in time_to_accuracy.table([plain], [0.5]) and plain["final, no TTA"] is None
     assert "no TTA" not in time_to_accuracy.table([plain], [0.5])  # a run without flip TTA has no such column
-    distilled = time_to_accuracy.summarize({**record, "hparams": {"teacher": {"seconds": 32.0}}}, [0.5])
+    distilled = time_to_accuracy.summarize({**record, "hparams": {"teacher": {"seconds": 32.0}},
+                                            "timing": {**record["timing"], "warmup_seconds": 4.0}}, [0.5])
     assert distilled["startup"] == 18.0 and distilled["teacher"] == 32.0 and distilled["other"] == 15.0
+    assert distilled["warmup"] == 4.0  # part of the start-up, not taken from it
+    both = time_to_accuracy.table([distilled, plain], [0.5])
+    assert "| startup (s) | of which warm-up (s) | teacher (s) |" in both
+    assert "| seed 0 | 90.0 | 50.00% | 100.0 | 18.0 | 4.0 | 32.0 |" in both
+    assert "| seed 1 | 90.0 | 50.00% | 100.0 | 50.0 | - | - |" in both  # the plain run: neither warm-up nor teacher
     assert distilled["50%"] == 90.0 and "| teacher (s) |" in time_to_accuracy.table([distilled, plain], [0.5])
 
 

@@ -1,6 +1,7 @@
 """RunRecorder: the run record written by tiny real runs (the ViT pretrain app, and a two-model MSE estimator)."""
 import json
 import math
+import time
 from pathlib import Path
 
 import fastestimator as fe
@@ -109,9 +110,20 @@ def test_vit_record_timing_device_versions(vit_run):
     assert record["versions"]["torch"] == torch.__version__ and record["versions"]["fastestimator"] == "1.7.0"
 
 
+def test_the_record_times_fastestimators_warm_up_apart(tmp_path):
+    """The apps' AppEstimator tells its recorder when fit() was called: from then to the first epoch is FastEstimator's
+    warm-up (a step in each mode, where torch.compile traces and compiles), part of a run's start-up."""
+    estimator = pretrain.get_estimator(**dict(VIT_RUN, **TINY_VIT, save_dir=str(tmp_path)))
+    called = time.time()
+    estimator.fit()  # with the warm-up, as FastEstimator's command line runs it
+    timing = json.loads((tmp_path / RECORD_FILE).read_text())["timing"]
+    assert 0 < timing["warmup_seconds"] <= timing["fit_started"] - called + 0.01
+
+
 def test_no_accuracy_two_models_and_frozen_parameters(tmp_path):
     tiny_mse_estimator(tmp_path).fit(warmup=False)
     record = json.loads((tmp_path / RECORD_FILE).read_text())
+    assert record["timing"]["warmup_seconds"] is None  # a plain fe.Estimator does not say when fit() was called
     assert record["metrics"] == {"accuracy_key": None, "loss_key": "mse"}
     assert record["best_accuracy"] is None and record["final_accuracy"] is None
     assert record["best_accuracy_step"] is None

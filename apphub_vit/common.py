@@ -18,6 +18,11 @@ from apphub_vit.runs import (CHECKPOINT_FILE, AppEstimator, Checkpoint, Divergen
                              load_checkpoint)
 from networks.util import state_dict_mismatches
 
+# Said when fit() begins: FastEstimator's warm-up, where torch.compile compiles, prints nothing, and on a fresh machine
+# it lasts a minute and more (docs/performance.md, "Each graph compiled once")
+COMPILE_NOTE = ("apphub_vit: torch.compile compiles the model now, before training starts: a minute or more into an "
+                "empty compile cache (a machine's first run), seconds once the cache holds its graphs")
+
 
 def resolve_save_dir(save_dir: Optional[str], app: str) -> str:
     """The run's output folder: `save_dir`, or a fresh `runs/<app>-<timestamp>` under the working directory.
@@ -139,12 +144,13 @@ def finish_estimator(*, pipeline: fe.Pipeline, network: fe.Network, models: Sequ
                      metrics: Sequence[Union[Trace, Scheduler[Trace]]] = (),
                      best: Tuple[str, str] = ("accuracy", "max"),
                      loss_key: str = "ce", traces: Sequence[Trace] = (), stateful: Sequence[Trace] = (),
-                     **recorder: Any) -> fe.Estimator:
+                     compiling: bool = False, **recorder: Any) -> fe.Estimator:
     """The estimator of an app: `metrics` first (a metric of some epochs only: an `EpochScheduler` of it), then a
     best-model saver per model on `best` (metric, "max" / "min"), the app's other `traces` (those in `stateful` too,
     which have `state()` / `load_state()` for the checkpoint, in one process only), the RunRecorder (after every
     metric), the divergence guard on the training `loss_key` and the per-epoch checkpoint (`apphub_vit.runs`).
-    `estimator.model` is the first model (what `pretrain()` / `finetune()` return), `estimator.config` the hparams."""
+    `estimator.model` is the first model (what `pretrain()` / `finetune()` return), `estimator.config` the hparams.
+    compiling: the models are under torch.compile, and `fit()` says so before FastEstimator's warm-up."""
     ranks = world()
     # under torchrun the other ranks save nothing and record nothing; every rank restores a checkpoint on a resume
     savers = [SafeBestModelSaver(m, folder.save_dir, metric=best[0], save_best_mode=best[1])
@@ -165,6 +171,7 @@ def finish_estimator(*, pipeline: fe.Pipeline, network: fe.Network, models: Sequ
                              log_steps=log_steps if ranks.main else None)  # one log: rank 0's
     estimator.guard = guard
     estimator.recorder = record
+    estimator.warmup_note = COMPILE_NOTE if compiling and ranks.main else None
     estimator.model = models[0]
     estimator.config = hparams
     return estimator

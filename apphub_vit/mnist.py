@@ -117,7 +117,7 @@ def get_estimator(recipe: str = "small_data",
         traces=([] if schedule is None else [LRScheduler(model=model, lr_fn=schedule)]) + [
             PredictionGrid("x", "y", "y_pred", mnist_class_names(), save_dir, n=grid_size, mean=MNIST_MEAN,
                            std=MNIST_STD)
-        ])
+        ], compiling=hw.compile)
 
 
 if __name__ == "__main__":

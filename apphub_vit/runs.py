@@ -448,10 +448,13 @@ class AppEstimator(fe.Estimator):
     caller gets them on the CPU, as from FastEstimator's own network."""
     guard: Optional[DivergenceGuard] = None
     recorder: Any = None  # the run's RunRecorder, told when fit() is called: the warm-up is timed apart in the record
+    warmup_note: Optional[str] = None  # printed when fit() begins, before FastEstimator's silent warm-up
 
     def fit(self, *args: Any, **kwargs: Any) -> Any:
         if self.recorder is not None:
             self.recorder.fit_called = time.time()
+        if self.warmup_note:
+            print(self.warmup_note, flush=True)
         gc.collect()  # what exists before fit() (the models, the data) lives through it: frozen from the start
         gc.freeze()
         try:

@@ -200,4 +200,4 @@ def build_vit_estimator(*, app: str, num_classes: int, dataset: str, data_dir: O
                             train_steps_per_epoch=run["train_steps_per_epoch"],
                             eval_steps_per_epoch=run["eval_steps_per_epoch"], log_steps=run["log_steps"],
                             metrics=metrics, traces=traces,
-                            stateful=[EvalWithAverage(average)] if average is not None else [])
+                            stateful=[EvalWithAverage(average)] if average is not None else [], compiling=hw.compile)

@@ -28,7 +28,8 @@ def graphs(monkeypatch) -> List[bool]:
                                                    any(isinstance(size, torch.SymInt) for size in value.shape))
 
     def record(gm: torch.fx.GraphModule, example_inputs):
-        seen.append(any(symbolic(node.meta.get("example_value")) for node in gm.graph.nodes if node.op == "placeholder"))
+        inputs = [node for node in gm.graph.nodes if node.op == "placeholder"]
+        seen.append(any(symbolic(node.meta.get("example_value")) for node in inputs))
         return gm.forward
 
     real = torch.compile
@@ -97,3 +98,15 @@ def test_the_test_time_views_run_on_the_single_image_evals_graph(graphs, monkeyp
         per_view = [model(view) for view in views.chunk(6)]
     assert graphs == [False]
     torch.testing.assert_close(per_view[0], single)  # the first view is the image itself
+
+
+def test_the_app_says_so_when_it_compiles(tmp_path):
+    """A compiling app's estimator carries the note fit() prints before FastEstimator's warm-up (silent, and a minute
+    on a fresh machine); one that does not compile has none."""
+    from apphub_vit import pretrain
+    from apphub_vit.common import COMPILE_NOTE
+    tiny = dict(epochs=1, batch_size=16, train_steps_per_epoch=1, eval_steps_per_epoch=1, num_process=0,
+                synthetic_size=[32, 16], dataset="synthetic", num_layers=1, em_dim=16, num_heads=2, ff_dim=32,
+                patch_size=8, distill=0)
+    assert pretrain.get_estimator(**tiny, compile=True, save_dir=str(tmp_path / "on")).warmup_note == COMPILE_NOTE
+    assert pretrain.get_estimator(**tiny, compile=False, save_dir=str(tmp_path / "off")).warmup_note is None

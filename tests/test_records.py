@@ -110,14 +110,18 @@ def test_vit_record_timing_device_versions(vit_run):
     assert record["versions"]["torch"] == torch.__version__ and record["versions"]["fastestimator"] == "1.7.0"
 
 
-def test_the_record_times_fastestimators_warm_up_apart(tmp_path):
+def test_the_record_times_fastestimators_warm_up_apart(tmp_path, capsys):
     """The apps' AppEstimator tells its recorder when fit() was called: from then to the first epoch is FastEstimator's
-    warm-up (a step in each mode, where torch.compile traces and compiles), part of a run's start-up."""
+    warm-up (a step in each mode, where torch.compile traces and compiles), part of a run's start-up. Its note (set by
+    the apps when they compile) comes before the warm-up, which prints nothing."""
     estimator = pretrain.get_estimator(**dict(VIT_RUN, **TINY_VIT, save_dir=str(tmp_path)))
+    estimator.warmup_note = "compiling now"
     called = time.time()
     estimator.fit()  # with the warm-up, as FastEstimator's command line runs it
     timing = json.loads((tmp_path / RECORD_FILE).read_text())["timing"]
     assert 0 < timing["warmup_seconds"] <= timing["fit_started"] - called + 0.01
+    out = capsys.readouterr().out
+    assert out.count("compiling now") == 1 and out.index("compiling now") < out.index("FastEstimator-Start")
 
 
 def test_no_accuracy_two_models_and_frozen_parameters(tmp_path):

@@ -1,6 +1,7 @@
-"""Compatibility of FastEstimator 1.7.0 (built against torch 2.3.1 and NumPy 1.26) with current PyTorch and NumPy.
+"""Compatibility of FastEstimator 1.7.0 (built against torch 2.3.1 and NumPy 1.26) with current PyTorch and NumPy, and
+one fix of its experiment ids.
 
-Four patches, each applied on import of `apphub_vit` (any of its modules: this covers `fastestimator train
+Five patches, each applied on import of `apphub_vit` (any of its modules: this covers `fastestimator train
 apphub_vit/...` and Python calls alike) and each a no-op where it is not needed. `networks` and `pipelines` do not apply
 them: code that trains through FastEstimator with those alone imports `apphub_vit` first.
 
@@ -13,11 +14,14 @@ them: code that trains through FastEstimator with those alone imports `apphub_vi
 3. `restore_numpy_aliases`: FastEstimator uses `np.Inf`, which NumPy 2 removed (the GPU image has NumPy 2).
 4. `patch_to_number`: FastEstimator's `to_number` cannot convert CUDA (or bf16) tensors, which `DeviceNetwork` keeps on
    the device until a trace logs them.
+5. `patch_experiment_ids`: FastEstimator's experiment id, the key of each run in its history database, is the clock
+   alone, so runs started together (a sweep's) can draw the same one and the second dies at its first `fit()`.
 
 Remove each once FastEstimator fixes it.
 """
 import contextlib
 import inspect
+import uuid
 from typing import Iterator
 
 from torch.utils.data import Sampler
@@ -133,3 +137,28 @@ def patch_to_number() -> None:
 
 
 patch_to_number()
+
+
+def patch_experiment_ids() -> bool:
+    """FastEstimator's `System` draws its `exp_id` (the primary key of the run in FastEstimator's history database,
+    shared by every process of a user) as the top 64 bits of a uuid1: the timestamp alone, without the clock sequence
+    and node that tell processes apart. Processes that reach `fit()` together can draw the same id; then both find no
+    entry under it and both insert one, and the second `fit()` dies with "sqlite3.IntegrityError: UNIQUE constraint
+    failed: history.pk" (seen once in this project's CI: two runs of a sweep, each training its teacher). The id is now
+    64 random bits (uuid4), the width of the database's INTEGER key: as unique across processes as within one.
+    Returns True if a patch was applied."""
+    from fastestimator.summary.system import System
+    if getattr(System._initialize_state, "_apphub_vit_patched", False):
+        return False
+    initialize = System._initialize_state  # also sets global_step and epoch_idx
+
+    def _initialize_state(self) -> None:
+        initialize(self)
+        self.exp_id = int.from_bytes(uuid.uuid4().bytes[:8], byteorder="big", signed=True)
+
+    _initialize_state._apphub_vit_patched = True
+    System._initialize_state = _initialize_state
+    return True
+
+
+patch_experiment_ids()

@@ -61,6 +61,21 @@ def test_sampler_fix_makes_fit_possible_on_current_torch():
         assert "UNPATCHED-FAILS" in out.stdout
 
 
+def test_experiment_ids_differ_where_the_clock_does_not(monkeypatch):
+    """Runs that reach fit() in the same clock tick (a sweep's processes, started together) get different experiment
+    ids, the key of each run in FastEstimator's history database: FastEstimator drew them from the clock alone."""
+    import uuid
+    from fastestimator.summary.system import System
+    tick = uuid.uuid1()
+    monkeypatch.setattr(uuid, "uuid1", lambda *args, **kwargs: tick)  # one clock tick for every id drawn here
+    first, second = (System(network=None, pipeline=None, traces=[]) for _ in range(2))
+    ids = [first.exp_id, second.exp_id]
+    first.reset()  # each fit() starts a new experiment
+    ids.append(first.exp_id)
+    assert len(set(ids)) == 3
+    assert all(-2 ** 63 <= i < 2 ** 63 for i in ids)  # the database's INTEGER key
+
+
 def test_batches_of_the_infinite_sampler_walk_through_the_data():
     """FastEstimator's InfiniteSampler under torch's BatchSampler: consecutive batches continue where the last one
     stopped (without the iteration fix every batch restarted at sample 0 when not shuffling)."""

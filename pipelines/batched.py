@@ -275,8 +275,9 @@ def _greyscale(x: torch.Tensor) -> torch.Tensor:
 
 def _smoothed(x: torch.Tensor) -> torch.Tensor:
     """torchvision's sharpness 'degenerate' image: a 3x3 smoothing (centre weight 5) inside, the border kept."""
-    kernel = torch.ones(3, 3, dtype=x.dtype, device=x.device)
-    kernel[1, 1] = 5.0
+    # 1 around, 5 at the centre; made on the device: `kernel[1, 1] = 5.0` would copy a host scalar into a CUDA tensor,
+    # which a CUDA graph capture of an uncompiled chain does not allow
+    kernel = 1 + 4 * (torch.arange(9, device=x.device) == 4).to(x.dtype).view(3, 3)
     kernel = (kernel / kernel.sum()).expand(x.shape[1], 1, 3, 3)
     inner = torch.round(F.conv2d(x, kernel, groups=x.shape[1]))  # [B, C, H - 2, W - 2]
     return torch.cat([x[..., :1, :], torch.cat([x[..., 1:-1, :1], inner, x[..., 1:-1, -1:]], -1), x[..., -1:, :]], -2)

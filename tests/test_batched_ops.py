@@ -3,6 +3,8 @@ pipelines/loader.py's BatchLoader."""
 import numpy as np
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 from fastestimator.op.numpyop.multivariate import HorizontalFlip as NpFlip
 from fastestimator.op.numpyop.multivariate import PadIfNeeded as NpPad
 from fastestimator.op.numpyop.multivariate import RandomCrop as NpCrop
@@ -176,6 +178,46 @@ def test_fused_ops_compile_on_cpu():
     out = fused.forward(x, {})
     assert out.shape == (8, 3, 32, 32) and out.dtype == torch.float32 and torch.isfinite(out).all()
     assert (out == 0).any()  # the CoarseDropout hole survives compilation
+
+
+class HostToDeviceCopies(TorchDispatchMode):
+    """Records every copy of a host tensor into a CUDA tensor: what a CUDA graph capture refuses ("Cannot copy between
+    CPU and CUDA tensors during CUDA graph capture unless the CPU tensor is pinned")."""
+    def __init__(self) -> None:
+        super().__init__()
+        self.copies = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        if func is torch.ops.aten.copy_.default and tensors[0].device.type == "cuda" and \
+                any(t.device.type == "cpu" for t in tensors[1:]):
+            self.copies.append(str(func))
+        if func is torch.ops.aten._to_copy.default and tensors[0].device.type == "cpu" and \
+                torch.device(kwargs.get("device") or "cpu").type == "cuda":
+            self.copies.append(str(func))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("strong,policy", [(False, "autoaugment"), (True, "autoaugment"), (True, "trivialaugment")])
+def test_the_uncompiled_chain_copies_nothing_from_the_host_inside_a_step(strong, policy):
+    """A GPU train step is captured as a CUDA graph with the chain in it, compiled or not (`compile=False`, the
+    teacher's): on CUDA tensors (fake ones here, no GPU needed) the chain's step must not copy from the host. A
+    `kernel[1, 1] = 5.0` in Sharpness did, once per policy operation: the capture failed and the student's training
+    ran 4.6x slower without its graph."""
+    fused = batched_cifar_ops(CIFAR_MEAN, CIFAR_STD, fuse=True, strong=strong, num_classes=10, policy=policy)[0]
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        try:
+            x = torch.empty(8, 32, 32, 3, dtype=torch.uint8, device="cuda")
+        except (RuntimeError, AssertionError) as err:  # a torch built without CUDA
+            pytest.skip(f"this torch cannot make fake CUDA tensors: {err}")
+        for op in fused.ops:  # what FusedImageOps.forward makes once per device, before the step is captured
+            if hasattr(op, "prepare"):
+                op.prepare(x.device)
+        with HostToDeviceCopies() as watch:
+            out = fused.forward(x, {})
+    assert out.shape == (8, 3, 32, 32) and out.device.type == "cuda"
+    assert watch.copies == []
 
 
 @pytest.mark.parametrize("space", ["wide", "ra"])

@@ -15,7 +15,8 @@ every timed region ends with `torch.cuda.synchronize()`, so GPU work counts in t
 the steps wait for each other, so the parts are an attribution of the time, not the run's speed
 (benchmarks/time_to_accuracy.py and benchmarks/throughput.py measure that). With --torch_profiler the last
 train epoch and the last eval epoch each run under `torch.profiler`: printed for each, its wall time, the GPU kernels'
-summed time (the share of the wall time the GPU was busy) and the top operators.
+summed time (the share of the wall time the GPU was busy), that time by kind of kernel (attention, convolution,
+matrix product, the other Triton kernels, the rest: told apart by their names) and the top operators.
 Measured: docs/performance.md.
 """
 import argparse
@@ -189,6 +190,28 @@ def device_seconds(events: Sequence[Any]) -> float:
                if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation) / 1e6
 
 
+# Kinds of GPU kernel, told apart by name, the first match winning: cuDNN names its attention kernels
+# "...sdpa...flash_fprop...", so attention is looked for before the convolutions' "fprop" / "dgrad" / "wgrad".
+KERNEL_KINDS = (("attention", ("sdpa", "flash", "fmha", "attention", "cudnn::fusion")),
+                ("convolution", ("conv", "fprop", "dgrad", "wgrad")),
+                ("matrix product", ("gemm", "nvjet", "cutlass", "xmma", "splitkreduce")),
+                ("other Triton", ("triton", )))
+
+
+def kernel_kind(name: str) -> str:
+    name = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(key in name for key in keys)), "other")
+
+
+def kernel_kinds(events: Sequence[Any]) -> Dict[str, float]:
+    """Seconds of GPU kernels by `kernel_kind`, largest first (the events counted as `device_seconds` counts them)."""
+    kinds: Dict[str, float] = defaultdict(float)
+    for e in events:
+        if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation:
+            kinds[kernel_kind(e.key)] += e.self_device_time_total / 1e6
+    return dict(sorted(kinds.items(), key=lambda item: -item[1]))
+
+
 def profiler_report(mode: str, prof: torch.profiler.profile, wall: float, rows: int = 25) -> str:
     """One profiled epoch: its wall time, the GPU kernels' summed time (how busy the GPU was: a share far below 100%
     says the epoch waits on the host) and the top operators by GPU time (CPU time on a CPU)."""
@@ -198,6 +221,8 @@ def profiler_report(mode: str, prof: torch.profiler.profile, wall: float, rows: 
     if cuda:
         kernels = device_seconds(events)
         lines[0] += f", GPU kernels {kernels:.4f} s ({kernels / wall:.0%} of the wall time)"
+        lines += [f"  {kind:15s} {seconds:.4f} s ({seconds / max(kernels, 1e-12):.0%} of the kernels' time)"
+                  for kind, seconds in kernel_kinds(events).items()]
     lines.append(events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=rows))
     return "\n".join(lines)
 

@@ -376,6 +376,29 @@ def test_epoch_profile_counts_each_gpu_kernel_once():
     assert epoch_profile.device_seconds(events) == pytest.approx(500e-6)
 
 
+def test_epoch_profile_tells_kinds_of_kernel_apart_by_name_attention_before_convolution():
+    from types import SimpleNamespace
+
+    import epoch_profile
+    from torch.autograd import DeviceType
+
+    def kernel(name, us, device_type=DeviceType.CUDA):
+        return SimpleNamespace(key=name, device_type=device_type, self_device_time_total=us, is_user_annotation=False)
+    events = [kernel("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob", 100.0),  # "fprop" in it
+              kernel("void cudnn::fusion::compute_dot_do_o<true>(void const*)", 10.0),
+              kernel("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", 50.0),
+              kernel("nvjet_sm90_tst_128x256_64x4_2x1_v_bz_coopA_NNN", 30.0),
+              kernel("triton_poi_fused_gelu_view_16", 20.0),
+              kernel("triton_poi_fused_convolution_backward_max_pool2d_with_indices_7", 5.0),
+              kernel("void at::native::elementwise_kernel<128, 4>", 8.0),
+              kernel("aten::scaled_dot_product_attention", 999.0, DeviceType.CPU)]  # a CPU op: not a kernel
+    kinds = epoch_profile.kernel_kinds(events)
+    assert kinds == pytest.approx({"attention": 110e-6, "convolution": 55e-6, "matrix product": 30e-6,
+                                   "other Triton": 20e-6, "other": 8e-6})
+    assert list(kinds) == ["attention", "convolution", "matrix product", "other Triton", "other"]  # largest first
+    assert sum(kinds.values()) == pytest.approx(epoch_profile.device_seconds(events))
+
+
 def test_epoch_profile_needs_two_epochs_and_data(capsys):
     import epoch_profile
     with pytest.raises(SystemExit):

@@ -338,6 +338,23 @@ def test_relative_localization_trains_inside_the_captured_step(tmp_path):
 
 
 @needs_cuda
+@pytest.mark.parametrize("distill", [0.0, 0.5])
+def test_with_compile_off_the_strong_chain_and_the_model_run_eager_inside_the_captured_step(tmp_path, distill):
+    """`compile=False` on a GPU: the AutoAugment chain, the model (and the teacher's forward) run eagerly inside the
+    CUDA graph. Eager, Sharpness's `kernel[1, 1] = 5.0` copied a host scalar into a CUDA tensor, the capture failed
+    and the run trained without its graph, 4.6x slower (docs/performance.md, twenty-ninth session)."""
+    from apphub_vit import finetune
+    from tests.conftest import TINY_RUN, TINY_VIT
+    est = finetune.get_estimator(dataset="synthetic", save_dir=str(tmp_path), from_scratch=True, compile=False,
+                                 augment="autoaugment",
+                                 **{**TINY_RUN, "epochs": 2, "train_steps_per_epoch": 8},
+                                 **{**TINY_VIT, "distill": distill, "teacher_epochs": 1})
+    assert est.network.cuda_graph and not est.network.graph_failure
+    est.fit(summary="keep", warmup=False)
+    assert est.network.graph_failure is None and est.network.graph_captures == 1
+
+
+@needs_cuda
 def test_the_conv_stem_trains_compiled_with_the_fused_optimizer():
     """The default recipe's conv stem, compiled, one step of its fused AdamW. In the app's full-size runs the compiled
     backward laid the stem's weight gradients out channels_last and the fused AdamW refused them ("must have same

@@ -7,9 +7,6 @@ from typing import Any, List, Optional
 
 import fastestimator as fe
 from fastestimator.op.numpyop import NumpyOp
-from fastestimator.op.numpyop.meta import Sometimes
-from fastestimator.op.numpyop.multivariate import HorizontalFlip, PadIfNeeded, RandomCrop
-from fastestimator.op.numpyop.univariate import ChannelTranspose, CoarseDropout, Normalize
 
 # The mean / std of the CIFAR-10 training images (as the apphub uses them, for both CIFAR-10 and CIFAR-100).
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -18,6 +15,12 @@ CIFAR_STD = (0.2471, 0.2435, 0.2616)
 
 def cifar_ops(image_key: str = "x", augment: bool = True) -> List[NumpyOp]:
     """The six ops of the apphub recipe. With `augment=False` only Normalize and ChannelTranspose remain."""
+    # Imported here, not with the module: FastEstimator's numpy ops import albumentations's augmentations and with
+    # them scipy, scikit-image and scikit-learn (0.7 s on a 2-core CPU), which the apps' default path, the batched
+    # device-side ops (pipelines/batched.py), never uses; only this per-sample pipeline does.
+    from fastestimator.op.numpyop.meta import Sometimes
+    from fastestimator.op.numpyop.multivariate import HorizontalFlip, PadIfNeeded, RandomCrop
+    from fastestimator.op.numpyop.univariate import ChannelTranspose, CoarseDropout, Normalize
     ops: List[NumpyOp] = [Normalize(inputs=image_key, outputs=image_key, mean=CIFAR_MEAN, std=CIFAR_STD)]
     if augment:
         ops += [

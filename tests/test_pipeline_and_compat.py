@@ -93,3 +93,17 @@ def test_eval_sees_every_sample_once_through_the_per_sample_pipeline():
     with pipeline(mode="eval") as loader:
         labels = [int(y) for batch in loader for y in batch["y"]]
     assert labels == [int(test[i]["y"]) for i in range(24)]
+
+
+def test_the_apps_leave_albumentations_augmentations_unimported_until_the_per_sample_pipeline_is_built():
+    """The ViT apps' default path (the batched device-side ops) never needs albumentations's augmentations, whose import
+    (scipy, scikit-image, scikit-learn) is most of a second of every start-up on a small CPU: `pipelines.cifar`
+    imports FastEstimator's numpy ops, which pull them in, only when its per-sample ops are built."""
+    code = ("import sys\n"
+            "import apphub_vit.finetune, apphub_vit.pretrain\n"
+            "print('AT IMPORT', 'albumentations.augmentations' in sys.modules)\n"
+            "from pipelines.cifar import cifar_ops\n"
+            "cifar_ops()\n"
+            "print('AFTER OPS', 'albumentations.augmentations' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), timeout=120)
+    assert "AT IMPORT False" in out.stdout and "AFTER OPS True" in out.stdout, out.stdout + out.stderr[-2000:]

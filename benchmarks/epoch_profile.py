@@ -183,11 +183,15 @@ def report(summary: Dict[str, Dict[str, Dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
+def device_events(events: Sequence[Any]) -> List[Any]:
+    """The GPU's own events (kernels, copies) among a profile's averages: a CPU op also carries its kernels' time, and
+    so does a user's annotation, so counting them too would count every kernel twice."""
+    return [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation]
+
+
 def device_seconds(events: Sequence[Any]) -> float:
-    """Seconds of the GPU's own events (kernels, copies) among a profile's averages, as torch's table totals them: a
-    CPU op also carries its kernels' time, so counting it too would count every kernel twice."""
-    return sum(e.self_device_time_total for e in events
-               if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation) / 1e6
+    """Seconds of `device_events`, as torch's table totals them."""
+    return sum(e.self_device_time_total for e in device_events(events)) / 1e6
 
 
 # Kinds of GPU kernel, told apart by name, the first match winning: cuDNN names its attention kernels
@@ -204,11 +208,10 @@ def kernel_kind(name: str) -> str:
 
 
 def kernel_kinds(events: Sequence[Any]) -> Dict[str, float]:
-    """Seconds of GPU kernels by `kernel_kind`, largest first (the events counted as `device_seconds` counts them)."""
+    """Seconds of `device_events` by `kernel_kind`, largest first."""
     kinds: Dict[str, float] = defaultdict(float)
-    for e in events:
-        if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation:
-            kinds[kernel_kind(e.key)] += e.self_device_time_total / 1e6
+    for e in device_events(events):
+        kinds[kernel_kind(e.key)] += e.self_device_time_total / 1e6
     return dict(sorted(kinds.items(), key=lambda item: -item[1]))
 
 

@@ -3,12 +3,12 @@ pipelines/loader.py's BatchLoader."""
 import numpy as np
 import pytest
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
 from fastestimator.op.numpyop.multivariate import HorizontalFlip as NpFlip
 from fastestimator.op.numpyop.multivariate import PadIfNeeded as NpPad
 from fastestimator.op.numpyop.multivariate import RandomCrop as NpCrop
 from fastestimator.op.numpyop.univariate import CoarseDropout as NpDropout
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pipelines.batched import (POLICIES, RANDAUGMENT_RANGES, WIDE_RANGES, AutoAugment, CoarseDropout, HorizontalFlip,
                                MixUpCutMix, PadIfNeeded, RandomCrop, TrivialAugment, batched_cifar_ops)

@@ -65,7 +65,8 @@ def train_teacher(train: Dict[str, np.ndarray], eval_data: Dict[str, np.ndarray]
     `ModelOp`), "accuracy", "seconds", "epochs", "reused", "cuda_graph" (whether its train step ran as a CUDA graph)}.
     reuse: load the teacher already at `path` (a resumed run's) instead of training one. Its train step is a CUDA graph
     where the student's may be one (`hw.cuda_graph`): its SGD is the fused one, which a graph can replay.
-    feature_map: the returned teacher also gives its map for locality guidance, (logits, map) (`WithFeatureMap`)."""
+    feature_map: the returned teacher also gives its map for locality guidance, (logits, map) (`WithFeatureMap`).
+    With `hw.compile` the returned teacher is compiled (`torch.compile`, in place)."""
     start = time.perf_counter()
     model = single_device(fe.build(model_fn=lambda: channels_last(ResNet9(num_classes), hw.gpu),
                                    optimizer_fn=lambda p: torch.optim.SGD(p, lr=TEACHER_LR, momentum=0.9,
@@ -106,6 +107,14 @@ def train_teacher(train: Dict[str, np.ndarray], eval_data: Dict[str, np.ndarray]
     frozen = model.requires_grad_(False)
     teacher = single_device(fe.build(model_fn=lambda: WithFeatureMap(frozen) if feature_map else frozen,
                                      optimizer_fn=None, model_name="teacher"))
+    if hw.compile:
+        # Compiled as the student's step calls it: with locality guidance that is `WithFeatureMap`, which runs the
+        # teacher's layers one by one, so compiling the ResNet-9 inside it would compile nothing that runs. Compiled,
+        # its frozen forward's ReLUs, poolings and residual adds fuse into the convolutions' neighbours instead of
+        # running as eager kernels in every student step. In place, as the student (state_dict keys unchanged), one
+        # static graph for the student's batch. Its own training above stays eager: compiling that too cost more
+        # start-up than it saved (docs/performance.md).
+        teacher.compile(dynamic=False)
     seconds = time.perf_counter() - start
     print(f"apphub_vit: teacher accuracy {accuracy:.4f} on the eval images ({seconds:.1f} s)", flush=True)
     return {"model": teacher, "accuracy": accuracy, "seconds": seconds, "epochs": epochs, "reused": reused,

@@ -2,17 +2,22 @@
 compile cache) tens of seconds of a GPU run's first minute go to compiling. A graph compiled twice, or for any batch
 size where one shape is all it sees, is start-up a user pays for nothing. Run on CPU with a recording backend (no
 inductor), so the tests see what dynamo hands over, not how fast it compiles."""
+import functools
 from dataclasses import replace
 from typing import List
 
+import numpy as np
 import pytest
 import torch
 
 import apphub_vit  # noqa: F401  (FastEstimator compatibility fix)
 from apphub_vit.hardware import resolve_hardware
 from apphub_vit.recipes import VIT_RECIPES
+from apphub_vit import teacher as teacher_module
 from apphub_vit import training
+from apphub_vit.teacher import train_teacher
 from apphub_vit.training import TTAViews, build_vit
+from networks.resnet9 import ResNet9, WithFeatureMap
 from pipelines.batched import batched_cifar_ops
 from pipelines.cifar import CIFAR_MEAN, CIFAR_STD
 
@@ -98,6 +103,31 @@ def test_the_test_time_views_run_on_the_single_image_evals_graph(graphs, monkeyp
         per_view = [model(view) for view in views.chunk(6)]
     assert graphs == [False]
     torch.testing.assert_close(per_view[0], single)  # the first view is the image itself
+
+
+@pytest.mark.parametrize("feature_map", [False, True])
+def test_the_frozen_teacher_compiles_one_graph_as_the_students_step_calls_it(graphs, monkeypatch, feature_map):
+    """With compile on, the teacher `train_teacher` returns is compiled as the student's step calls it: one static
+    graph, its results the eager forward's. With locality guidance that is the `WithFeatureMap` wrapper, which runs the
+    ResNet-9's layers one by one: compiling the ResNet-9 inside it compiled nothing that ran (the wrapper never calls
+    it), and the student's step on an H100 took as long as with the eager teacher (docs/performance.md). Its own
+    training stays eager."""
+    monkeypatch.setattr(teacher_module, "ResNet9", functools.partial(ResNet9, width=16))  # seconds on a CPU
+    hw = replace(resolve_hardware(VIT_RECIPES["vit"], precision="fp32", compile=False), compile=True)
+    rng = np.random.default_rng(0)
+    data = {"x": rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8), "y": rng.integers(0, 2, 32)}
+    teacher = train_teacher(data, data, 2, 1, hw, CIFAR_MEAN, CIFAR_STD, train_steps_per_epoch=1,
+                            feature_map=feature_map)["model"]
+    assert graphs == []  # its training: eager
+    assert isinstance(teacher, WithFeatureMap) is feature_map
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        outputs = [teacher(x) for _ in range(3)]  # as in the student's steps
+        eager = teacher._call_impl(x)  # the forward without torch.compile
+    assert graphs == [False]
+    for out in outputs:
+        torch.testing.assert_close(out, eager)
+    assert (isinstance(eager, tuple) and len(eager) == 2) is feature_map  # (logits, map) where guided
 
 
 def test_the_app_says_so_when_it_compiles(tmp_path):

@@ -10,6 +10,8 @@ import fastestimator as fe
 import numpy as np
 import pytest
 import torch
+from fastestimator.op.tensorop.model import UpdateOp
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from apphub_vit import distributed
 from apphub_vit import finetune as finetune_app
@@ -264,3 +266,57 @@ def test_several_gpus_without_torchrun_train_on_one_and_say_how_to_use_all(tmp_p
     est.fit(warmup=False)  # trains and saves as without the wrapper
     assert read_record(str(tmp_path / "a" / RECORD_FILE))["distributed"]["world_size"] == 1
     assert single_device(model) is model
+
+
+class _TwoBiases(torch.nn.Module):
+    """A linear layer and two parameters added together, whose gradients autograd gives as one tensor."""
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(6, 4)
+        self.a, self.b = torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.ones(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) * (self.a + self.b)  # d/da = d/db: AddBackward passes one gradient to both
+
+
+class _Clones(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten.clone.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_update_hands_each_gradient_over_without_a_copy_and_trains_as_fastestimators_update():
+    """FastEstimator's UpdateOp clones every gradient into `.grad` (one copy kernel per parameter and step, inside the
+    captured GPU step); DistributedUpdateOp hands each over as it is, but clones one whose memory another parameter
+    already got, so that the two `.grad`s stay apart. Three steps of each, deferred as FastEstimator defers the last
+    update op and not: the same weights, bit for bit."""
+    torch.manual_seed(0)
+    models = [fe.build(model_fn=_TwoBiases, optimizer_fn=lambda p: torch.optim.AdamW(p, lr=0.1)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    ops = [UpdateOp(model=models[0], loss_name="loss"),
+           distributed.DistributedUpdateOp(model=models[1], loss_name="loss")]
+    x = torch.randn(8, 6)
+    clones = []
+    for step, defer in enumerate([True, False, True]):
+        counted = []
+        for model, op in zip(models, ops):
+            op.defer = defer
+            state = {"warmup": False, "tape": None, "deferred": {}, "mode": "train"}
+            loss = model(x).square().mean()
+            with _Clones() as mode:
+                op.forward(loss, state)
+            counted.append(mode.count)
+            if defer:  # the step waits: the handed-over gradients are still there to look at
+                assert model.a.grad is not None and torch.equal(model.a.grad, model.b.grad)
+                assert model.a.grad.data_ptr() != model.b.grad.data_ptr()
+                for fn in state["deferred"].pop(model.model_name):
+                    fn()
+            assert all(p.grad is None for p in model.parameters())  # zero_grad's None, as FastEstimator's step
+        clones.append(counted)
+    assert clones == [[4, 1]] * 3  # FastEstimator's: one per parameter; this one: the shared gradient's only
+    for mine, theirs in zip(models[1].state_dict().values(), models[0].state_dict().values()):
+        assert torch.equal(mine, theirs)

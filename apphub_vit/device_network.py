@@ -16,8 +16,9 @@ which FastEstimator's EvalEssential stacks with numpy) come to the host after ev
 the device until a trace copies what it reads (`to_number`). On a CPU it behaves as `TorchNetwork`.
 
 Without syncs the GPU still idles: a training step is a few hundred kernels queued by FastEstimator's op chain in Python
-(augmentation, forward, `torch.autograd.grad`, one gradient copy per parameter, the optimizer), several times longer on
-the host than on the GPU for a model of this size. With `cuda_graph=True` the whole train step (every op, the backward
+(augmentation, forward, `torch.autograd.grad`, FastEstimator's UpdateOp's gradient copy per parameter, which the
+apps' `DistributedUpdateOp` skips, the optimizer), several times longer on the host than on the GPU for a model of
+this size. With `cuda_graph=True` the whole train step (every op, the backward
 pass and the optimizer step) is captured once as a CUDA graph (PyTorch's "whole network capture") and then
 replayed: one launch per step. Inputs are copied into the graph's fixed buffers, the learning rate that FastEstimator's
 `LRScheduler` sets as a float is copied into a device tensor the captured optimizer reads, and random draws

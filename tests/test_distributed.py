@@ -301,7 +301,7 @@ def test_the_update_hands_each_gradient_over_without_a_copy_and_trains_as_fastes
            distributed.DistributedUpdateOp(model=models[1], loss_name="loss")]
     x = torch.randn(8, 6)
     clones = []
-    for step, defer in enumerate([True, False, True]):
+    for defer in [True, False, True]:
         counted = []
         for model, op in zip(models, ops):
             op.defer = defer

@@ -392,13 +392,16 @@ class FusedImageOps(TensorOp):
             data = op.forward(data, {})
         return data
 
-    def forward(self, data: torch.Tensor, state: Dict[str, Any]) -> torch.Tensor:
-        # Ops that keep per-device state (AutoAugment's tables, Normalize's constants) make it here, outside the
-        # compiled function (after the first call, a lookup): made inside it, on the first call, the state changed
-        # what torch.compile guarded on, and the whole chain compiled a second time on the second call.
+    def prepare(self, device: torch.device) -> None:
+        """Each op's per-device state (AutoAugment's tables, Normalize's constants), made once (later, a lookup)."""
         for op in self.ops:
             if hasattr(op, "prepare"):
-                op.prepare(data.device)
+                op.prepare(device)
+
+    def forward(self, data: torch.Tensor, state: Dict[str, Any]) -> torch.Tensor:
+        # The ops' per-device state is made here, outside the compiled function: made inside it, on the first call,
+        # the state changed what torch.compile guarded on, and the whole chain compiled again on the second call.
+        self.prepare(data.device)
         return self._run(data)
 
 

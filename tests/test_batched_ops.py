@@ -211,9 +211,7 @@ def test_the_uncompiled_chain_copies_nothing_from_the_host_inside_a_step(strong,
             x = torch.empty(8, 32, 32, 3, dtype=torch.uint8, device="cuda")
         except (RuntimeError, AssertionError) as err:  # a torch built without CUDA
             pytest.skip(f"this torch cannot make fake CUDA tensors: {err}")
-        for op in fused.ops:  # what FusedImageOps.forward makes once per device, before the step is captured
-            if hasattr(op, "prepare"):
-                op.prepare(x.device)
+        fused.prepare(x.device)  # what FusedImageOps.forward makes once per device, before the step is captured
         with HostToDeviceCopies() as watch:
             out = fused.forward(x, {})
     assert out.shape == (8, 3, 32, 32) and out.device.type == "cuda"

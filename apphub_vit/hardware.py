@@ -5,6 +5,9 @@ fastest (docs/performance.md): the six augmentation ops batched on the device (`
 `torch.compile`, and `DeviceNetwork` replaying each train step as a CUDA graph (docs/cuda-graphs.md) wherever the
 recipe allows it. On a CPU: fp32, no compilation, no graph.
 """
+import importlib
+import sys
+import threading
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -72,3 +75,39 @@ def channels_last(model: torch.nn.Module, gpu: bool) -> torch.nn.Module:
     """`model` with its 4-d weights in cuDNN's channels_last layout on a GPU (the fast one for its convolutions; the
     values and state_dict keys stay), as it is on a CPU."""
     return model.to(memory_format=torch.channels_last) if gpu else model
+
+
+# What torch.compile imports before it can compile anything: dynamo and inductor, seconds of Python imports (about
+# 2.4 s on a 2-core CPU) on the main thread if nothing loads them before. Dynamo the main thread needs soon anyway
+# (torch.optim imports it when an optimizer is built); inductor, most of the rest, it needs only when it compiles.
+COMPILER_MODULES = ("torch._dynamo", "torch._inductor.compile_fx")
+_compiler_import: Optional[threading.Thread] = None
+
+
+def _import_compiler() -> None:
+    try:
+        for name in COMPILER_MODULES:
+            importlib.import_module(name)
+        if torch.cuda.is_available():
+            # inductor's pool of processes that compile Triton kernels, which its first graph would start otherwise
+            from torch._inductor.async_compile import maybe_warm_pool
+            maybe_warm_pool()
+    except Exception:  # (a torch without these: the main thread's own import, when it compiles, says what is wrong)
+        pass
+
+
+def import_compiler_in_background() -> None:
+    """Start importing `COMPILER_MODULES` in a thread, once per process, unless they are loaded already, so that the
+    imports run while the main thread loads the data and trains the teacher (the apps compile after it,
+    `compiler_imported`), instead of in front of them."""
+    global _compiler_import
+    if _compiler_import is None and not all(name in sys.modules for name in COMPILER_MODULES):
+        _compiler_import = threading.Thread(target=_import_compiler, name="apphub_vit-compiler-import", daemon=True)
+        _compiler_import.start()
+
+
+def compiler_imported() -> None:
+    """Wait for `import_compiler_in_background`'s imports, if started: the main thread imports nothing the thread is
+    importing (two threads importing one module that imports the other can be handed it half-initialised)."""
+    if _compiler_import is not None:
+        _compiler_import.join()

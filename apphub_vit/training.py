@@ -14,7 +14,7 @@ from fastestimator.schedule import EpochScheduler, cosine_decay
 from apphub_vit.device_network import DeviceNetwork
 from apphub_vit.distributed import DistributedUpdateOp, broadcast_from_main, single_device
 from apphub_vit.ema import EMAUpdate, WeightAverage
-from apphub_vit.hardware import Hardware, channels_last
+from apphub_vit.hardware import Hardware, channels_last, compiler_imported, import_compiler_in_background
 from apphub_vit.recipes import Recipe
 from apphub_vit.teacher import DistillTargets, LocalityGuidance, TeacherLabels
 from networks.vit import ViTModel
@@ -46,8 +46,12 @@ def make_optimizer(recipe: Recipe, capturable: bool = False, no_decay: Optional[
 def build_vit(model_name: str, num_classes: int, recipe: Recipe, hw: Hardware,
               init: Optional[Callable[[ViTModel], None]] = None) -> torch.nn.Module:
     """`fe.build` of the recipe's `ViTModel` with its optimiser, on one device (`distributed.single_device`). init:
-    fills the fresh model's weights (a pretrained encoder, a saved model), before it is compiled."""
+    fills the fresh model's weights (a pretrained encoder, a saved model). With `hw.compile` the model is compiled
+    later, by `classifier_network` (`compile_model`), after the teacher has trained; the compiler's imports start now,
+    in the background."""
     no_decay: Set[int] = set()
+    if hw.compile:
+        import_compiler_in_background()
 
     def model_fn() -> ViTModel:
         model = ViTModel.from_config(num_classes, recipe.model)
@@ -60,17 +64,22 @@ def build_vit(model_name: str, num_classes: int, recipe: Recipe, hw: Hardware,
             # channels_last, as the teacher's (apphub_vit/teacher.py): the compiled backward lays the conv stem's
             # weight gradients out so on a GPU, and the fused AdamW needs each gradient laid out as its parameter
             model = channels_last(model, hw.gpu)
-        if hw.compile:
-            # In place: state_dict keys stay those of the plain model. dynamic=False: the train batch and the eval
-            # batch (GPU_EVAL_BATCH) each get a graph for their own shape. Left to torch's automatic dynamic shapes,
-            # the eval graph, the second shape the model saw, was compiled for any batch size: longer to compile.
-            model.compile(dynamic=False)
         return model
 
     model = single_device(fe.build(model_fn=model_fn, optimizer_fn=make_optimizer(recipe, hw.cuda_graph, no_decay),
                                    model_name=model_name, mixed_precision=hw.precision == "fp16"))
     broadcast_from_main(model)  # under torchrun: every rank starts from rank 0's weights
     return model
+
+
+def compile_model(model: torch.nn.Module) -> None:
+    """`torch.compile` `model` in place (state_dict keys stay those of the plain model), once the compiler's imports
+    that `build_vit` started are done; a model compiled already stays as it is. dynamic=False: the train batch and the
+    eval batch (GPU_EVAL_BATCH) each get a graph for their own shape. Left to torch's automatic dynamic shapes, the eval
+    graph, the second batch size the model saw, was compiled for any batch size: longer to compile."""
+    compiler_imported()
+    if model._compiled_call_impl is None:
+        model.compile(dynamic=False)
 
 
 def lr_schedule(recipe: Recipe, steps_per_epoch: int) -> Optional[Callable[[int], float]]:
@@ -200,7 +209,10 @@ def classifier_network(model: torch.nn.Module, augment_ops: List[TensorOp], num_
     single images), the update and, with an `average`, the update of the weights' moving average.
     `DeviceNetwork`: FastEstimator's TorchNetwork on a CPU in fp32; on a GPU it drops the per-step syncs, runs bf16
     autocast and replays the train step (the teacher's forward pass and the average's update included) as a CUDA
-    graph."""
+    graph. With `hw.compile` the model is compiled here (`compile_model`): the apps build the network after the
+    teacher's training, which the compiler's imports overlap."""
+    if hw.compile:
+        compile_model(model)
     ops = list(augment_ops)
     if train_label == "y" and (recipe.label_smoothing or teacher is not None):
         ops.append(SmoothLabels("y", "y_soft", num_classes, recipe.label_smoothing))

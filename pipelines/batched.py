@@ -29,7 +29,7 @@ For how these choices compare, see docs/results-cifar10.md. `pipelines.loader.Ba
 batches kept on the device.
 """
 import math
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -384,8 +384,8 @@ class FusedImageOps(TensorOp):
                  mode: Mode = None) -> None:
         super().__init__(inputs=inputs, outputs=outputs, mode=mode)
         self.ops = list(ops)
-        # dynamic=False: the batch shape is fixed (full batches only in training), one graph is enough
-        self._run = torch.compile(self._chain, dynamic=False) if compile else self._chain
+        self.compile = compile
+        self._run: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # made by the first call (below)
 
     def _chain(self, data: torch.Tensor) -> torch.Tensor:
         for op in self.ops:
@@ -402,6 +402,11 @@ class FusedImageOps(TensorOp):
         # The ops' per-device state is made here, outside the compiled function: made inside it, on the first call,
         # the state changed what torch.compile guarded on, and the whole chain compiled again on the second call.
         self.prepare(data.device)
+        if self._run is None:
+            # Made here rather than when the op is built: torch.compile's first use imports the compiler (seconds),
+            # which an app may be importing in the background while it does other work until its first step.
+            # dynamic=False: the batch shape is fixed (full batches only in training), one graph is enough.
+            self._run = torch.compile(self._chain, dynamic=False) if self.compile else self._chain
         return self._run(data)
 
 

@@ -3,6 +3,9 @@ compile cache) tens of seconds of a GPU run's first minute go to compiling. A gr
 size where one shape is all it sees, is start-up a user pays for nothing. Run on CPU with a recording backend (no
 inductor), so the tests see what dynamo hands over, not how fast it compiles."""
 import functools
+import os
+import subprocess
+import sys
 from dataclasses import replace
 from typing import List
 
@@ -16,7 +19,7 @@ from apphub_vit.recipes import VIT_RECIPES
 from apphub_vit import teacher as teacher_module
 from apphub_vit import training
 from apphub_vit.teacher import train_teacher
-from apphub_vit.training import TTAViews, build_vit
+from apphub_vit.training import TTAViews, build_vit, classifier_network
 from networks.resnet9 import ResNet9, WithFeatureMap
 from pipelines.batched import batched_cifar_ops
 from pipelines.cifar import CIFAR_MEAN, CIFAR_STD
@@ -59,11 +62,14 @@ def test_the_augmentation_chain_compiles_once(graphs, policy):
 
 
 def _tiny_vit():
-    """The recipe's ViT, shrunk, as the apps build it with compile on (fp32, CPU)."""
+    """The recipe's ViT, shrunk, as the apps build it with compile on (fp32, CPU): the model, compiled by its
+    network."""
     vit = VIT_RECIPES["vit"]
     recipe = replace(vit, model=replace(vit.model, num_layers=1, em_dim=32, num_heads=2, ff_dim=64))
     hw = replace(resolve_hardware(recipe, precision="fp32", compile=False), compile=True)
-    return build_vit("vit", 10, recipe, hw)
+    model = build_vit("vit", 10, recipe, hw)
+    classifier_network(model, [], 10, recipe, hw)
+    return model
 
 
 def test_the_model_compiles_one_static_graph_per_shape(graphs):
@@ -140,3 +146,41 @@ def test_the_app_says_so_when_it_compiles(tmp_path):
                 patch_size=8, distill=0)
     assert pretrain.get_estimator(**tiny, compile=True, save_dir=str(tmp_path / "on")).warmup_note == COMPILE_NOTE
     assert pretrain.get_estimator(**tiny, compile=False, save_dir=str(tmp_path / "off")).warmup_note is None
+
+
+def test_the_app_compiles_after_the_teacher_has_trained(monkeypatch, tmp_path):
+    """The apps' first use of torch.compile, which imports the compiler (seconds), comes after the teacher's training:
+    those imports run in the background meanwhile (`import_compiler_in_background`). Before, the model was compiled as
+    it was built and the augmentation chain as its op was made, both before the data loaded, and the main thread
+    waited for the imports there."""
+    from apphub_vit import finetune, vit_app
+    events: List[str] = []
+    real_compile, real_teacher = torch.compile, vit_app.train_teacher
+    monkeypatch.setattr(torch, "compile", lambda *args, **kwargs: events.append("compile") or
+                        real_compile(*args, **kwargs))
+    monkeypatch.setattr(vit_app, "train_teacher", lambda *args, **kwargs: events.append("teacher") or
+                        real_teacher(*args, **kwargs))
+    monkeypatch.setattr(teacher_module, "ResNet9", functools.partial(ResNet9, width=16))  # seconds on a CPU
+    finetune.get_estimator(from_scratch=True, epochs=1, batch_size=16, train_steps_per_epoch=1, eval_steps_per_epoch=1,
+                           teacher_epochs=1, synthetic_size=[32, 16], dataset="synthetic", num_layers=1, em_dim=16,
+                           num_heads=2, ff_dim=32, compile=True, save_dir=str(tmp_path))
+    assert events[0] == "teacher" and "compile" in events  # the model and the teacher compiled; the chain at its call
+
+
+def test_the_compiler_imports_in_a_thread_of_its_own():
+    """`import_compiler_in_background` starts the compiler's imports on a thread and returns; `compiler_imported`
+    waits for them. In a fresh interpreter, where nothing imported the compiler yet."""
+    code = """
+import sys, threading
+from apphub_vit import hardware
+assert not any(name in sys.modules for name in hardware.COMPILER_MODULES)
+hardware.import_compiler_in_background()
+thread = hardware._compiler_import
+assert isinstance(thread, threading.Thread) and thread is not threading.main_thread()
+hardware.compiler_imported()
+assert not thread.is_alive() and all(name in sys.modules for name in hardware.COMPILER_MODULES)
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]

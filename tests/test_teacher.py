@@ -269,7 +269,7 @@ def _arrays(n: int, seed: int):
     return {"x": x, "y": y.astype(np.int64)}
 
 
-def test_the_teacher_learns_saves_itself_and_a_resumed_run_reuses_it(tmp_path, monkeypatch):
+def test_the_teacher_learns_saves_itself_and_a_resumed_run_reuses_it(tmp_path, monkeypatch, capsys):
     # fp32 on a GPU too: in bf16 these 20 steps end at chance with or without the graph, fused SGD or not (H200: 56% of
     # the held-out images each time), while the full-size teacher learns in bf16 (89% on CIFAR-10 in 12 epochs)
     hw = resolve_hardware(VIT_RECIPES["vit"], precision="fp32")
@@ -280,6 +280,8 @@ def test_the_teacher_learns_saves_itself_and_a_resumed_run_reuses_it(tmp_path, m
     torch.manual_seed(0)
     trained = train_teacher(_arrays(64, 0), _arrays(64, 1), 2, 20, hw, CIFAR_MEAN, CIFAR_STD, path=path)
     assert not trained["reused"] and trained["accuracy"] > 0.9  # bright vs dark, in 20 steps
+    evals = [line for line in capsys.readouterr().out.splitlines() if line.startswith("FastEstimator-Eval")]
+    assert len(evals) == 1 and "epoch: 20;" in evals[0]  # evaluated after its last epoch only
     assert trained["cuda_graph"] is (hw.cuda_graph and torch.cuda.is_available())  # on a GPU its fused SGD is captured
     model = trained["model"]
     assert model.current_optimizer is None and not any(p.requires_grad for p in model.parameters())

@@ -361,12 +361,13 @@ def test_the_conv_stem_trains_compiled_with_the_fused_optimizer():
     dtype, device, and layout"), so `build_vit` gives those weights that layout on a GPU. This tiny model did not
     reproduce the refusal without the fix (its step passed on an H200), so the test checks the layout itself and
     that the compiled step trains the stem."""
-    from apphub_vit.training import build_vit
+    from apphub_vit.training import build_vit, compile_model
     vit = VIT_RECIPES["vit"]
     recipe = replace(vit, model=replace(vit.model, num_layers=1, em_dim=32, num_heads=2, ff_dim=64))
     hw = resolve_hardware(recipe)  # the GPU defaults: bf16, compile
     assert recipe.model.stem == "conv" and hw.compile
     model = build_vit("vit", 10, recipe, hw)
+    compile_model(model)  # as the apps' network does (`classifier_network`)
     model.to("cuda")  # in place: the optimizer keeps its parameters
     stem = list(model.vit_encoder.embedding.conv_stem.parameters())
     before = [p.detach().clone() for p in stem]

@@ -111,3 +111,13 @@ def compiler_imported() -> None:
     importing (two threads importing one module that imports the other can be handed it half-initialised)."""
     if _compiler_import is not None:
         _compiler_import.join()
+
+
+def compile_model(model: torch.nn.Module) -> None:
+    """`torch.compile` `model` in place (state_dict keys stay those of the plain model) once `compiler_imported`; a
+    model compiled already stays as it is. dynamic=False: one static graph per batch shape it sees (the train batch,
+    the eval batch: GPU_EVAL_BATCH). Left to torch's automatic dynamic shapes, the ViT's eval graph, the second batch
+    size it saw, was compiled for any batch size: longer to compile."""
+    compiler_imported()
+    if model._compiled_call_impl is None:
+        model.compile(dynamic=False)

@@ -38,7 +38,7 @@ from fastestimator.trace.metric import Accuracy
 
 from apphub_vit.device_network import DeviceNetwork
 from apphub_vit.distributed import single_device
-from apphub_vit.hardware import Hardware, channels_last, compiler_imported
+from apphub_vit.hardware import Hardware, channels_last, compile_model
 from apphub_vit.runs import atomic_path
 from networks.resnet9 import ResNet9, WithFeatureMap
 from pipelines.batched import batched_cifar_ops, smooth_one_hot
@@ -119,8 +119,7 @@ def train_teacher(train: Dict[str, np.ndarray], eval_data: Dict[str, np.ndarray]
         # running as eager kernels in every student step. In place, as the student (state_dict keys unchanged), one
         # static graph for the student's batch. Its own training above stays eager: compiling that too cost more
         # start-up than it saved (docs/performance.md).
-        compiler_imported()  # (the compiler's imports that build_vit started, if still running)
-        teacher.compile(dynamic=False)
+        compile_model(teacher)
     seconds = time.perf_counter() - start
     print(f"apphub_vit: teacher accuracy {accuracy:.4f} on the eval images ({seconds:.1f} s)", flush=True)
     return {"model": teacher, "accuracy": accuracy, "seconds": seconds, "epochs": epochs, "reused": reused,

@@ -14,7 +14,7 @@ from fastestimator.schedule import EpochScheduler, cosine_decay
 from apphub_vit.device_network import DeviceNetwork
 from apphub_vit.distributed import DistributedUpdateOp, broadcast_from_main, single_device
 from apphub_vit.ema import EMAUpdate, WeightAverage
-from apphub_vit.hardware import Hardware, channels_last, compiler_imported, import_compiler_in_background
+from apphub_vit.hardware import Hardware, channels_last, compile_model, import_compiler_in_background
 from apphub_vit.recipes import Recipe
 from apphub_vit.teacher import DistillTargets, LocalityGuidance, TeacherLabels
 from networks.vit import ViTModel
@@ -47,8 +47,8 @@ def build_vit(model_name: str, num_classes: int, recipe: Recipe, hw: Hardware,
               init: Optional[Callable[[ViTModel], None]] = None) -> torch.nn.Module:
     """`fe.build` of the recipe's `ViTModel` with its optimiser, on one device (`distributed.single_device`). init:
     fills the fresh model's weights (a pretrained encoder, a saved model). With `hw.compile` the model is compiled
-    later, by `classifier_network` (`compile_model`), after the teacher has trained; the compiler's imports start now,
-    in the background."""
+    later, by `classifier_network` (`hardware.compile_model`), after the teacher has trained; the compiler's imports
+    start now, in the background."""
     no_decay: Set[int] = set()
     if hw.compile:
         import_compiler_in_background()
@@ -70,16 +70,6 @@ def build_vit(model_name: str, num_classes: int, recipe: Recipe, hw: Hardware,
                                    model_name=model_name, mixed_precision=hw.precision == "fp16"))
     broadcast_from_main(model)  # under torchrun: every rank starts from rank 0's weights
     return model
-
-
-def compile_model(model: torch.nn.Module) -> None:
-    """`torch.compile` `model` in place (state_dict keys stay those of the plain model), once the compiler's imports
-    that `build_vit` started are done; a model compiled already stays as it is. dynamic=False: the train batch and the
-    eval batch (GPU_EVAL_BATCH) each get a graph for their own shape. Left to torch's automatic dynamic shapes, the eval
-    graph, the second batch size the model saw, was compiled for any batch size: longer to compile."""
-    compiler_imported()
-    if model._compiled_call_impl is None:
-        model.compile(dynamic=False)
 
 
 def lr_schedule(recipe: Recipe, steps_per_epoch: int) -> Optional[Callable[[int], float]]:

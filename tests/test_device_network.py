@@ -361,7 +361,8 @@ def test_the_conv_stem_trains_compiled_with_the_fused_optimizer():
     dtype, device, and layout"), so `build_vit` gives those weights that layout on a GPU. This tiny model did not
     reproduce the refusal without the fix (its step passed on an H200), so the test checks the layout itself and
     that the compiled step trains the stem."""
-    from apphub_vit.training import build_vit, compile_model
+    from apphub_vit.hardware import compile_model
+    from apphub_vit.training import build_vit
     vit = VIT_RECIPES["vit"]
     recipe = replace(vit, model=replace(vit.model, num_layers=1, em_dim=32, num_heads=2, ff_dim=64))
     hw = resolve_hardware(recipe)  # the GPU defaults: bf16, compile

@@ -40,7 +40,7 @@ sync in an op, out of memory) is reported and the run goes on without the graph.
 every epoch and their tests: docs/cuda-graphs.md.
 """
 import gc
-from typing import Any, Dict, List, MutableMapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, MutableMapping, Optional, Sequence, Tuple
 
 import torch
 from fastestimator.network import BaseNetwork, TorchNetwork
@@ -131,6 +131,18 @@ class DeviceNetwork(TorchNetwork):
             model.to("cpu")
             if getattr(model, "current_optimizer", None) is not None:
                 self._move_optimizer_between_device(model.current_optimizer.state, "cpu")
+
+    def prewarm(self, batches: Mapping[str, Dict[str, Any]], epoch: int = 1) -> None:
+        """One step of each mode on its batch (`batches`: {mode: a batch as the pipeline gives it}), outside
+        FastEstimator's loop, updating nothing: no weight, no optimizer state, no step counted. What the steps call
+        under torch.compile is traced and compiled (or loaded from the cache) now, the train step's backward pass too:
+        its `DistributedUpdateOp` computes the gradients and drops them. FastEstimator's own warm-up in `fit()` runs
+        forward passes only, and left the backward's compilation to the first training step. The apps run this on
+        a thread beside the teacher's training (`apphub_vit.teacher.BesideTeacher`)."""
+        for mode, batch in batches.items():
+            with self(mode=mode, epoch=epoch, ds_id="", warmup=True):
+                self.ctx_state["prewarm"] = True
+                self.run_step(batch)
 
     def _get_effective_batch_input(self, batch: MutableMapping[str, Any]) -> Dict[str, Any]:
         if self.device.type == "cpu":

@@ -215,6 +215,10 @@ class DistributedUpdateOp(UpdateOp):
 
     def forward(self, data: Any, state: Dict[str, Any]) -> None:
         optimizer = self.model.current_optimizer
+        if state["warmup"] and state.get("prewarm") and self.gradients is None:
+            # `DeviceNetwork.prewarm`: the backward pass runs once, for what it compiles; no update
+            self._get_gradient(self._loss_preprocess(data), state["tape"])
+            return
         if state["warmup"] or self.gradients is not None or self.merge_grad > 1 or optimizer.scaler is not None:
             return super().forward(data, state)
         gradients = self._gradient_postprocess(self._get_gradient(self._loss_preprocess(data), state["tape"]))

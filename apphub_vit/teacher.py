@@ -20,10 +20,15 @@ linear from 0 to 0.4 over the first 5/24 of the run and back to 0, the six apphu
 on the device, no label smoothing. It is trained by its own FastEstimator Estimator before the ViT's, on the ViT's
 training images only (a validation split stays held out from it too), and saved beside the run (`TEACHER_FILE`), so
 that a resumed run reloads it instead of training it again.
+
+The student's step calls a frozen copy of it (`frozen_teacher`), built before the training and given the trained
+weights after it, so that the student's network can be built and its compiled graphs warmed up on another thread while
+the teacher trains (`BesideTeacher`; the apps' `build_vit_estimator`).
 """
 import os
+import threading
 import time
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import fastestimator as fe
 import numpy as np
@@ -33,6 +38,7 @@ from fastestimator.op.tensorop import TensorOp
 from fastestimator.op.tensorop.loss import CrossEntropy
 from fastestimator.op.tensorop.model import ModelOp, UpdateOp
 from fastestimator.schedule import EpochScheduler
+from fastestimator.trace import Trace
 from fastestimator.trace.adapt import LRScheduler
 from fastestimator.trace.metric import Accuracy
 
@@ -57,18 +63,89 @@ def teacher_lr(steps_per_epoch: int, epochs: int):
     return lambda step: float(np.interp(step, [0, peak, total], [0.0, TEACHER_LR, 0.0]))
 
 
+class BesideTeacher:
+    """`work()` on a thread of its own, started by `train_teacher` once the teacher's train step is a CUDA graph (or
+    will not be one): the apps build the student's network there and warm up its compiled graphs
+    (`DeviceNetwork.prewarm`) while the teacher's replayed steps keep the GPU busy. Started no sooner, because CUDA
+    calls of another thread during a capture can invalidate it. The work's random draws share the GPU's generator with
+    the teacher's augmentation, so the teacher's draws depend on the two threads' timing (a seed fixes the data order
+    of the student, not the teacher's augmentation, as GPU kernels already fix no result bit for bit)."""
+    def __init__(self, work: Callable[[], Any]) -> None:
+        self.work = work
+        self._thread: Optional[threading.Thread] = None
+        self._result: Any = None
+        self._error: Optional[BaseException] = None
+
+    def start(self) -> None:
+        """Start the work, once (later calls do nothing)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="apphub_vit-beside-teacher", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._result = self.work()
+        except BaseException as err:  # handed to the main thread by result()
+            self._error = err
+
+    def wait(self) -> None:
+        """Start the work if nothing did, and wait until it ends."""
+        self.start()
+        self._thread.join()
+
+    def result(self, fallback: Callable[[], Any]) -> Any:
+        """The work's result once it ends; where it raised, what `fallback()` returns on this thread, after saying
+        why (the work as the main thread would do it: an error of its own then surfaces here)."""
+        self.wait()
+        if self._error is None:
+            return self._result
+        print(f"apphub_vit: the work beside the teacher failed ({type(self._error).__name__}: "
+              f"{(str(self._error).splitlines() or [''])[0][:300]}); doing it now", flush=True)
+        return fallback()
+
+
+class _StartBeside(Trace):
+    """Starts a `BesideTeacher` after the teacher's first train step that left no capture to come (the step captured,
+    or its graph off or given up), at the first batch of an eval or test (a reused teacher), or at the end."""
+    def __init__(self, network: DeviceNetwork, beside: BesideTeacher) -> None:
+        super().__init__(mode=None)
+        self.network, self.beside = network, beside
+
+    def on_batch_end(self, data: Any) -> None:
+        if self.system.mode != "train" or self.network.graph_captures or not self.network.cuda_graph:
+            self.beside.start()
+
+    def on_end(self, data: Any) -> None:
+        self.beside.start()
+
+
+def frozen_teacher(num_classes: int, hw: Hardware, feature_map: bool = False) -> torch.nn.Module:
+    """The teacher as the student's step calls it: a ResNet-9 without gradients or optimiser (an `fe.build` model for a
+    `ModelOp`), channels_last on a GPU as the trained one, and with `feature_map` wrapped to give its map too,
+    (logits, map) (`WithFeatureMap`). `train_teacher` fills its weights."""
+    net = channels_last(ResNet9(num_classes), hw.gpu).requires_grad_(False)
+    # single_device as the trained model: on a host with several GPUs fe.build would wrap the frozen teacher in a
+    # DataParallel, whose scatter to every GPU the student's captured step cannot hold
+    return single_device(fe.build(model_fn=lambda: WithFeatureMap(net) if feature_map else net, optimizer_fn=None,
+                                  model_name="teacher"))
+
+
 def train_teacher(train: Dict[str, np.ndarray], eval_data: Dict[str, np.ndarray], num_classes: int, epochs: int,
                   hw: Hardware, mean: Sequence[float], std: Sequence[float], path: Optional[str] = None,
                   reuse: bool = False, train_steps_per_epoch: Optional[int] = None,
-                  feature_map: bool = False) -> Dict[str, Any]:
+                  feature_map: bool = False, frozen: Optional[torch.nn.Module] = None,
+                  beside: Optional[BesideTeacher] = None) -> Dict[str, Any]:
     """Train a ResNet-9 on `train` ({"x": uint8 [N, 32, 32, 3], "y": [N]}) for `epochs`, measure it on `eval_data`
-    after its last epoch, save it to `path` (if given) and return {"model": the frozen teacher (an `fe.build` model
-    without optimiser, for a `ModelOp`), "accuracy", "seconds", "epochs", "reused", "cuda_graph" (whether its train step
-    ran as a CUDA graph)}.
+    after its last epoch, save it to `path` (if given) and return {"model": the frozen teacher with its weights,
+    "accuracy", "seconds" (the training's), "epochs", "reused", "cuda_graph" (whether its train step ran as a CUDA
+    graph), "beside_wait_seconds" (how long it then waited for `beside`'s work; None without)}.
     reuse: load the teacher already at `path` (a resumed run's) instead of training one. Its train step is a CUDA graph
     where the student's may be one (`hw.cuda_graph`): its SGD is the fused one, which a graph can replay.
     feature_map: the returned teacher also gives its map for locality guidance, (logits, map) (`WithFeatureMap`).
-    With `hw.compile` the returned teacher is compiled (`torch.compile`, in place)."""
+    frozen: the `frozen_teacher` to return, given the trained weights (else one is built).
+    beside: started during the training (`BesideTeacher`), and waited for before the weights go into `frozen`, which
+    its work may be using.
+    With `hw.compile` the returned teacher is compiled (`torch.compile`, in place; already compiled, it stays so)."""
     start = time.perf_counter()
     model = single_device(fe.build(model_fn=lambda: channels_last(ResNet9(num_classes), hw.gpu),
                                    optimizer_fn=lambda p: torch.optim.SGD(p, lr=TEACHER_LR, momentum=0.9,
@@ -97,7 +174,8 @@ def train_teacher(train: Dict[str, np.ndarray], eval_data: Dict[str, np.ndarray]
     estimator = fe.Estimator(pipeline=pipeline, network=network, epochs=epochs, log_steps=0,
                              train_steps_per_epoch=train_steps_per_epoch,
                              traces=[LRScheduler(model=model, lr_fn=teacher_lr(steps, epochs)),
-                                     Accuracy(true_key="y", pred_key="y_pred")])
+                                     Accuracy(true_key="y", pred_key="y_pred")] +
+                             ([_StartBeside(network, beside)] if beside is not None else []))
     print(f"apphub_vit: distillation teacher (a ResNet-9): "
           f"{'evaluating the one saved by this run' if reused else f'training it, {epochs} epochs'}", flush=True)
     summary = estimator.test(summary="teacher") if reused else estimator.fit(summary="teacher")
@@ -107,11 +185,12 @@ def train_teacher(train: Dict[str, np.ndarray], eval_data: Dict[str, np.ndarray]
     if path and not reused:
         with atomic_path(path) as tmp:
             torch.save(model.state_dict(), tmp)
-    # single_device as the model above: on a host with several GPUs fe.build would wrap the frozen teacher in a
-    # DataParallel, whose scatter to every GPU the student's captured step cannot hold
-    frozen = model.requires_grad_(False)
-    teacher = single_device(fe.build(model_fn=lambda: WithFeatureMap(frozen) if feature_map else frozen,
-                                     optimizer_fn=None, model_name="teacher"))
+    seconds = time.perf_counter() - start
+    if beside is not None:
+        beside.wait()
+    waited = time.perf_counter() - start - seconds
+    teacher = frozen_teacher(num_classes, hw, feature_map) if frozen is None else frozen
+    (teacher.net if isinstance(teacher, WithFeatureMap) else teacher).load_state_dict(model.state_dict())
     if hw.compile:
         # Compiled as the student's step calls it: with locality guidance that is `WithFeatureMap`, which runs the
         # teacher's layers one by one, so compiling the ResNet-9 inside it would compile nothing that runs. Compiled,
@@ -120,10 +199,10 @@ def train_teacher(train: Dict[str, np.ndarray], eval_data: Dict[str, np.ndarray]
         # static graph for the student's batch. Its own training above stays eager: compiling that too cost more
         # start-up than it saved (docs/performance.md).
         compile_model(teacher)
-    seconds = time.perf_counter() - start
-    print(f"apphub_vit: teacher accuracy {accuracy:.4f} on the eval images ({seconds:.1f} s)", flush=True)
+    print(f"apphub_vit: teacher accuracy {accuracy:.4f} on the eval images ({seconds:.1f} s"
+          f"{f', then {waited:.1f} s for the work beside it' if beside is not None else ''})", flush=True)
     return {"model": teacher, "accuracy": accuracy, "seconds": seconds, "epochs": epochs, "reused": reused,
-            "cuda_graph": network.graph_captures > 0}
+            "cuda_graph": network.graph_captures > 0, "beside_wait_seconds": waited if beside is not None else None}
 
 
 class TeacherLabels(TensorOp):

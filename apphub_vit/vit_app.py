@@ -20,16 +20,22 @@ from apphub_vit.common import best_model_file, finish_estimator, load_weights, s
 from apphub_vit.data import class_names, dataset_arrays, hold_out, load_cifar
 from apphub_vit.ema import EvalWithAverage, WeightAverage
 from apphub_vit.encoder_io import ENCODER_FILE, EncoderMismatchError, EncoderSaver
-from apphub_vit.hardware import resolve_hardware
+from apphub_vit.hardware import compile_model, resolve_hardware
 from apphub_vit.prediction_grid import GRID_FILE, PredictionGrid
 from apphub_vit.recipes import CIFAR_AUGMENTS, MODEL_FIELDS, TEACHER_FIELDS, VIT_RECIPES, Recipe, RecipeBook
 from apphub_vit.records import RECORD_FILE
-from apphub_vit.teacher import TEACHER_FILE, train_teacher
+from apphub_vit.teacher import TEACHER_FILE, BesideTeacher, frozen_teacher, train_teacher
 from apphub_vit.training import build_vit, classifier_network, last_epoch_only, lr_schedule
 from networks.vit import ViTConfig
 from pipelines.batched import batched_cifar_ops
 from pipelines.cifar import CIFAR_MEAN, CIFAR_STD, cifar_pipeline
 from pipelines.loader import BatchLoader
+
+
+def first_batch(loader: BatchLoader) -> Dict[str, torch.Tensor]:
+    """The loader's first batch in the arrays' order, as its iteration would give it, without drawing an order (a
+    shuffled loader's draw would move the random stream the run's epochs draw from)."""
+    return loader.dataset[torch.arange(min(loader.images_per_batch, len(loader.dataset)), device=loader.device)]
 
 
 def vit_book(app: str) -> RecipeBook:
@@ -150,24 +156,42 @@ def build_vit_estimator(*, app: str, num_classes: int, dataset: str, data_dir: O
         augment_ops = []
 
     # 2. network (first the teacher's own, trained here on the same training images, when the recipe distils)
-    teacher = None
+    average = WeightAverage(model, recipe.ema) if recipe.ema and weights_path is None else None
+
+    def student_network(teacher_model: Optional[torch.nn.Module]) -> fe.Network:
+        return classifier_network(model, augment_ops, num_classes, recipe, hw,
+                                  train_label="y_soft" if recipe.mix_prob else "y",  # MixUpCutMix writes y_soft
+                                  teacher=teacher_model, average=average)
+
+    teacher = beside = None
     if distill:
-        def teach(reuse: bool) -> Dict[str, Any]:
+        frozen = frozen_teacher(num_classes, hw, feature_map=recipe.model.guide > 0)
+        if hw.compile and ranks.size == 1 and len(train_loader):
+            # The student's network is built, and its compiled graphs traced and compiled (or loaded from the cache),
+            # on a thread of its own while the teacher trains: on the frozen teacher it will call, whose weights
+            # come after the training. Else that work came after the teacher, in FastEstimator's warm-up and the first
+            # training step.
+            def student_prewarmed() -> fe.Network:
+                compile_model(frozen)
+                network = student_network(frozen)
+                network.prewarm({"train": first_batch(train_loader), "eval": first_batch(held_out)})
+                return network
+            beside = BesideTeacher(student_prewarmed)
+
+        def teach(reuse: bool, **kwargs: Any) -> Dict[str, Any]:
             return train_teacher(train_arrays, eval_arrays, num_classes, recipe.teacher_epochs, hw, CIFAR_MEAN,
                                  CIFAR_STD, path=os.path.join(save_dir, TEACHER_FILE), reuse=reuse,
                                  train_steps_per_epoch=run["train_steps_per_epoch"],
-                                 feature_map=recipe.model.guide > 0)
+                                 feature_map=recipe.model.guide > 0, **kwargs)
 
         if ranks.size == 1:
-            teacher = teach(folder.resume)
+            teacher = teach(folder.resume, frozen=frozen, beside=beside)
         else:  # under torchrun rank 0 trains (or on a resume reloads) and saves it, then the other ranks load that one
             trained: Dict[str, Any] = {}
             distributed.run_on_main(lambda: trained.update(teach(folder.resume)))
             teacher = trained if ranks.main else teach(True)
-    average = WeightAverage(model, recipe.ema) if recipe.ema and weights_path is None else None
-    network = classifier_network(model, augment_ops, num_classes, recipe, hw,
-                                 train_label="y_soft" if recipe.mix_prob else "y",  # MixUpCutMix writes y_soft
-                                 teacher=None if teacher is None else teacher["model"], average=average)
+    network = beside.result(fallback=lambda: student_network(teacher["model"])) if beside is not None else \
+        student_network(None if teacher is None else teacher["model"])
 
     # 3. estimator
     metrics: List[Any] = [Accuracy(true_key="y", pred_key="y_pred")]

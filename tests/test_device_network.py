@@ -106,6 +106,35 @@ def _halve_the_weights(model):
         p.mul_(0.5)  # in place, as load_state_dict and the EMA's swap write: a kept graph must see it
 
 
+def test_prewarm_runs_each_modes_step_and_the_backward_pass_but_updates_nothing():
+    """`DeviceNetwork.prewarm`: a train step's forward and backward pass (what a compiled model compiles, the backward
+    included) and an eval step, with every weight, the optimizer's state and the step count left as they were; then
+    the first real step trains as it would have. On a CPU, and on a GPU with the graph on."""
+    from apphub_vit.distributed import DistributedUpdateOp
+    gpu = torch.cuda.is_available()
+    torch.manual_seed(0)
+    model = fe.build(model_fn=lambda: torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(),
+                                                          torch.nn.Linear(32, 5)), optimizer_fn=_adamw if gpu else
+                     lambda p: torch.optim.AdamW(p, lr=1e-2))
+    network = DeviceNetwork(ops=[ModelOp(model=model, inputs="x", outputs="y_pred"),
+                                 CrossEntropy(inputs=("y_pred", "y"), outputs="ce", from_logits=True),
+                                 DistributedUpdateOp(model=model, loss_name="ce")], cuda_graph=gpu, graph_warmup=2)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    backward = []
+    model[0].weight.register_hook(lambda grad: backward.append(grad.shape))
+    batch = _batches(1)[0]
+    network.prewarm({"train": batch, "eval": batch})
+    assert backward == [(32, 16)]  # one backward pass, in the train step only
+    assert all(p.grad is None for p in model.parameters())
+    assert not model.current_optimizer.state and network.eager_train_steps == 0 and network.graph_captures == 0
+    for key, value in model.state_dict().items():
+        assert torch.equal(value.cpu(), before[key].cpu()), key
+    with network(mode="train", epoch=1, ds_id="", desired_output_keys={"ce"}):
+        network.run_step(batch)
+    assert backward == [(32, 16)] * 2 and network.eager_train_steps == int(gpu)  # (counted on a GPU only)
+    assert not torch.equal(model[0].weight.detach().cpu(), before["0.weight"].cpu())  # the real step updates
+
+
 @needs_cuda
 @pytest.mark.parametrize("keep_on_device, captures", [(True, 1), (False, 3)])
 def test_graph_steps_match_uncaptured_steps_across_epochs_and_learning_rates(keep_on_device, captures):

@@ -3,6 +3,7 @@ reference script's, the distillation targets, the student's loss, and the app's 
 import functools
 import importlib.util
 import json
+import time
 from dataclasses import replace
 
 import fastestimator as fe
@@ -16,7 +17,8 @@ from apphub_vit import teacher as teacher_module
 from apphub_vit.hardware import resolve_hardware
 from apphub_vit.recipes import VIT_RECIPES
 from apphub_vit.records import RECORD_FILE
-from apphub_vit.teacher import TEACHER_FILE, DistillTargets, LocalityGuidance, TeacherLabels, teacher_lr, train_teacher
+from apphub_vit.teacher import (TEACHER_FILE, BesideTeacher, DistillTargets, LocalityGuidance, TeacherLabels,
+                                frozen_teacher, teacher_lr, train_teacher)
 from apphub_vit.training import build_vit, classifier_network
 from apphub_vit.vit_app import vit_book
 from networks.resnet9 import MAP_CHANNELS, MAP_LAYERS, ResNet9, WithFeatureMap
@@ -286,10 +288,63 @@ def test_the_teacher_learns_saves_itself_and_a_resumed_run_reuses_it(tmp_path, m
     model = trained["model"]
     assert model.current_optimizer is None and not any(p.requires_grad for p in model.parameters())
     saved = torch.load(path, weights_only=True)
+    for key, value in model.state_dict().items():  # the frozen teacher it returns holds the weights it trained
+        assert torch.equal(value.cpu(), saved[key]), key
     again = train_teacher(_arrays(64, 0), _arrays(64, 1), 2, 20, hw, CIFAR_MEAN, CIFAR_STD, path=path, reuse=True)
     assert again["reused"] and again["accuracy"] == trained["accuracy"]
     for key, value in again["model"].state_dict().items():
         assert torch.equal(value.cpu(), saved[key]), key
+
+
+def test_the_work_beside_the_teacher_starts_once_its_step_is_captured_and_ends_before_its_weights_go_in(monkeypatch):
+    """`train_teacher(beside=...)` starts the work on a thread of its own after the teacher's first train step that
+    leaves no capture to come (on a GPU the fourth, which captures the graph: CUDA calls of another thread during a
+    capture can invalidate it; on a CPU the first), and waits for it before it fills the `frozen` teacher the work may be
+    using, which it returns with the trained weights."""
+    import threading
+    monkeypatch.setattr(teacher_module, "ResNet9", functools.partial(ResNet9, width=16))
+    hw = resolve_hardware(VIT_RECIPES["vit"], precision="fp32")
+    frozen = frozen_teacher(2, hw)
+    initial = {k: v.clone() for k, v in frozen.state_dict().items()}
+    steps, seen = [], {}
+    real_run_step = teacher_module.DeviceNetwork.run_step
+
+    def counting(network, batch):
+        steps.append("warm-up" if network.ctx_state["warmup"] else network.ctx_state["mode"])
+        return real_run_step(network, batch)
+
+    monkeypatch.setattr(teacher_module.DeviceNetwork, "run_step", counting)
+
+    def work():
+        seen.update(thread=threading.current_thread().name, at_step=steps.count("train"))
+        while "eval" not in steps:  # until the teacher's training is over, and a while after
+            time.sleep(0.01)
+        time.sleep(0.5)
+        seen["untouched"] = all(torch.equal(v, initial[k]) for k, v in frozen.state_dict().items())
+        return "done"
+
+    beside = BesideTeacher(work)
+    real_start = beside.start
+    monkeypatch.setattr(beside, "start", lambda: seen.setdefault("started_at", steps.count("train")) and None or
+                        real_start())
+    trained = train_teacher(_arrays(32, 0), _arrays(32, 1), 2, 3, hw, CIFAR_MEAN, CIFAR_STD, frozen=frozen,
+                            beside=beside)
+    first = 4 if hw.cuda_graph else 1  # DeviceNetwork's graph_warmup (3) eager steps, then the capture
+    assert seen["started_at"] == first and seen["at_step"] >= first and seen["thread"] != "MainThread"
+    assert seen["untouched"] and beside.result(fallback=lambda: "fallback") == "done"
+    assert trained["model"] is frozen and not all(torch.equal(v, initial[k]) for k, v in frozen.state_dict().items())
+
+
+def test_the_work_beside_the_teacher_that_fails_is_done_again_on_the_main_thread(capsys):
+    """A failure of the work on its thread is not the run's end: `result` says why and returns what the fallback, the
+    same work on the main thread, gives (where the work is wrong, its error then surfaces there)."""
+    def fails():
+        raise RuntimeError("not on this thread")
+
+    beside = BesideTeacher(fails)
+    assert beside.result(fallback=lambda: "again") == "again"
+    assert "the work beside the teacher failed (RuntimeError: not on this thread); doing it now" in \
+        capsys.readouterr().out
 
 
 def test_the_app_trains_the_teacher_records_it_reuses_it_on_resume_and_never_overwrites_it(tmp_path, capsys):

@@ -65,11 +65,12 @@ def teacher_lr(steps_per_epoch: int, epochs: int):
 
 class BesideTeacher:
     """`work()` on a thread of its own, started by `train_teacher` once the teacher's train step is a CUDA graph (or
-    will not be one): the apps build the student's network there and warm up its compiled graphs
-    (`DeviceNetwork.prewarm`) while the teacher's replayed steps keep the GPU busy. Started no sooner, because CUDA
-    calls of another thread during a capture can invalidate it. The work's random draws share the GPU's generator with
-    the teacher's augmentation, so the teacher's draws depend on the two threads' timing (a seed fixes the data order
-    of the student, not the teacher's augmentation, as GPU kernels already fix no result bit for bit)."""
+    will not be one): there the apps (with `vit_app.BESIDE_TEACHER`) build the student's network and warm up its
+    compiled graphs (`DeviceNetwork.prewarm`) while the teacher's replayed steps keep the GPU busy. Started no sooner:
+    CUDA calls of another thread during a capture can invalidate it. The work's random draws come from the GPU's
+    generator, as the teacher's data order and augmentation do, so those depend on the two threads' timing: a seed
+    then fixes the student's initial weights and data order (the work draws as much whenever it runs), not the
+    teacher's draws (GPU kernels already fix no result bit for bit)."""
     def __init__(self, work: Callable[[], Any]) -> None:
         self.work = work
         self._thread: Optional[threading.Thread] = None

@@ -32,6 +32,13 @@ from pipelines.cifar import CIFAR_MEAN, CIFAR_STD, cifar_pipeline
 from pipelines.loader import BatchLoader
 
 
+# Whether a compiling app builds and warms up the student's network beside the teacher's training (`BesideTeacher`).
+# Off until a GPU has timed it against the path it would replace: on a GPU the thread's tracing competes with the
+# teacher's training loop for the interpreter, which could cost the teacher what the overlap saves
+# (docs/performance.md, "Next to run").
+BESIDE_TEACHER = False
+
+
 def first_batch(loader: BatchLoader) -> Dict[str, torch.Tensor]:
     """The loader's first batch in the arrays' order, as its iteration would give it, without drawing an order (a
     shuffled loader's draw would move the random stream the run's epochs draw from)."""
@@ -166,11 +173,11 @@ def build_vit_estimator(*, app: str, num_classes: int, dataset: str, data_dir: O
     teacher = beside = None
     if distill:
         frozen = frozen_teacher(num_classes, hw, feature_map=recipe.model.guide > 0)
-        if hw.compile and ranks.size == 1 and len(train_loader):
+        if BESIDE_TEACHER and hw.compile and ranks.size == 1 and len(train_loader):
             # The student's network is built, and its compiled graphs traced and compiled (or loaded from the cache),
             # on a thread of its own while the teacher trains: on the frozen teacher it will call, whose weights
-            # come after the training. Else that work came after the teacher, in FastEstimator's warm-up and the first
-            # training step.
+            # come after the training. Else that work comes after the teacher, in FastEstimator's warm-up and the
+            # first training step.
             def student_prewarmed() -> fe.Network:
                 compile_model(frozen)
                 network = student_network(frozen)

@@ -148,11 +148,31 @@ def test_the_app_says_so_when_it_compiles(tmp_path):
     assert pretrain.get_estimator(**tiny, compile=False, save_dir=str(tmp_path / "off")).warmup_note is None
 
 
+def test_the_app_compiles_after_the_teacher_has_trained(monkeypatch, tmp_path):
+    """The apps' first use of torch.compile, which imports the compiler (seconds), comes after the teacher's training:
+    those imports run in the background meanwhile (`import_compiler_in_background`). Before, the model was compiled as
+    it was built and the augmentation chain as its op was made, both before the data loaded, and the main thread
+    waited for the imports there."""
+    from apphub_vit import finetune, vit_app
+    events: List[str] = []
+    real_compile, real_teacher = torch.compile, vit_app.train_teacher
+    monkeypatch.setattr(torch, "compile", lambda *args, **kwargs: events.append("compile") or
+                        real_compile(*args, **kwargs))
+    monkeypatch.setattr(vit_app, "train_teacher", lambda *args, **kwargs: events.append("teacher") or
+                        real_teacher(*args, **kwargs))
+    monkeypatch.setattr(teacher_module, "ResNet9", functools.partial(ResNet9, width=16))  # seconds on a CPU
+    finetune.get_estimator(from_scratch=True, epochs=1, batch_size=16, train_steps_per_epoch=1, eval_steps_per_epoch=1,
+                           teacher_epochs=1, synthetic_size=[32, 16], dataset="synthetic", num_layers=1, em_dim=16,
+                           num_heads=2, ff_dim=32, compile=True, save_dir=str(tmp_path))
+    assert events[0] == "teacher" and "compile" in events  # the model and the teacher compiled; the chain at its call
+
+
 def test_the_app_compiles_its_graphs_beside_the_teacher_and_fit_compiles_none(graphs, monkeypatch, tmp_path):
-    """With a teacher, the student's network is built and warmed up on a thread of its own while the teacher trains
-    (`BesideTeacher`, `DeviceNetwork.prewarm`): every graph is compiled there, after the teacher's training began, and
-    FastEstimator's warm-up and the training that follow find each of them ready, compiling none. Before, the model
-    and the chain were compiled after the teacher, in `fit()`'s warm-up and first step."""
+    """With a teacher and `vit_app.BESIDE_TEACHER` on, the student's network is built and warmed up on a thread of its
+    own while the teacher trains (`BesideTeacher`, `DeviceNetwork.prewarm`): every graph is compiled there, after the
+    teacher's training began, and FastEstimator's warm-up and the training that follow find each of them ready,
+    compiling none. Off (the default until a GPU has timed it), the model and the chain are compiled after the
+    teacher, in `fit()`'s warm-up and first step."""
     import threading
     from apphub_vit import finetune, vit_app
     events: List[tuple] = []
@@ -162,6 +182,7 @@ def test_the_app_compiles_its_graphs_beside_the_teacher_and_fit_compiles_none(gr
     monkeypatch.setattr(vit_app, "train_teacher", lambda *args, **kwargs: events.append(
         ("teacher", threading.current_thread().name)) or real_teacher(*args, **kwargs))
     monkeypatch.setattr(teacher_module, "ResNet9", functools.partial(ResNet9, width=16))  # seconds on a CPU
+    monkeypatch.setattr(vit_app, "BESIDE_TEACHER", True)
     estimator = finetune.get_estimator(from_scratch=True, epochs=1, batch_size=16, train_steps_per_epoch=2,
                                        eval_steps_per_epoch=1, teacher_epochs=1, synthetic_size=[32, 16],
                                        dataset="synthetic", num_layers=1, em_dim=16, num_heads=2, ff_dim=32,

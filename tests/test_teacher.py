@@ -299,8 +299,8 @@ def test_the_teacher_learns_saves_itself_and_a_resumed_run_reuses_it(tmp_path, m
 def test_the_work_beside_the_teacher_starts_once_its_step_is_captured_and_ends_before_its_weights_go_in(monkeypatch):
     """`train_teacher(beside=...)` starts the work on a thread of its own after the teacher's first train step that
     leaves no capture to come (on a GPU the fourth, which captures the graph: CUDA calls of another thread during a
-    capture can invalidate it; on a CPU the first), and waits for it before it fills the `frozen` teacher the work may be
-    using, which it returns with the trained weights."""
+    capture can invalidate it; on a CPU the first), and waits for it before it fills the `frozen` teacher the work may
+    be using, which it returns with the trained weights."""
     import threading
     monkeypatch.setattr(teacher_module, "ResNet9", functools.partial(ResNet9, width=16))
     hw = resolve_hardware(VIT_RECIPES["vit"], precision="fp32")

@@ -172,18 +172,21 @@ def build_vit_estimator(*, app: str, num_classes: int, dataset: str, data_dir: O
 
     teacher = beside = None
     if distill:
-        frozen = frozen_teacher(num_classes, hw, feature_map=recipe.model.guide > 0)
+        alongside: Dict[str, Any] = {}  # train_teacher's frozen teacher and work beside it, where there is work
         if BESIDE_TEACHER and hw.compile and ranks.size == 1 and len(train_loader):
             # The student's network is built, and its compiled graphs traced and compiled (or loaded from the cache),
             # on a thread of its own while the teacher trains: on the frozen teacher it will call, whose weights
             # come after the training. Else that work comes after the teacher, in FastEstimator's warm-up and the
             # first training step.
+            frozen = frozen_teacher(num_classes, hw, feature_map=recipe.model.guide > 0)
+
             def student_prewarmed() -> fe.Network:
                 compile_model(frozen)
                 network = student_network(frozen)
                 network.prewarm({"train": first_batch(train_loader), "eval": first_batch(held_out)})
                 return network
             beside = BesideTeacher(student_prewarmed)
+            alongside = dict(frozen=frozen, beside=beside)
 
         def teach(reuse: bool, **kwargs: Any) -> Dict[str, Any]:
             return train_teacher(train_arrays, eval_arrays, num_classes, recipe.teacher_epochs, hw, CIFAR_MEAN,
@@ -192,7 +195,7 @@ def build_vit_estimator(*, app: str, num_classes: int, dataset: str, data_dir: O
                                  feature_map=recipe.model.guide > 0, **kwargs)
 
         if ranks.size == 1:
-            teacher = teach(folder.resume, frozen=frozen, beside=beside)
+            teacher = teach(folder.resume, **alongside)
         else:  # under torchrun rank 0 trains (or on a resume reloads) and saves it, then the other ranks load that one
             trained: Dict[str, Any] = {}
             distributed.run_on_main(lambda: trained.update(teach(folder.resume)))

@@ -48,7 +48,7 @@ from apphub_vit.hardware import Hardware, channels_last, compile_model
 from apphub_vit.runs import atomic_path
 from networks.resnet9 import ResNet9, WithFeatureMap
 from pipelines.batched import batched_cifar_ops, smooth_one_hot
-from pipelines.loader import BatchLoader
+from pipelines.loader import Array, BatchLoader
 
 TEACHER_FILE = "teacher_resnet9.pt"
 TEACHER_BATCH = 512
@@ -131,15 +131,16 @@ def frozen_teacher(num_classes: int, hw: Hardware, feature_map: bool = False) ->
                                   model_name="teacher"))
 
 
-def train_teacher(train: Dict[str, np.ndarray], eval_data: Dict[str, np.ndarray], num_classes: int, epochs: int,
+def train_teacher(train: Dict[str, Array], eval_data: Dict[str, Array], num_classes: int, epochs: int,
                   hw: Hardware, mean: Sequence[float], std: Sequence[float], path: Optional[str] = None,
                   reuse: bool = False, train_steps_per_epoch: Optional[int] = None,
                   feature_map: bool = False, frozen: Optional[torch.nn.Module] = None,
                   beside: Optional[BesideTeacher] = None) -> Dict[str, Any]:
-    """Train a ResNet-9 on `train` ({"x": uint8 [N, 32, 32, 3], "y": [N]}) for `epochs`, measure it on `eval_data`
-    after its last epoch, save it to `path` (if given) and return {"model": the frozen teacher with its weights,
-    "accuracy", "seconds" (the training's), "epochs", "reused", "cuda_graph" (whether its train step ran as a CUDA
-    graph), "beside_wait_seconds" (how long it then waited for `beside`'s work; None without)}.
+    """Train a ResNet-9 on `train` ({"x": uint8 [N, 32, 32, 3], "y": [N]}: numpy arrays, or tensors, which its loaders
+    share where they are on the device already) for `epochs`, measure it on `eval_data` after its last epoch, save it
+    to `path` (if given) and return {"model": the frozen teacher with its weights, "accuracy", "seconds" (the
+    training's), "epochs", "reused", "cuda_graph" (whether its train step ran as a CUDA graph), "beside_wait_seconds"
+    (how long it then waited for `beside`'s work; None without)}.
     reuse: load the teacher already at `path` (a resumed run's) instead of training one. Its train step is a CUDA graph
     where the student's may be one (`hw.cuda_graph`): its SGD is the fused one, which a graph can replay.
     feature_map: the returned teacher also gives its map for locality guidance, (logits, map) (`WithFeatureMap`).

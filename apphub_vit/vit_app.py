@@ -29,7 +29,7 @@ from apphub_vit.training import build_vit, classifier_network, last_epoch_only, 
 from networks.vit import ViTConfig
 from pipelines.batched import batched_cifar_ops
 from pipelines.cifar import CIFAR_MEAN, CIFAR_STD, cifar_pipeline
-from pipelines.loader import BatchLoader
+from pipelines.loader import BatchLoader, device_arrays
 
 
 # Whether a compiling app builds and warms up the student's network beside the teacher's training (`BesideTeacher`).
@@ -145,7 +145,9 @@ def build_vit_estimator(*, app: str, num_classes: int, dataset: str, data_dir: O
     train_data, eval_data = hold_out(train_data, validation) if validation else (train_data, test_data)
     train_loader = train_arrays = eval_arrays = None
     if hw.device_augment:
-        train_arrays, eval_arrays = dataset_arrays(train_data), dataset_arrays(eval_data)  # also the teacher's data
+        # on the device once, for the student's loaders and the teacher's alike
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        train_arrays, eval_arrays = (device_arrays(dataset_arrays(data), device) for data in (train_data, eval_data))
         held_out = BatchLoader(eval_arrays, hw.eval_batch_size, shuffle=False)
         test = (held_out if eval_data is test_data
                 else BatchLoader(dataset_arrays(test_data), hw.eval_batch_size, shuffle=False))

@@ -125,6 +125,30 @@ def test_mixup_cutmix_needs_num_classes():
     assert MixUpCutMix(("x", "y"), ("x", "y_soft"), num_classes=3).mode == {"train"}
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_batch_loaders_hold_their_arrays_contiguous_on_the_device_and_share_tensors_given_there(device):
+    """Arrays in any memory order (CIFAR's images: an NHWC view of the files' NCHW planes; reversed axes; read-only)
+    become contiguous tensors on the loader's device with the same values, so batches are as from a contiguous copy;
+    tensors already there are shared, not copied: the apps' student and teacher loaders hold one copy of the data."""
+    from pipelines.loader import device_arrays
+    planes = np.random.default_rng(0).integers(0, 256, (12, 3, 32, 32), dtype=np.uint8)
+    frozen = planes.copy()
+    frozen.flags.writeable = False
+    labels = np.arange(12)
+    device = torch.device(device)
+    for images in (planes.transpose(0, 2, 3, 1), planes[::-1].transpose(0, 2, 3, 1), frozen.transpose(0, 2, 3, 1)):
+        loader = BatchLoader({"x": images, "y": labels}, 5, shuffle=False, device=device)
+        held = loader.dataset.arrays["x"]
+        assert held.device.type == device.type and held.is_contiguous()
+        batches = list(loader)
+        assert torch.equal(torch.cat([b["x"] for b in batches]).cpu(), torch.from_numpy(np.ascontiguousarray(images)))
+        assert batches[0]["x"].is_contiguous()
+    shared = device_arrays({"x": planes.transpose(0, 2, 3, 1), "y": labels}, device)
+    student, teacher = (BatchLoader(shared, 4, shuffle=True, device=device) for _ in range(2))
+    assert student.dataset.arrays["x"].data_ptr() == teacher.dataset.arrays["x"].data_ptr() \
+        == shared["x"].data_ptr()
+
+
 def test_batch_loader_yields_whole_shuffled_batches_of_every_sample():
     arrays = {"x": np.arange(10)[:, None].repeat(3, 1).astype(np.uint8), "y": np.arange(10)}
     loader = BatchLoader(arrays, batch_size=4, shuffle=True, device=torch.device("cpu"))

@@ -86,6 +86,25 @@ def test_load_cifar_synthetic_gives_numpy_datasets():
     assert sample["x"].shape == (32, 32, 3) and 0 <= int(sample["y"]) < 10
 
 
+def test_the_arrays_of_a_loaded_dataset_come_back_without_restacking_and_as_its_samples(tmp_path):
+    """`dataset_arrays` of what `load_cifar` reads hands back the arrays it was made from (stacking 50,000 samples back
+    was about a second of the apps' start-up), equal to each sample; a dataset split since (fewer samples) is stacked
+    back from what it holds. Every image as the files hold it, across all five training files."""
+    written = _write_cifar10(tmp_path / "cifar-10-batches-py")
+    train, test = load_cifar(10, "cifair10", data_dir=str(tmp_path))
+    arrays = data_mod.dataset_arrays(train)
+    assert arrays["x"] is train.arrays["x"] and arrays["x"].shape == (100, 32, 32, 3)
+    files = np.concatenate([written[f"data_batch_{i}"][0] for i in range(1, 6)]).reshape(-1, 3, 32, 32)
+    assert np.array_equal(arrays["x"], files.transpose(0, 2, 3, 1))  # R, G, B planes -> HWC, file after file
+    for i in (0, 37, 99):
+        assert np.array_equal(train[i]["x"], arrays["x"][i]) and train[i]["y"] == arrays["y"][i]
+    part = train.split(0.5)  # FastEstimator's split takes samples out of `train`
+    assert len(train) == 50
+    left = data_mod.dataset_arrays(train)
+    assert left["x"].shape == (50, 32, 32, 3) and np.array_equal(left["x"][0], train[0]["x"])
+    assert len(data_mod.dataset_arrays(part)["y"]) == 50 and len(data_mod.dataset_arrays(test)["y"]) == 20
+
+
 @pytest.mark.parametrize("layout", ["cifar-10-batches-py", "ciFAIR-10", "ciFAIR10/ciFAIR-10", ""])
 def test_data_dir_reads_cifar10_in_every_layout(tmp_path, layout):
     folder = tmp_path / layout if layout else tmp_path / "flat"

@@ -45,7 +45,7 @@ from fastestimator.trace.metric import Accuracy
 from apphub_vit.device_network import DeviceNetwork
 from apphub_vit.distributed import single_device
 from apphub_vit.hardware import Hardware, channels_last, compile_model
-from apphub_vit.runs import atomic_path
+from apphub_vit.runs import AppEstimator, atomic_path
 from networks.resnet9 import ResNet9, WithFeatureMap
 from pipelines.batched import batched_cifar_ops, smooth_one_hot
 from pipelines.loader import Array, BatchLoader
@@ -173,7 +173,10 @@ def train_teacher(train: Dict[str, Array], eval_data: Dict[str, Array], num_clas
     pipeline = fe.Pipeline(train_data=BatchLoader(train, batch, shuffle=True, drop_last=True),
                            eval_data=EpochScheduler({1: None, epochs: held_out}) if epochs > 1 else held_out,
                            test_data=held_out)
-    estimator = fe.Estimator(pipeline=pipeline, network=network, epochs=epochs, log_steps=0,
+    # AppEstimator, as the student's: FastEstimator's full garbage collection after every epoch scans only what that
+    # epoch made (gc.freeze), not the whole heap, which the compiler's imports beside the teacher make larger; and the
+    # network unloaded at the end (its optimizer's state off the GPU; the model moves back as the student's runs)
+    estimator = AppEstimator(pipeline=pipeline, network=network, epochs=epochs, log_steps=0,
                              train_steps_per_epoch=train_steps_per_epoch,
                              traces=[LRScheduler(model=model, lr_fn=teacher_lr(steps, epochs)),
                                      Accuracy(true_key="y", pred_key="y_pred")] +
@@ -181,7 +184,6 @@ def train_teacher(train: Dict[str, Array], eval_data: Dict[str, Array], num_clas
     print(f"apphub_vit: distillation teacher (a ResNet-9): "
           f"{'evaluating the one saved by this run' if reused else f'training it, {epochs} epochs'}", flush=True)
     summary = estimator.test(summary="teacher") if reused else estimator.fit(summary="teacher")
-    network.unload()  # its optimizer's state off the GPU; the model moves back as the student's network runs
     history = summary.history["test" if reused else "eval"]["accuracy"]
     accuracy = float(history[max(history)])  # the last evaluation's
     if path and not reused:

@@ -25,9 +25,8 @@ from fastestimator.util.util import to_number
 
 from apphub_vit import options
 from apphub_vit.common import best_model_file, finish_estimator, load_weights, run_options, start_run, synthetic_sizes
-from apphub_vit.distributed import single_device
 from apphub_vit.mnist_data import load_mnist
-from apphub_vit.runs import atomic_path
+from apphub_vit.runs import atomic_path, build_model
 from networks.baselines import MnistDecoder, MnistEncoder
 from pipelines.mnist import mnist_pipeline
 
@@ -115,8 +114,8 @@ def get_estimator(epochs: int = 10,
             return model
         return model_fn
 
-    encoder, decoder = (single_device(fe.build(model_fn=builder(n), optimizer_fn=lambda p: torch.optim.Adam(p, lr=lr),
-                                               model_name=n)) for n in names)
+    encoder, decoder = (build_model(model_fn=builder(n), optimizer_fn=lambda p: torch.optim.Adam(p, lr=lr),
+                                    model_name=n) for n in names)
 
     # 1. pipeline: x is [784] floats in [0, 1], both the input and the reconstruction target; the held-out digits are
     #    both the eval and the test data

@@ -13,8 +13,8 @@ from fastestimator.trace.metric import Accuracy
 from apphub_vit import options
 from apphub_vit.common import best_model_file, finish_estimator, load_weights, run_options, start_run, synthetic_sizes
 from apphub_vit.data import class_names, load_cifar
-from apphub_vit.distributed import single_device
 from apphub_vit.prediction_grid import GRID_FILE, PredictionGrid
+from apphub_vit.runs import build_model
 from networks.baselines import adam_on_trainable
 from networks.util import count_parameters
 from pipelines.imagenet import IMAGENET_MEAN, IMAGENET_STD, imagenet_pipeline
@@ -44,7 +44,7 @@ def build_classifier_estimator(*, model_name: str, model_fn: Callable[[], torch.
         return model
 
     # The model before the data: missing weights should fail in seconds, not after reading CIFAR.
-    model = single_device(fe.build(model_fn=build, optimizer_fn=adam_on_trainable(lr), model_name=model_name))
+    model = build_model(model_fn=build, optimizer_fn=adam_on_trainable(lr), model_name=model_name)
     count = count_parameters(model)
     print(f"{model_name}: {count['trainable']:,} trainable of {count['total']:,} parameters")
 

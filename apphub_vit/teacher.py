@@ -43,9 +43,8 @@ from fastestimator.trace.adapt import LRScheduler
 from fastestimator.trace.metric import Accuracy
 
 from apphub_vit.device_network import DeviceNetwork
-from apphub_vit.distributed import single_device
 from apphub_vit.hardware import Hardware, channels_last, compile_model
-from apphub_vit.runs import AppEstimator, atomic_path
+from apphub_vit.runs import AppEstimator, atomic_path, build_model
 from networks.resnet9 import ResNet9, WithFeatureMap
 from pipelines.batched import batched_cifar_ops, smooth_one_hot
 from pipelines.loader import Array, BatchLoader
@@ -125,10 +124,10 @@ def frozen_teacher(num_classes: int, hw: Hardware, feature_map: bool = False) ->
     `ModelOp`), channels_last on a GPU as the trained one, and with `feature_map` wrapped to give its map too,
     (logits, map) (`WithFeatureMap`). `train_teacher` fills its weights."""
     net = channels_last(ResNet9(num_classes), hw.gpu).requires_grad_(False)
-    # single_device as the trained model: on a host with several GPUs fe.build would wrap the frozen teacher in a
-    # DataParallel, whose scatter to every GPU the student's captured step cannot hold
-    return single_device(fe.build(model_fn=lambda: WithFeatureMap(net) if feature_map else net, optimizer_fn=None,
-                                  model_name="teacher"))
+    # on one device (build_model) as the trained model: on a host with several GPUs fe.build would wrap the frozen
+    # teacher in a DataParallel, whose scatter to every GPU the student's captured step cannot hold
+    return build_model(model_fn=lambda: WithFeatureMap(net) if feature_map else net, optimizer_fn=None,
+                       model_name="teacher")
 
 
 def train_teacher(train: Dict[str, Array], eval_data: Dict[str, Array], num_classes: int, epochs: int,
@@ -149,12 +148,10 @@ def train_teacher(train: Dict[str, Array], eval_data: Dict[str, Array], num_clas
     its work may be using.
     With `hw.compile` the returned teacher is compiled (`torch.compile`, in place; already compiled, it stays so)."""
     start = time.perf_counter()
-    model = single_device(fe.build(model_fn=lambda: channels_last(ResNet9(num_classes), hw.gpu),
-                                   optimizer_fn=lambda p: torch.optim.SGD(p, lr=TEACHER_LR, momentum=0.9,
-                                                                          nesterov=True,
-                                                                          weight_decay=TEACHER_WEIGHT_DECAY,
-                                                                          fused=hw.gpu),
-                                   model_name="teacher"))
+    model = build_model(model_fn=lambda: channels_last(ResNet9(num_classes), hw.gpu),
+                        optimizer_fn=lambda p: torch.optim.SGD(p, lr=TEACHER_LR, momentum=0.9, nesterov=True,
+                                                               weight_decay=TEACHER_WEIGHT_DECAY, fused=hw.gpu),
+                        model_name="teacher")
     reused = bool(reuse and path and os.path.exists(path))
     if reused:
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))

@@ -12,10 +12,11 @@ from fastestimator.op.tensorop.model import ModelOp
 from fastestimator.schedule import EpochScheduler, cosine_decay
 
 from apphub_vit.device_network import DeviceNetwork
-from apphub_vit.distributed import DistributedUpdateOp, broadcast_from_main, single_device
+from apphub_vit.distributed import DistributedUpdateOp, broadcast_from_main
 from apphub_vit.ema import EMAUpdate, WeightAverage
 from apphub_vit.hardware import Hardware, channels_last, compile_model, import_compiler_in_background
 from apphub_vit.recipes import Recipe
+from apphub_vit.runs import build_model
 from apphub_vit.teacher import DistillTargets, LocalityGuidance, TeacherLabels
 from networks.vit import ViTModel
 from pipelines.batched import smooth_one_hot
@@ -45,7 +46,7 @@ def make_optimizer(recipe: Recipe, capturable: bool = False, no_decay: Optional[
 
 def build_vit(model_name: str, num_classes: int, recipe: Recipe, hw: Hardware,
               init: Optional[Callable[[ViTModel], None]] = None) -> torch.nn.Module:
-    """`fe.build` of the recipe's `ViTModel` with its optimiser, on one device (`distributed.single_device`). init:
+    """`fe.build` of the recipe's `ViTModel` with its optimiser, on one device (`runs.build_model`). init:
     fills the fresh model's weights (a pretrained encoder, a saved model). With `hw.compile` the model is compiled
     later, by `classifier_network` (`hardware.compile_model`), after the teacher has trained; the compiler's imports
     start now, in the background."""
@@ -66,8 +67,8 @@ def build_vit(model_name: str, num_classes: int, recipe: Recipe, hw: Hardware,
             model = channels_last(model, hw.gpu)
         return model
 
-    model = single_device(fe.build(model_fn=model_fn, optimizer_fn=make_optimizer(recipe, hw.cuda_graph, no_decay),
-                                   model_name=model_name, mixed_precision=hw.precision == "fp16"))
+    model = build_model(model_fn=model_fn, optimizer_fn=make_optimizer(recipe, hw.cuda_graph, no_decay),
+                        model_name=model_name, mixed_precision=hw.precision == "fp16")
     broadcast_from_main(model)  # under torchrun: every rank starts from rank 0's weights
     return model
 

@@ -662,6 +662,30 @@ def test_fit_freezes_what_outlives_an_epoch_and_unfreezes_at_the_end(tmp_path):
     assert gc.get_freeze_count() == 0
 
 
+def test_building_a_model_collects_only_the_garbage_it_made(monkeypatch):
+    """FastEstimator's `fe.build` runs a full gc.collect(); `runs.build_model` keeps it off the objects that exist
+    already (frozen for the call, unfrozen after), and inside a frozen stretch leaves the freezing as it is."""
+    import gc
+
+    import fastestimator.network
+    from apphub_vit.runs import build_model
+    seen = []
+    real_collect = fastestimator.network.gc.collect
+    monkeypatch.setattr(fastestimator.network.gc, "collect",
+                        lambda *args: seen.append(gc.get_freeze_count()) or real_collect(*args))
+    gc.unfreeze()
+    model = build_model(model_fn=lambda: torch.nn.Linear(4, 2), optimizer_fn=None, model_name="probe")
+    assert isinstance(model, torch.nn.Linear) and model.model_name == "probe"
+    assert len(seen) == 1 and seen[0] > 10_000 and gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        build_model(model_fn=lambda: torch.nn.Linear(4, 2), optimizer_fn=None, model_name="probe")
+        assert gc.get_freeze_count() > 0.9 * frozen  # a fit's freezing kept (less what reference counts freed)
+    finally:
+        gc.unfreeze()
+
+
 def test_fit_and_test_hand_the_models_back_from_the_gpu(tmp_path):
     """On a GPU `DeviceNetwork` keeps the models there between epochs; the AppEstimator unloads them after fit() and
     after test(), even when they fail, so a caller gets them on the CPU as from FastEstimator's own network (the

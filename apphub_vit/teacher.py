@@ -119,11 +119,13 @@ class _StartBeside(Trace):
         self.beside.start()
 
 
-def frozen_teacher(num_classes: int, hw: Hardware, feature_map: bool = False) -> torch.nn.Module:
+def frozen_teacher(num_classes: int, hw: Hardware, feature_map: bool = False,
+                   net: Optional[torch.nn.Module] = None) -> torch.nn.Module:
     """The teacher as the student's step calls it: a ResNet-9 without gradients or optimiser (an `fe.build` model for a
     `ModelOp`), channels_last on a GPU as the trained one, and with `feature_map` wrapped to give its map too,
-    (logits, map) (`WithFeatureMap`). `train_teacher` fills its weights."""
-    net = channels_last(ResNet9(num_classes), hw.gpu).requires_grad_(False)
+    (logits, map) (`WithFeatureMap`). net: the ResNet-9 to freeze (the trained one); else a new one, whose weights
+    `train_teacher(frozen=...)` fills."""
+    net = (channels_last(ResNet9(num_classes), hw.gpu) if net is None else net).requires_grad_(False)
     # on one device (build_model) as the trained model: on a host with several GPUs fe.build would wrap the frozen
     # teacher in a DataParallel, whose scatter to every GPU the student's captured step cannot hold
     return build_model(model_fn=lambda: WithFeatureMap(net) if feature_map else net, optimizer_fn=None,
@@ -143,7 +145,7 @@ def train_teacher(train: Dict[str, Array], eval_data: Dict[str, Array], num_clas
     reuse: load the teacher already at `path` (a resumed run's) instead of training one. Its train step is a CUDA graph
     where the student's may be one (`hw.cuda_graph`): its SGD is the fused one, which a graph can replay.
     feature_map: the returned teacher also gives its map for locality guidance, (logits, map) (`WithFeatureMap`).
-    frozen: the `frozen_teacher` to return, given the trained weights (else one is built).
+    frozen: a `frozen_teacher` to return, given the trained weights (else the trained model itself is frozen).
     beside: started during the training (`BesideTeacher`), and waited for before the weights go into `frozen`, which
     its work may be using.
     With `hw.compile` the returned teacher is compiled (`torch.compile`, in place; already compiled, it stays so)."""
@@ -190,8 +192,11 @@ def train_teacher(train: Dict[str, Array], eval_data: Dict[str, Array], num_clas
     if beside is not None:
         beside.wait()
     waited = time.perf_counter() - start - seconds
-    teacher = frozen_teacher(num_classes, hw, feature_map) if frozen is None else frozen
-    (teacher.net if isinstance(teacher, WithFeatureMap) else teacher).load_state_dict(model.state_dict())
+    if frozen is None:
+        teacher = frozen_teacher(num_classes, hw, feature_map, net=model)
+    else:
+        teacher = frozen
+        (teacher.net if isinstance(teacher, WithFeatureMap) else teacher).load_state_dict(model.state_dict())
     if hw.compile:
         # Compiled as the student's step calls it: with locality guidance that is `WithFeatureMap`, which runs the
         # teacher's layers one by one, so compiling the ResNet-9 inside it would compile nothing that runs. Compiled,

@@ -201,7 +201,7 @@ def classifier_network(model: torch.nn.Module, augment_ops: List[TensorOp], num_
     `DeviceNetwork`: FastEstimator's TorchNetwork on a CPU in fp32; on a GPU it drops the per-step syncs, runs bf16
     autocast and replays the train step (the teacher's forward pass and the average's update included) as a CUDA
     graph. With `hw.compile` the model is compiled here (`compile_model`): the apps build the network after the
-    teacher's training, which the compiler's imports overlap."""
+    teacher's training, which the compiler's imports overlap (or beside it, with `vit_app.BESIDE_TEACHER`)."""
     if hw.compile:
         compile_model(model)
     ops = list(augment_ops)

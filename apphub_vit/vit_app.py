@@ -29,7 +29,7 @@ from apphub_vit.training import build_vit, classifier_network, last_epoch_only, 
 from networks.vit import ViTConfig
 from pipelines.batched import batched_cifar_ops
 from pipelines.cifar import CIFAR_MEAN, CIFAR_STD, cifar_pipeline
-from pipelines.loader import BatchLoader, device_arrays
+from pipelines.loader import BatchLoader, default_device, device_arrays
 
 
 # Whether a compiling app builds and warms up the student's network beside the teacher's training (`BesideTeacher`).
@@ -37,12 +37,6 @@ from pipelines.loader import BatchLoader, device_arrays
 # teacher's training loop for the interpreter, which could cost the teacher what the overlap saves
 # (docs/performance.md, "Next to run").
 BESIDE_TEACHER = False
-
-
-def first_batch(loader: BatchLoader) -> Dict[str, torch.Tensor]:
-    """The loader's first batch in the arrays' order, as its iteration would give it, without drawing an order (a
-    shuffled loader's draw would move the random stream the run's epochs draw from)."""
-    return loader.dataset[torch.arange(min(loader.images_per_batch, len(loader.dataset)), device=loader.device)]
 
 
 def vit_book(app: str) -> RecipeBook:
@@ -146,8 +140,8 @@ def build_vit_estimator(*, app: str, num_classes: int, dataset: str, data_dir: O
     train_loader = train_arrays = eval_arrays = None
     if hw.device_augment:
         # on the device once, for the student's loaders and the teacher's alike
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        train_arrays, eval_arrays = (device_arrays(dataset_arrays(data), device) for data in (train_data, eval_data))
+        train_arrays, eval_arrays = (device_arrays(dataset_arrays(data), default_device())
+                                     for data in (train_data, eval_data))
         held_out = BatchLoader(eval_arrays, hw.eval_batch_size, shuffle=False)
         test = (held_out if eval_data is test_data
                 else BatchLoader(dataset_arrays(test_data), hw.eval_batch_size, shuffle=False))
@@ -185,7 +179,7 @@ def build_vit_estimator(*, app: str, num_classes: int, dataset: str, data_dir: O
             def student_prewarmed() -> fe.Network:
                 compile_model(frozen)
                 network = student_network(frozen)
-                network.prewarm({"train": first_batch(train_loader), "eval": first_batch(held_out)})
+                network.prewarm({"train": train_loader.first_batch(), "eval": held_out.first_batch()})
                 return network
             beside = BesideTeacher(student_prewarmed)
             alongside = dict(frozen=frozen, beside=beside)

@@ -8,6 +8,11 @@ from torch.utils.data import DataLoader, Dataset
 Array = Union[np.ndarray, torch.Tensor]
 
 
+def default_device() -> torch.device:
+    """Where `BatchLoader`s keep their arrays unless told: the GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def device_arrays(arrays: Mapping[str, Array], device: torch.device) -> Dict[str, torch.Tensor]:
     """`arrays` as contiguous torch tensors on `device`; a tensor already so stays itself (loaders given it share it).
     A numpy array goes over in its own memory order and is made contiguous there: CIFAR's images, an NHWC view of the
@@ -68,7 +73,7 @@ class BatchLoader(DataLoader):
                              "leave some ranks without images. Evaluate unsharded (on one rank).")
         if world_size > 1 and shuffle and seed is None:
             raise ValueError("A sharded, shuffled BatchLoader needs a seed: every rank must draw the same order.")
-        device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = device or default_device()
         super().__init__(_Arrays(arrays, device), batch_size=None)
         self.global_batch, self.images_per_batch = batch_size, batch_size // world_size
         self.shuffle, self.full_batches_only = shuffle, drop_last
@@ -97,6 +102,11 @@ class BatchLoader(DataLoader):
         share = self.images_per_batch
         for start in range(self.rank * share, len(self) * b, b):
             yield self.dataset[order[start:start + share]]
+
+    def first_batch(self) -> Dict[str, torch.Tensor]:
+        """The first batch in the arrays' order, as an unshuffled iteration gives it, without drawing an order (a
+        shuffled loader's draw would move the random stream that the epochs draw their orders from)."""
+        return self.dataset[torch.arange(min(self.images_per_batch, len(self.dataset)), device=self.device)]
 
     def get_batch_size(self) -> int:
         """FastEstimator's Estimator counts eval steps as len(loader) / get_batch_size(); len() here already counts

@@ -143,6 +143,12 @@ def test_batch_loaders_hold_their_arrays_contiguous_on_the_device_and_share_tens
         batches = list(loader)
         assert torch.equal(torch.cat([b["x"] for b in batches]).cpu(), torch.from_numpy(np.ascontiguousarray(images)))
         assert batches[0]["x"].is_contiguous()
+    shuffled = BatchLoader({"x": planes.transpose(0, 2, 3, 1), "y": labels}, 5, shuffle=True, device=device)
+    rng_state = torch.cuda.get_rng_state if device.type == "cuda" else torch.get_rng_state  # where an order is drawn
+    state = rng_state()
+    first = shuffled.first_batch()  # the arrays' first batch, no order drawn
+    assert torch.equal(rng_state(), state)
+    assert torch.equal(first["x"], batches[0]["x"]) and first["y"].tolist() == [0, 1, 2, 3, 4]
     shared = device_arrays({"x": planes.transpose(0, 2, 3, 1), "y": labels}, device)
     student, teacher = (BatchLoader(shared, 4, shuffle=True, device=device) for _ in range(2))
     assert student.dataset.arrays["x"].data_ptr() == teacher.dataset.arrays["x"].data_ptr() \

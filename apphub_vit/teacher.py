@@ -21,9 +21,9 @@ on the device, no label smoothing. It is trained by its own FastEstimator Estima
 training images only (a validation split stays held out from it too), and saved beside the run (`TEACHER_FILE`), so
 that a resumed run reloads it instead of training it again.
 
-The student's step calls a frozen copy of it (`frozen_teacher`), built before the training and given the trained
-weights after it, so that the student's network can be built and its compiled graphs warmed up on another thread while
-the teacher trains (`BesideTeacher`; the apps' `build_vit_estimator`).
+The student's step calls it frozen (`frozen_teacher`). Where the apps build the student's network and warm up its
+compiled graphs on another thread while the teacher trains (`BesideTeacher`, with `vit_app.BESIDE_TEACHER`), that
+frozen teacher is a copy built before the training and given the trained weights after it.
 """
 import os
 import threading

@@ -325,8 +325,12 @@ def test_the_work_beside_the_teacher_starts_once_its_step_is_captured_and_ends_b
 
     beside = BesideTeacher(work)
     real_start = beside.start
-    monkeypatch.setattr(beside, "start", lambda: seen.setdefault("started_at", steps.count("train")) and None or
-                        real_start())
+
+    def start():  # the teacher's train steps done when it is first asked to start
+        seen.setdefault("started_at", steps.count("train"))
+        real_start()
+
+    monkeypatch.setattr(beside, "start", start)
     trained = train_teacher(_arrays(32, 0), _arrays(32, 1), 2, 3, hw, CIFAR_MEAN, CIFAR_STD, frozen=frozen,
                             beside=beside)
     first = 4 if hw.cuda_graph else 1  # DeviceNetwork's graph_warmup (3) eager steps, then the capture

@@ -207,11 +207,46 @@ class TrivialAugment(TensorOp):
         return torch.where(chosen("Equalize"), _equalize(x), out)
 
 
+# AutoAugment's CIFAR-10 policy (Cubuk et al. 2019, its appendix), as torchvision's
+# `AutoAugment(AutoAugmentPolicy.CIFAR10).policies` (tests/test_batched_ops.py checks they are equal): 25 sub-policies
+# of two operations, each (name, probability, magnitude bin of 10, or None where the operation has no magnitude).
+# Written here rather than read from torchvision: importing torchvision for it, as the apps build their ops before the
+# teacher trains, waited for the compiler's imports that run in the background then (torchvision registers its ops
+# with the compiler), about a second of the apps' start-up on a 2-core CPU.
+CIFAR10_POLICY = (
+    (("Invert", 0.1, None), ("Contrast", 0.2, 6)),
+    (("Rotate", 0.7, 2), ("TranslateX", 0.3, 9)),
+    (("Sharpness", 0.8, 1), ("Sharpness", 0.9, 3)),
+    (("ShearY", 0.5, 8), ("TranslateY", 0.7, 9)),
+    (("AutoContrast", 0.5, None), ("Equalize", 0.9, None)),
+    (("ShearY", 0.2, 7), ("Posterize", 0.3, 7)),
+    (("Color", 0.4, 3), ("Brightness", 0.6, 7)),
+    (("Sharpness", 0.3, 9), ("Brightness", 0.7, 9)),
+    (("Equalize", 0.6, None), ("Equalize", 0.5, None)),
+    (("Contrast", 0.6, 7), ("Sharpness", 0.6, 5)),
+    (("Color", 0.7, 7), ("TranslateX", 0.5, 8)),
+    (("Equalize", 0.3, None), ("AutoContrast", 0.4, None)),
+    (("TranslateY", 0.4, 3), ("Sharpness", 0.2, 6)),
+    (("Brightness", 0.9, 6), ("Color", 0.2, 8)),
+    (("Solarize", 0.5, 2), ("Invert", 0.0, None)),
+    (("Equalize", 0.2, None), ("AutoContrast", 0.6, None)),
+    (("Equalize", 0.2, None), ("Equalize", 0.6, None)),
+    (("Color", 0.9, 9), ("Equalize", 0.6, None)),
+    (("AutoContrast", 0.8, None), ("Solarize", 0.2, 8)),
+    (("Brightness", 0.1, 3), ("Color", 0.7, 0)),
+    (("Solarize", 0.4, 5), ("AutoContrast", 0.9, None)),
+    (("TranslateY", 0.9, 9), ("TranslateY", 0.7, 9)),
+    (("AutoContrast", 0.9, None), ("Solarize", 0.8, 3)),
+    (("Equalize", 0.8, None), ("Invert", 0.1, None)),
+    (("TranslateY", 0.7, 9), ("AutoContrast", 0.9, None)),
+)
+
+
 class AutoAugment(TensorOp):
     """AutoAugment's CIFAR-10 policy (Cubuk et al. 2019) per image on a batch, as torchvision's
-    `AutoAugment(AutoAugmentPolicy.CIFAR10)`, whose 25 sub-policies it reads: each image draws one sub-policy, and
-    each of its two operations applies with the sub-policy's probability, at its fixed magnitude (10 bins over
-    RandAugment's ranges, `RANDAUGMENT_RANGES`), with a random sign where the operation has one.
+    `AutoAugment(AutoAugmentPolicy.CIFAR10)`, whose 25 sub-policies it holds (`CIFAR10_POLICY`): each image draws one
+    sub-policy, and each of its two operations applies with the sub-policy's probability, at its fixed magnitude (10
+    bins over RandAugment's ranges, `RANDAUGMENT_RANGES`), with a random sign where the operation has one.
 
     Input and output as `TrivialAugment`: [B, C, H, W] pixel values in 0..255, float output. The operations are
     `TrivialAugment.apply`'s on those ranges (tested against torchvision), plus Invert.
@@ -221,8 +256,7 @@ class AutoAugment(TensorOp):
 
     def __init__(self, inputs: str, outputs: str, fill: float = 128.0, mode: Mode = None) -> None:
         super().__init__(inputs=inputs, outputs=outputs, mode=mode)
-        from torchvision.transforms import autoaugment as tv
-        self.policies = tv.AutoAugment(tv.AutoAugmentPolicy.CIFAR10).policies  # 25 x ((name, prob, bin or None) x 2)
+        self.policies = CIFAR10_POLICY  # 25 x ((name, prob, bin or None) x 2)
         self._ops = TrivialAugment(inputs, outputs, fill=fill)
         self._tables: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 

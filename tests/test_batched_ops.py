@@ -1,5 +1,9 @@
 """pipelines/batched.py: the batched ops give the per-sample apphub ops' results, in distribution where random; and
 pipelines/loader.py's BatchLoader."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -10,8 +14,8 @@ from fastestimator.op.numpyop.univariate import CoarseDropout as NpDropout
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pipelines.batched import (POLICIES, RANDAUGMENT_RANGES, WIDE_RANGES, AutoAugment, CoarseDropout, HorizontalFlip,
-                               MixUpCutMix, PadIfNeeded, RandomCrop, TrivialAugment, batched_cifar_ops)
+from pipelines.batched import (CIFAR10_POLICY, POLICIES, RANDAUGMENT_RANGES, WIDE_RANGES, AutoAugment, CoarseDropout,
+                               HorizontalFlip, MixUpCutMix, PadIfNeeded, RandomCrop, TrivialAugment, batched_cifar_ops)
 from pipelines.cifar import CIFAR_MEAN, CIFAR_STD, cifar_ops
 from pipelines.loader import BatchLoader
 
@@ -306,6 +310,38 @@ def test_trivialaugment_varies_per_image_and_keeps_the_pixel_range():
     assert out.min() >= 0 and out.max() <= 255 and torch.equal(out, out.floor())
     distinct = {tuple(o.flatten()[::97].tolist()) for o in out}
     assert len(distinct) > 20  # not one transformation for the whole batch
+
+
+def test_autoaugment_policy_table_is_torchvisions():
+    """The CIFAR-10 policy written in pipelines/batched.py is torchvision's, every name, probability and bin."""
+    from torchvision.transforms import autoaugment as tv
+    theirs = tv.AutoAugment(tv.AutoAugmentPolicy.CIFAR10).policies
+    assert [tuple(map(tuple, policy)) for policy in theirs] == [tuple(map(tuple, policy)) for policy in CIFAR10_POLICY]
+    assert AutoAugment("x", "x").policies == CIFAR10_POLICY
+
+
+def test_the_strong_augmentation_imports_no_torchvision():
+    """Building and running the default strong chain imports no torchvision (a second of the apps' start-up, waiting
+    for the compiler's imports, for a 25-row table). In a fresh interpreter, where nothing imported torchvision yet."""
+    code = """
+import sys, torch
+from pipelines.batched import batched_cifar_ops
+from pipelines.cifar import CIFAR_MEAN, CIFAR_STD
+assert not any(name.split(".")[0] == "torchvision" for name in sys.modules)
+ops = batched_cifar_ops(CIFAR_MEAN, CIFAR_STD, strong=True, num_classes=10)
+data = {"x": torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8), "y": torch.zeros(4, dtype=torch.long)}
+for op in ops:  # the train-mode chain, as _apply
+    if not op.mode or "train" in op.mode:
+        inputs = [data[k] for k in op.inputs]
+        out = op.forward(inputs if op.in_list else inputs[0], {})
+        data.update(zip(op.outputs, out if op.out_list else [out]))
+assert "AutoAugment" in [type(op).__name__ for op in ops] and data["x"].shape == (4, 3, 32, 32)
+print(sorted(name for name in sys.modules if name.split(".")[0] == "torchvision"))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout[-2000:]
 
 
 @pytest.mark.parametrize("policy_id", range(25))

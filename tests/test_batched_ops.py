@@ -1,6 +1,6 @@
 """pipelines/batched.py: the batched ops give the per-sample apphub ops' results, in distribution where random; and
 pipelines/loader.py's BatchLoader."""
-import os
+import inspect
 import subprocess
 import sys
 
@@ -18,6 +18,7 @@ from pipelines.batched import (CIFAR10_POLICY, POLICIES, RANDAUGMENT_RANGES, WID
                                HorizontalFlip, MixUpCutMix, PadIfNeeded, RandomCrop, TrivialAugment, batched_cifar_ops)
 from pipelines.cifar import CIFAR_MEAN, CIFAR_STD, cifar_ops
 from pipelines.loader import BatchLoader
+from tests.conftest import cli_env
 
 N = 2000  # samples per distribution check
 
@@ -323,23 +324,17 @@ def test_autoaugment_policy_table_is_torchvisions():
 def test_the_strong_augmentation_imports_no_torchvision():
     """Building and running the default strong chain imports no torchvision (a second of the apps' start-up, waiting
     for the compiler's imports, for a 25-row table). In a fresh interpreter, where nothing imported torchvision yet."""
-    code = """
-import sys, torch
+    code = "import sys, torch\n" + inspect.getsource(_apply) + """
 from pipelines.batched import batched_cifar_ops
 from pipelines.cifar import CIFAR_MEAN, CIFAR_STD
 assert not any(name.split(".")[0] == "torchvision" for name in sys.modules)
 ops = batched_cifar_ops(CIFAR_MEAN, CIFAR_STD, strong=True, num_classes=10)
-data = {"x": torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8), "y": torch.zeros(4, dtype=torch.long)}
-for op in ops:  # the train-mode chain, as _apply
-    if not op.mode or "train" in op.mode:
-        inputs = [data[k] for k in op.inputs]
-        out = op.forward(inputs if op.in_list else inputs[0], {})
-        data.update(zip(op.outputs, out if op.out_list else [out]))
-assert "AutoAugment" in [type(op).__name__ for op in ops] and data["x"].shape == (4, 3, 32, 32)
+batch = {"x": torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8), "y": torch.zeros(4, dtype=torch.long)}
+batch = _apply(ops, batch, "train")
+assert "AutoAugment" in [type(op).__name__ for op in ops] and batch["x"].shape == (4, 3, 32, 32)
 print(sorted(name for name in sys.modules if name.split(".")[0] == "torchvision"))
 """
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout[-2000:]
 
